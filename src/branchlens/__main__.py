@@ -1,0 +1,3 @@
+from branchlens.cli import app
+
+app(prog_name="branchlens")

@@ -1,0 +1,105 @@
+"""Command line: a thin shell over the Python API (``python -m branchlens`` works too)."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+from branchlens.variants import DEFAULT_VARIANT
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="TopK SAEs on InceptionV1 and branch specialization.")
+
+VariantOpt = typer.Option(DEFAULT_VARIANT, "--variant", help="bvlc_googlenet | inception5h")
+WeightsOpt = typer.Option(
+    None, "--weights",
+    help="weights file (.safetensors / .pth), or 'random' for a smoke run; default: the "
+         "variant's env var ($BRANCHLENS_BVLC_WEIGHTS / $BRANCHLENS_INCEPTION5H_WEIGHTS), the "
+         "cache, or a download")
+DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]")
+
+
+def _echo_json(obj) -> None:
+    typer.echo(json.dumps(obj, indent=None))
+
+
+@app.command()
+def info(variant: str = VariantOpt, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Layers, branch slices, output shapes and parameter count of a model variant."""
+    from branchlens.model import InceptionV1, output_shape
+    from branchlens.variants import branch_slices, get_variant
+
+    v = get_variant(variant)
+    n_params = sum(p.numel() for p in InceptionV1(v).parameters())
+    layers = {}
+    for b in v.blocks:
+        c, h, w = output_shape(v, b.name)
+        layers[b.name] = {
+            "channels": b.out_channels, "shape": [c, h, w],
+            "branches": {k: [s.start, s.stop] for k, s in branch_slices(v, b.name).items()},
+            "bottlenecks": {"3x3": b.b3x3_bottleneck, "5x5": b.b5x5_bottleneck},
+        }
+    out = {"variant": v.name, "description": v.description, "parameters": n_params,
+           "num_classes": v.num_classes, "layers": layers}
+    if as_json:
+        _echo_json(out)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{v.name}: {v.description} ({n_params:,} parameters)")
+    for col in ("layer", "shape", "1x1", "3x3", "5x5", "pool", "bottlenecks 3x3/5x5"):
+        t.add_column(col)
+    for name, d in layers.items():
+        br = d["branches"]
+        t.add_row(name, "x".join(map(str, d["shape"])),
+                  *(f"{br[k][0]}:{br[k][1]}" for k in ("1x1", "3x3", "5x5", "pool")),
+                  f"{d['bottlenecks']['3x3']}/{d['bottlenecks']['5x5']}")
+    Console().print(t)
+
+
+@app.command()
+def classify(
+    source: str = typer.Argument("embedded", help="folder, file list, embedded[:N], hf:, wds:"),
+    variant: str = VariantOpt,
+    weights: str | None = WeightsOpt,
+    device: str = DeviceOpt,
+    batch_size: int = typer.Option(32, "--batch-size"),
+    workers: int = typer.Option(2, "--workers"),
+    paper_compat: bool = typer.Option(False, "--paper-compat",
+                                      help="feed [0,1] RGB like the paper's harvest"),
+    show: int = typer.Option(10, "--show", help="predictions to print (-1: all)"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Top-5 predictions (with class names) and accuracy when labels are known."""
+    from branchlens.classify import classify as run_classify
+    from branchlens.classify import format_prediction
+    from branchlens.weights import load_model, resolve_device
+
+    model, winfo = load_model(variant, weights, resolve_device(device))
+    res = run_classify(model, source, batch_size=batch_size, workers=workers,
+                       paper_compat=paper_compat)
+    summary = res.summary() | {"variant": model.variant.name, "weights": winfo.to_dict()}
+    if as_json:
+        for p in res.predictions[: None if show < 0 else show]:
+            _echo_json({"image_id": p.image_id, "label": p.label, "top5": p.top5,
+                        "probs": [round(q, 4) for q in p.probs]})
+        _echo_json({k: summary[k] for k in ("n", "top1", "top5", "skipped")})
+        return
+    for p in res.predictions[: None if show < 0 else show]:
+        typer.echo(format_prediction(p, model.variant))
+    typer.echo(res.skips.summary())
+    if summary["labelled"]:
+        n = summary["labelled"]
+        typer.echo(f"top-1 {summary['top1']}/{n}  top-5 {summary['top5']}/{n}")
+    if winfo.random:
+        typer.secho("WARNING: random weights — predictions are meaningless", fg="red")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

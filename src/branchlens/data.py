@@ -1,0 +1,476 @@
+"""Image sources, robust decoding and per-variant preprocessing.
+
+A source is a sequence of raw records ``(image_id, label, payload)``; the payload (a path, bytes
+or a PIL image) is decoded in worker processes. Any file that cannot become an RGB image is
+skipped and counted by reason, never raised and never turned into NaNs. Image ids are stable
+(``source:relative/path`` or ``source:index``) so every stored activation can be traced back.
+
+Source specs accepted by :func:`open_source`:
+``embedded[:N]`` (photos shipped in scikit-image, expanded to N seeded views), a folder
+(recursive; ImageNet ``<wnid>/`` subfolders or ``<wnid>_name.JPEG`` files give labels), a ``.txt``
+file list (``path [label]`` per line), ``hf:NAME[:SPLIT]`` (HF datasets, streaming) and
+``wds:URL_OR_PATTERN`` (WebDataset tar shards).
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import warnings
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps
+
+from branchlens.variants import Preprocessing, Variant, class_wnids, get_variant
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+MAX_PIXELS = 89_478_485  # PIL's own default bomb limit, made explicit and configurable
+
+
+@dataclass
+class RawRecord:
+    image_id: str
+    label: int | None
+    payload: Any  # str path | bytes | PIL.Image.Image | callable returning one of these
+
+
+class BadImage(Exception):
+    """An input that cannot be decoded; ``reason`` is the counter key in the skip summary."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+@dataclass
+class SkipStats:
+    """Counts of skipped inputs by reason, with a few example ids for the summary."""
+
+    counts: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, reason: str, image_id: str) -> None:
+        self.counts[reason] += 1
+        ex = self.examples.setdefault(reason, [])
+        if len(ex) < 3:
+            ex.append(image_id)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> str:
+        if not self.total:
+            return "no images skipped"
+        parts = [f"{n} {r} (e.g. {', '.join(self.examples[r])})" for r, n in
+                 self.counts.most_common()]
+        return f"skipped {self.total} images: " + "; ".join(parts)
+
+
+# -- decoding -----------------------------------------------------------------------------------
+
+def decode_image(payload: Any, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Any supported payload -> an RGB PIL image with EXIF orientation applied.
+
+    Raises :class:`BadImage` with a reason of ``empty``, ``unreadable``, ``not_image``,
+    ``truncated``, ``too_large`` or ``missing``.
+    """
+    if callable(payload):
+        payload = payload()
+    if isinstance(payload, Image.Image):
+        img = payload
+    else:
+        if isinstance(payload, (str, Path)):
+            p = Path(payload)
+            try:
+                data = p.read_bytes()
+            except FileNotFoundError as e:
+                raise BadImage("missing", str(p)) from e
+            except OSError as e:
+                raise BadImage("unreadable", f"{p}: {e}") from e
+        else:
+            data = bytes(payload)
+        if not data:
+            raise BadImage("empty", "zero bytes")
+        try:
+            img = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as e:
+            raise BadImage("too_large", str(e)) from e
+        except Exception as e:
+            raise BadImage("not_image", str(e)) from e
+    if img.width * img.height > max_pixels:
+        raise BadImage("too_large", f"{img.width}x{img.height} > {max_pixels} pixels")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ImageFile.LOAD_TRUNCATED_IMAGES = False
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            img = _to_rgb(img)
+    except Image.DecompressionBombError as e:
+        raise BadImage("too_large", str(e)) from e
+    except (OSError, SyntaxError, ValueError) as e:
+        msg = str(e)
+        reason = "truncated" if "truncated" in msg or "broken data" in msg else "unreadable"
+        raise BadImage(reason, msg) from e
+    return img
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Every PIL mode to 8-bit RGB; alpha is composited on white, 16-bit is rescaled."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        hi = a.max() if a.size else 1.0
+        a = a / (hi if hi > 0 else 1.0) * 255.0
+        img = Image.fromarray(a.clip(0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+# -- preprocessing ------------------------------------------------------------------------------
+
+def resize_center_crop(img: Image.Image, resize: int = 256, crop: int = 224) -> Image.Image:
+    w, h = img.size
+    s = resize / min(w, h)
+    img = img.resize((max(crop, round(w * s)), max(crop, round(h * s))), Image.BILINEAR)
+    w, h = img.size
+    left, top = (w - crop) // 2, (h - crop) // 2
+    return img.crop((left, top, left + crop, top + crop))
+
+
+def to_unit_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL -> float tensor [3, H, W] in [0, 1]."""
+    a = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(a.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def normalize(x: torch.Tensor, variant: str | Variant, paper_compat: bool = False) -> torch.Tensor:
+    """[0, 1] RGB (..., 3, H, W) -> model input for the variant.
+
+    ``paper_compat`` reproduces the paper's harvest bug: [0, 1] RGB fed to a model that expects
+    ``x*255 - 117`` (only meaningful for ``inception5h``).
+    """
+    if paper_compat:
+        return x
+    p: Preprocessing = get_variant(variant).preprocessing
+    if p.bgr:
+        x = x.flip(-3)
+    mean = torch.tensor(p.mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    return x * p.scale - mean
+
+
+def preprocess(img: Image.Image, variant: str | Variant, paper_compat: bool = False) -> torch.Tensor:
+    p = get_variant(variant).preprocessing
+    return normalize(to_unit_tensor(resize_center_crop(img, p.resize, p.crop)), variant,
+                     paper_compat)
+
+
+# -- sources ------------------------------------------------------------------------------------
+
+class ImageSource(Sequence):
+    """A sized, indexable collection of raw records."""
+
+    description: str = ""
+
+    def __len__(self) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> RawRecord:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+_WNID = re.compile(r"^(n\d{8})")
+
+
+class FolderSource(ImageSource):
+    """All image files below a folder, sorted by relative path; ImageNet wnids give labels."""
+
+    def __init__(self, root: str | Path, variant: str | Variant = "bvlc_googlenet"):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder not found: {self.root}")
+        files = sorted(p for p in self.root.rglob("*")
+                       if p.is_file() and not p.name.startswith(".")
+                       and p.suffix.lower() in IMAGE_SUFFIXES | {""})
+        self.files = files
+        wnids = class_wnids(variant)
+        index = {w: i for i, w in enumerate(wnids)} if wnids else {}
+        self.labels = [self._label(p, index) for p in files]
+        self.description = f"folder:{self.root.resolve()}"
+
+    def _label(self, p: Path, index: dict[str, int]) -> int | None:
+        for part in (p.parent.name, p.name):
+            m = _WNID.match(part)
+            if m and m.group(1) in index:
+                return index[m.group(1)]
+        return None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> RawRecord:
+        p = self.files[i]
+        return RawRecord(f"{self.root.name}/{p.relative_to(self.root)}", self.labels[i], str(p))
+
+
+class FileListSource(ImageSource):
+    """A text file of ``path [label]`` lines; relative paths are relative to the list file."""
+
+    def __init__(self, list_file: str | Path):
+        self.list_file = Path(list_file)
+        self.items: list[tuple[str, int | None]] = []
+        for line in self.list_file.read_text().splitlines():
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            path, _, label = line.rpartition(" ")
+            if not path or not label.lstrip("-").isdigit():
+                path, label = line, ""
+            p = Path(path)
+            if not p.is_absolute():
+                p = self.list_file.parent / p
+            self.items.append((str(p), int(label) if label else None))
+        self.description = f"filelist:{self.list_file.resolve()}"
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> RawRecord:
+        path, label = self.items[i]
+        return RawRecord(f"{self.list_file.name}:{i}", label, path)
+
+
+EMBEDDED_PHOTOS = (
+    "astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "hubble_deep_field.jpg",
+    "ihc.png", "retina.jpg", "motorcycle_left.png", "motorcycle_right.png", "camera.png",
+    "coins.png", "moon.png", "grass.png", "gravel.png", "brick.png", "page.png",
+)
+
+
+class EmbeddedSource(ImageSource):
+    """Real photographs shipped inside scikit-image, expanded to ``n`` seeded views.
+
+    View 0 of each photo is the whole photo; further views are random crops (35-100 % of the
+    shorter side) with random horizontal flips, so a demo can harvest enough varied positions
+    without any download.
+    """
+
+    def __init__(self, n: int | None = None, seed: int = 0):
+        import skimage
+
+        folder = Path(skimage.__file__).parent / "data"
+        self.photos = [folder / f for f in EMBEDDED_PHOTOS if (folder / f).is_file()]
+        if not self.photos:
+            raise FileNotFoundError(f"no embedded photos found in {folder}")
+        self.n = len(self.photos) if n is None else int(n)
+        self.seed = seed
+        self.description = f"embedded:{self.n}:seed{seed}"
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> RawRecord:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        photo = self.photos[i % len(self.photos)]
+        view = i // len(self.photos)
+        return RawRecord(f"embedded:{photo.stem}:view{view}", None,
+                         _EmbeddedView(str(photo), view, self.seed + i))
+
+
+@dataclass
+class _EmbeddedView:
+    path: str
+    view: int
+    seed: int
+
+    def __call__(self) -> Image.Image:
+        img = decode_image(self.path)
+        if self.view == 0:
+            return img
+        rng = np.random.default_rng(self.seed)
+        w, h = img.size
+        side = int(min(w, h) * rng.uniform(0.35, 1.0))
+        x0, y0 = rng.integers(0, w - side + 1), rng.integers(0, h - side + 1)
+        img = img.crop((int(x0), int(y0), int(x0) + side, int(y0) + side))
+        return ImageOps.mirror(img) if rng.random() < 0.5 else img
+
+
+class HFSource(ImageSource):
+    """A Hugging Face ``datasets`` split (needs the ``hf`` extra); ``limit`` caps streaming."""
+
+    def __init__(self, name: str, split: str = "train", limit: int | None = None,
+                 image_key: str = "image", label_key: str = "label"):
+        try:
+            import datasets
+        except ImportError as e:
+            raise ImportError("hf: sources need `pip install branchlens[hf]`") from e
+        ds = datasets.load_dataset(name, split=split, streaming=limit is not None)
+        if limit is not None:
+            ds = list(ds.take(limit))
+        self.ds, self.image_key, self.label_key = ds, image_key, label_key
+        self.description = f"hf:{name}:{split}"
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> RawRecord:
+        row = self.ds[i]
+        label = row.get(self.label_key)
+        return RawRecord(f"hf:{self.name}:{i}", int(label) if label is not None else None,
+                         row[self.image_key])
+
+
+class WebDatasetSource(ImageSource):
+    """Images from WebDataset tar shards (read with the standard library; no extra needed).
+
+    Samples are grouped by key; the first member with an image suffix is the image, a ``cls``
+    member the label.
+    """
+
+    def __init__(self, pattern: str):
+        import glob
+        import tarfile
+
+        shards = sorted(glob.glob(pattern)) or [pattern]
+        self.items: list[tuple[str, int | None, str, str]] = []
+        for shard in shards:
+            groups: dict[str, dict[str, str]] = {}
+            with tarfile.open(shard) as tf:
+                for m in tf.getmembers():
+                    if m.isfile():
+                        key, _, ext = m.name.partition(".")
+                        groups.setdefault(key, {})[ext.lower()] = m.name
+                for key, members in groups.items():
+                    img = next((members[e] for e in members if f".{e}" in IMAGE_SUFFIXES), None)
+                    if img is None:
+                        continue
+                    label = None
+                    if "cls" in members:
+                        label = int(tf.extractfile(members["cls"]).read().decode().strip())
+                    self.items.append((f"wds:{Path(shard).name}:{key}", label, shard, img))
+        self.description = f"wds:{pattern}"
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> RawRecord:
+        image_id, label, shard, member = self.items[i]
+        return RawRecord(image_id, label, _TarMember(shard, member))
+
+
+@dataclass
+class _TarMember:
+    shard: str
+    member: str
+
+    def __call__(self) -> bytes:
+        import tarfile
+
+        with tarfile.open(self.shard) as tf:
+            return tf.extractfile(self.member).read()
+
+
+def open_source(spec: str | ImageSource, variant: str | Variant = "bvlc_googlenet",
+                seed: int = 0) -> ImageSource:
+    """Parse a source spec (see module docstring) into an :class:`ImageSource`."""
+    if isinstance(spec, ImageSource):
+        return spec
+    if spec == "embedded" or spec.startswith("embedded:"):
+        n = spec.partition(":")[2]
+        return EmbeddedSource(int(n) if n else None, seed=seed)
+    if spec.startswith("hf:"):
+        name, _, split = spec[3:].partition(":")
+        return HFSource(name, split or "train")
+    if spec.startswith("wds:"):
+        return WebDatasetSource(spec[4:])
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        return FolderSource(p, variant)
+    if p.suffix == ".tar":
+        return WebDatasetSource(str(p))
+    if p.is_file():
+        return FileListSource(p)
+    raise FileNotFoundError(
+        f"image source {spec!r} is not a folder, a .txt file list, a .tar shard, "
+        "'embedded[:N]', 'hf:NAME[:SPLIT]' or 'wds:PATTERN'")
+
+
+# -- batching -----------------------------------------------------------------------------------
+
+@dataclass
+class Batch:
+    indices: list[int]  # positions in the source
+    image_ids: list[str]
+    labels: list[int | None]
+    images: torch.Tensor  # [B, 3, H, W] model input
+
+
+class _Decoded(torch.utils.data.Dataset):
+    def __init__(self, source: ImageSource, indices: Sequence[int], variant: Variant,
+                 paper_compat: bool, max_pixels: int):
+        self.source, self.indices, self.variant = source, indices, variant
+        self.paper_compat, self.max_pixels = paper_compat, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, j: int):
+        i = self.indices[j]
+        rec = self.source[i]
+        try:
+            img = decode_image(rec.payload, self.max_pixels)
+            x = preprocess(img, self.variant, self.paper_compat)
+            if not torch.isfinite(x).all():
+                raise BadImage("non_finite", rec.image_id)
+            return i, rec.image_id, rec.label, x, None
+        except BadImage as e:
+            return i, rec.image_id, rec.label, None, e.reason
+        except Exception as e:  # a decoder bug on one file must not end a long harvest
+            return i, rec.image_id, rec.label, None, f"error:{type(e).__name__}"
+
+
+def _collate(items):
+    return items
+
+
+def iter_batches(
+    source: ImageSource,
+    variant: str | Variant,
+    batch_size: int = 32,
+    workers: int = 0,
+    indices: Sequence[int] | None = None,
+    paper_compat: bool = False,
+    skips: SkipStats | None = None,
+    max_pixels: int = MAX_PIXELS,
+) -> Iterator[Batch]:
+    """Decoded, preprocessed batches in source order; bad inputs are counted in ``skips``."""
+    v = get_variant(variant)
+    indices = list(range(len(source))) if indices is None else list(indices)
+    skips = skips if skips is not None else SkipStats()
+    ds = _Decoded(source, indices, v, paper_compat, max_pixels)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
+        persistent_workers=False, prefetch_factor=4 if workers else None)
+    for items in loader:
+        good = []
+        for i, image_id, label, x, reason in items:
+            if reason is not None:
+                skips.add(reason, image_id)
+            else:
+                good.append((i, image_id, label, x))
+        if good:
+            yield Batch([g[0] for g in good], [g[1] for g in good], [g[2] for g in good],
+                        torch.stack([g[3] for g in good]))

@@ -1,0 +1,164 @@
+"""InceptionV1 built from a :class:`~branchlens.variants.Variant`, with every tensor addressable.
+
+``model(x, layers=[...])`` returns a dict of the requested named tensors and stops after the
+deepest one, so harvesting mixed4a-4e never pays for mixed5 or the classifier. Names are the same
+for every variant:
+
+- stem: ``conv2d0``, ``maxpool0``, ``localresponsenorm0``, ``conv2d1``, ``conv2d2``,
+  ``localresponsenorm1``, ``maxpool1``
+- blocks: ``mixed3a`` ... ``mixed5b`` (concatenated output), with ``maxpool4`` before mixed4a and
+  ``maxpool10`` before mixed5a
+- inside a block: ``mixed4c_1x1``, ``mixed4c_3x3``, ``mixed4c_5x5``, ``mixed4c_pool`` (branch
+  outputs), ``mixed4c_3x3_bottleneck``, ``mixed4c_5x5_bottleneck``
+- every conv also as ``<name>_pre_relu``
+- head: ``avgpool0``, ``logits``
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from branchlens.variants import CONV_SUFFIXES, Block, Variant, get_variant
+
+_STAGE_POOLS = {"mixed4a": "maxpool4", "mixed5a": "maxpool10"}
+
+
+def layer_names(variant: str | Variant) -> list[str]:
+    """Every named output in forward order (the order early exit relies on)."""
+    v = get_variant(variant)
+    names = ["conv2d0_pre_relu", "conv2d0", "maxpool0", "localresponsenorm0",
+             "conv2d1_pre_relu", "conv2d1", "conv2d2_pre_relu", "conv2d2",
+             "localresponsenorm1", "maxpool1"]
+    for b in v.blocks:
+        if b.name in _STAGE_POOLS:
+            names.append(_STAGE_POOLS[b.name])
+        for s in CONV_SUFFIXES:
+            names += [f"{b.name}_{s}_pre_relu", f"{b.name}_{s}"]
+        names.append(b.name)
+    return names + ["avgpool0", "logits"]
+
+
+class _Outputs:
+    """Collects requested tensors and tells the forward pass when it may stop."""
+
+    def __init__(self, wanted: set[str]):
+        self.wanted = set(wanted)
+        self.got: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, t: torch.Tensor) -> None:
+        if name in self.wanted:
+            self.got[name] = t
+            self.wanted.discard(name)
+
+    @property
+    def done(self) -> bool:
+        return not self.wanted
+
+
+class InceptionV1(nn.Module):
+    def __init__(self, variant: str | Variant = "bvlc_googlenet"):
+        super().__init__()
+        self.variant = get_variant(variant)
+        convs: dict[str, nn.Conv2d] = {
+            "conv2d0": nn.Conv2d(3, 64, 7, stride=2),
+            "conv2d1": nn.Conv2d(64, 64, 1),
+            "conv2d2": nn.Conv2d(64, 192, 3, padding=1),
+        }
+        for b in self.variant.blocks:
+            convs.update(_block_convs(b))
+        self.convs = nn.ModuleDict(convs)
+        last = self.variant.blocks[-1].out_channels
+        self.classifier = nn.Linear(last, self.variant.num_classes)
+        self._names = layer_names(self.variant)
+
+    # -- pooling/normalisation conventions of the variant -------------------------------------
+    def _pool_s2(self, x: torch.Tensor) -> torch.Tensor:
+        if self.variant.pool_style == "caffe":
+            return F.max_pool2d(x, 3, 2, ceil_mode=True)
+        return F.max_pool2d(F.pad(x, (0, 1, 0, 1), value=float("-inf")), 3, 2)
+
+    def _lrn(self, x: torch.Tensor) -> torch.Tensor:
+        v = self.variant
+        return F.local_response_norm(x, v.lrn_size, v.lrn_alpha, v.lrn_beta, v.lrn_k)
+
+    def _conv(self, name: str, x: torch.Tensor, out: _Outputs) -> torch.Tensor:
+        pre = self.convs[name](x)
+        out(f"{name}_pre_relu", pre)
+        y = F.relu(pre)
+        out(name, y)
+        return y
+
+    # -- forward ---------------------------------------------------------------------------------
+    def forward(
+        self, x: torch.Tensor, layers: list[str] | tuple[str, ...] | None = None
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Logits when ``layers`` is None, else ``{name: tensor}`` for the requested names."""
+        if layers is None:
+            return self.forward(x, ["logits"])["logits"]
+        unknown = [n for n in layers if n not in self._names]
+        if unknown:
+            raise KeyError(f"unknown layer(s) {unknown}; see branchlens.model.layer_names()")
+        out = _Outputs(set(layers))
+
+        if self.variant.pool_style == "caffe":
+            x = F.pad(x, (3, 3, 3, 3))
+        else:  # TF "SAME" for a stride-2 7x7 conv on an even input
+            x = F.pad(x, (2, 3, 2, 3))
+        x = self._conv("conv2d0", x, out)
+        x = self._pool_s2(x)
+        out("maxpool0", x)
+        x = self._lrn(x)
+        out("localresponsenorm0", x)
+        x = self._conv("conv2d1", x, out)
+        x = self._conv("conv2d2", x, out)
+        x = self._lrn(x)
+        out("localresponsenorm1", x)
+        x = self._pool_s2(x)
+        out("maxpool1", x)
+        if out.done:
+            return out.got
+
+        for b in self.variant.blocks:
+            if b.name in _STAGE_POOLS:
+                x = self._pool_s2(x)
+                out(_STAGE_POOLS[b.name], x)
+            x = self._block(b, x, out)
+            if out.done:
+                return out.got
+
+        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        out("avgpool0", x)
+        out("logits", self.classifier(x))
+        return out.got
+
+    def _block(self, b: Block, x: torch.Tensor, out: _Outputs) -> torch.Tensor:
+        n = b.name
+        y1 = self._conv(f"{n}_1x1", x, out)
+        y3 = self._conv(f"{n}_3x3", self._conv(f"{n}_3x3_bottleneck", x, out), out)
+        y5 = self._conv(f"{n}_5x5", self._conv(f"{n}_5x5_bottleneck", x, out), out)
+        yp = self._conv(f"{n}_pool", F.max_pool2d(x, 3, 1, padding=1), out)
+        y = torch.cat([y1, y3, y5, yp], dim=1)
+        out(n, y)
+        return y
+
+
+def _block_convs(b: Block) -> dict[str, nn.Conv2d]:
+    n = b.name
+    return {
+        f"{n}_1x1": nn.Conv2d(b.in_channels, b.b1x1, 1),
+        f"{n}_3x3_bottleneck": nn.Conv2d(b.in_channels, b.b3x3_bottleneck, 1),
+        f"{n}_3x3": nn.Conv2d(b.b3x3_bottleneck, b.b3x3, 3, padding=1),
+        f"{n}_5x5_bottleneck": nn.Conv2d(b.in_channels, b.b5x5_bottleneck, 1),
+        f"{n}_5x5": nn.Conv2d(b.b5x5_bottleneck, b.b5x5, 5, padding=2),
+        f"{n}_pool": nn.Conv2d(b.in_channels, b.pool, 1),
+    }
+
+
+def output_shape(variant: str | Variant, layer: str, size: int = 224) -> tuple[int, int, int]:
+    """(C, H, W) of a named output for a square input, computed by a meta-device forward."""
+    m = InceptionV1(variant).to("meta")
+    with torch.no_grad():
+        t = m(torch.empty(1, 3, size, size, device="meta"), [layer])[layer]
+    return tuple(t.shape[1:])  # type: ignore[return-value]
