@@ -170,7 +170,9 @@ def normalize(x: torch.Tensor, variant: str | Variant, paper_compat: bool = Fals
     return x * p.scale - mean
 
 
-def preprocess(img: Image.Image, variant: str | Variant, paper_compat: bool = False) -> torch.Tensor:
+def preprocess(
+    img: Image.Image, variant: str | Variant, paper_compat: bool = False
+) -> torch.Tensor:
     p = get_variant(variant).preprocessing
     return normalize(to_unit_tensor(resize_center_crop(img, p.resize, p.crop)), variant,
                      paper_compat)

@@ -83,7 +83,8 @@ class Variant:
         for b in self.blocks:
             if b.name == name:
                 return b
-        raise KeyError(f"{self.name} has no block {name!r}; blocks: {[b.name for b in self.blocks]}")
+        names = [b.name for b in self.blocks]
+        raise KeyError(f"{self.name} has no block {name!r}; blocks: {names}")
 
 
 def _blocks(rows: list[tuple]) -> tuple[Block, ...]:
