@@ -202,8 +202,9 @@ class FolderSource(ImageSource):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.root}")
+        # dangling symlinks are kept so they are counted as "missing", not silently dropped
         files = sorted(p for p in self.root.rglob("*")
-                       if p.is_file() and not p.name.startswith(".")
+                       if (p.is_file() or p.is_symlink()) and not p.name.startswith(".")
                        and p.suffix.lower() in IMAGE_SUFFIXES | {""})
         self.files = files
         wnids = class_wnids(variant)

@@ -1,0 +1,40 @@
+import json
+import shutil
+
+from typer.testing import CliRunner
+
+from branchlens.cli import app
+
+runner = CliRunner()
+
+
+def test_info_json_matches_the_documented_shape():
+    r = runner.invoke(app, ["info", "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["variant"] == "bvlc_googlenet"
+    assert d["layers"]["mixed4c"]["channels"] == 512
+    assert d["layers"]["mixed4c"]["branches"] == {
+        "1x1": [0, 128], "3x3": [128, 384], "5x5": [384, 448], "pool": [448, 512]}
+    d5 = json.loads(runner.invoke(app, ["info", "--json", "--variant", "inception5h"]).stdout)
+    assert d5["layers"]["mixed4a"]["channels"] == 508
+
+
+def test_classify_json_on_a_labelled_folder(tmp_path, bvlc_weights, imagenet_sample):
+    for name in sorted(p.name for p in imagenet_sample.glob("*.JPEG"))[:6]:
+        shutil.copy(imagenet_sample / name, tmp_path / name)
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    r = runner.invoke(app, ["classify", str(tmp_path), "--weights", str(bvlc_weights),
+                            "--json", "--workers", "0", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    lines = [json.loads(ln) for ln in r.stdout.splitlines() if ln.startswith("{")]
+    final = lines[-1]
+    assert set(final) == {"n", "top1", "top5", "skipped"}
+    assert final["n"] == 6 and final["skipped"] == 1 and final["top5"] >= 5
+    assert all(len(p["top5"]) == 5 for p in lines[:-1])
+
+
+def test_classify_with_random_weights_warns(tmp_path):
+    r = runner.invoke(app, ["classify", "embedded:2", "--weights", "random", "--workers", "0"])
+    assert r.exit_code == 0, r.output
+    assert "random weights" in r.output
