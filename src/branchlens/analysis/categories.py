@@ -1,0 +1,108 @@
+"""Coarse categories of the 1000 ImageNet-1k classes (standard ILSVRC-2012 index order).
+
+How the table was derived: the ILSVRC-2012 class list (src/branchlens/resources/
+imagenet_classes.txt, WordNet id + names, in the usual index order 0–999) is sorted by WordNet
+id, so WordNet's hierarchy shows up as contiguous index ranges. The ranges below were read
+off that file by hand (first and last class of each run are quoted in the comments) and are
+checked against the names in tests/test_analysis_categories.py. Indices 0–397 are animals:
+dogs 151–268 (Chihuahua … Mexican hairless), birds 7–24, 80–100 and 127–146; everything else
+in 0–397 is "other_animal" (fish, reptiles, amphibians, invertebrates, other mammals).
+398–999 are artifacts except food, scenes/landscapes, people and plants/fungi below.
+
+Labels are the *dataset's* ImageNet-1k indices (what the store records), whatever the model's
+own class count (inception5h has 1008 outputs in a different order).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# (first, last) inclusive index ranges per category; the order of checks does not matter
+# because the ranges do not overlap (a test checks that every index 0–999 has one category).
+RANGES: dict[str, tuple[tuple[int, int], ...]] = {
+    "dog": ((151, 268),),  # Chihuahua … Mexican hairless
+    "bird": ((7, 24),  # cock … great grey owl
+             (80, 100),  # black grouse … black swan
+             (127, 146)),  # white stork … albatross
+    "other_animal": ((0, 6),  # tench … stingray (fish)
+                     (25, 79),  # European fire salamander … centipede (amphibians, reptiles,
+                     #            trilobite, arachnids)
+                     (101, 126),  # tusker … isopod (marsupials, invertebrates)
+                     (147, 150),  # grey whale … sea lion
+                     (269, 397)),  # timber wolf … puffer (wild canids, cats, bears, insects,
+    #                                 mammals, primates, fish)
+    "food": ((924, 969),  # guacamole … eggnog (dishes, vegetables, fruit, drinks)
+             (987, 987),  # corn
+             (998, 998)),  # ear (of corn)
+    "scene": ((970, 980),),  # alp … volcano (landscapes)
+    "person": ((981, 983),),  # ballplayer, groom, scuba diver
+    "plant": ((984, 986),  # rapeseed, daisy, yellow lady's slipper
+              (988, 997)),  # acorn … bolete (fruits of trees, fungi)
+    "artifact": ((398, 923),  # abacus … plate
+                 (999, 999)),  # toilet tissue
+}
+CATEGORIES: tuple[str, ...] = ("dog", "bird", "other_animal", "food", "scene", "person",
+                               "plant", "artifact")
+ANIMAL: frozenset[str] = frozenset({"dog", "bird", "other_animal"})
+N_CLASSES = 1000
+
+
+def _build_table() -> np.ndarray:
+    table = np.full(N_CLASSES, -1, dtype=np.int64)
+    for ci, name in enumerate(CATEGORIES):
+        for lo, hi in RANGES[name]:
+            if np.any(table[lo:hi + 1] != -1):
+                raise AssertionError(f"overlapping category range {name} {lo}-{hi}")
+            table[lo:hi + 1] = ci
+    return table
+
+
+CATEGORY_OF_CLASS: np.ndarray = _build_table()  # [1000] index into CATEGORIES
+
+
+def category(label: int | None) -> str | None:
+    """Coarse category of an ImageNet-1k class index (None for unknown/out-of-range labels)."""
+    if label is None or not 0 <= int(label) < N_CLASSES:
+        return None
+    return CATEGORIES[CATEGORY_OF_CLASS[int(label)]]
+
+
+def is_animal(label: int | None) -> bool | None:
+    c = category(label)
+    return None if c is None else c in ANIMAL
+
+
+def category_fractions(labels) -> dict[str, float]:
+    """Fraction of known labels in each category plus ``animal``; empty dict if none known."""
+    labs = np.array([int(x) for x in labels if x is not None and 0 <= int(x) < N_CLASSES])
+    if labs.size == 0:
+        return {}
+    counts = np.bincount(CATEGORY_OF_CLASS[labs], minlength=len(CATEGORIES)) / labs.size
+    out = {c: float(counts[i]) for i, c in enumerate(CATEGORIES)}
+    out["animal"] = out["dog"] + out["bird"] + out["other_animal"]
+    return out
+
+
+def top_category(labels) -> str | None:
+    """Most frequent coarse category among the labels (ties: first in CATEGORIES order)."""
+    fr = category_fractions(labels)
+    if not fr:
+        return None
+    return max(CATEGORIES, key=lambda c: fr[c])
+
+
+def category_test(animal_fraction: np.ndarray, dominant: np.ndarray,
+                  branches: list[str]) -> dict[str, dict]:
+    """The paper's "5x5 ⇒ animals", per branch: animal fraction of the top images of latents
+    dominant in that branch vs all other latents (NaN fractions — no labelled top images — are
+    left out). Mann–Whitney U, two-sided; ``effect`` is the rank-biserial correlation.
+    Latents share images, so the p-value treats dependent latents as independent (optimistic).
+    """
+    from branchlens.analysis.stats import mann_whitney
+
+    frac = np.asarray(animal_fraction, dtype=np.float64)
+    out = {}
+    for i, b in enumerate(branches):
+        m = np.asarray(dominant) == i
+        out[b] = mann_whitney(frac[m], frac[~m])
+    return out
