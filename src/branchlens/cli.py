@@ -97,6 +97,44 @@ def classify(
         typer.secho("WARNING: random weights — predictions are meaningless", fg="red")
 
 
+@app.command()
+def analyze(
+    run: str = typer.Argument(..., help="run folder with store/ and sae/<layer>/"),
+    layers: str | None = typer.Option(None, "--layers",
+                                      help="comma-separated; default: every trained layer"),
+    q: float = typer.Option(0.05, "--q", help="BH false discovery rate per branch"),
+    n_perm: int = typer.Option(2000, "--n-perm", help="channel permutations per latent"),
+    refine_to: int = typer.Option(20000, "--refine-to",
+                                  help="permutations for latents with tiny p-values"),
+    min_images: int = typer.Option(20, "--min-images",
+                                   help="distinct firing images to take part in matching"),
+    match_threshold: float = typer.Option(0.5, "--match-threshold",
+                                          help="activation correlation of a cross-layer pair"),
+    embed: str = typer.Option("auto", "--embed", help="auto (UMAP, else PCA) | umap | pca | none"),
+    seed: int = typer.Option(0, "--seed"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Branch specialization statistics of every trained layer into RUN/analysis/."""
+    from branchlens.analysis import AnalysisConfig, format_table
+    from branchlens.analysis import analyze as run_analyze
+
+    cfg = AnalysisConfig(q=q, n_perm=n_perm, refine_to=refine_to, min_images=min_images,
+                         match_threshold=match_threshold, embed=embed, seed=seed)
+    try:
+        summary = run_analyze(run, layers=layers.split(",") if layers else None, config=cfg,
+                              log=lambda s: typer.echo(s, err=True))
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    if as_json:
+        _echo_json({"analysis": f"{run}/analysis", "layers": summary["layers"],
+                    "dominant": {k: v["dominant_counts"]
+                                 for k, v in summary["per_layer"].items()}})
+        return
+    typer.echo(format_table(summary))
+    typer.echo(f"written: {run}/analysis/ (summary.json, latents.csv, layers.csv, figures)")
+
+
 def main() -> None:  # pragma: no cover
     app()
 
