@@ -112,6 +112,7 @@ def analyze(
                                           help="activation correlation of a cross-layer pair"),
     embed: str = typer.Option("auto", "--embed", help="auto (UMAP, else PCA) | umap | pca | none"),
     seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Branch specialization statistics of every trained layer into RUN/analysis/."""
@@ -119,7 +120,8 @@ def analyze(
     from branchlens.analysis import analyze as run_analyze
 
     cfg = AnalysisConfig(q=q, n_perm=n_perm, refine_to=refine_to, min_images=min_images,
-                         match_threshold=match_threshold, embed=embed, seed=seed)
+                         match_threshold=match_threshold, embed=embed, seed=seed,
+                         device=device)
     try:
         summary = run_analyze(run, layers=layers.split(",") if layers else None, config=cfg,
                               log=lambda s: typer.echo(s, err=True))

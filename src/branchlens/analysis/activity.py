@@ -42,7 +42,8 @@ class Activity:
 def latent_activity(encode: Callable[[torch.Tensor], torch.Tensor], array: np.ndarray,
                     image_index: np.ndarray, n_latents: int, *, top: int = 64,
                     batch_size: int = 4096, n_images: int | None = None,
-                    progress: Callable[[int], None] | None = None) -> Activity:
+                    progress: Callable[[int], None] | None = None,
+                    device: str = "cpu") -> Activity:
     """Run ``encode`` (dense z [B, n]) over ``array`` [N, d] in row order.
 
     ``image_index`` [N] gives each row's image, for the distinct-firing-image counts that the
@@ -51,31 +52,31 @@ def latent_activity(encode: Callable[[torch.Tensor], torch.Tensor], array: np.nd
     n_rows = int(array.shape[0])
     n_img = int(n_images if n_images is not None else (image_index.max() + 1 if n_rows else 0))
     fired = np.zeros((n_img, n_latents), dtype=bool)
-    fire_count = torch.zeros(n_latents, dtype=torch.int64)
-    act_sum = torch.zeros(n_latents, dtype=torch.float64)
-    top_val = torch.zeros(n_latents, top)
-    top_row = torch.full((n_latents, top), -1, dtype=torch.int64)
+    fire_count = torch.zeros(n_latents, dtype=torch.int64, device=device)
+    act_sum = torch.zeros(n_latents, dtype=torch.float64, device=device)
+    top_val = torch.zeros(n_latents, top, device=device)
+    top_row = torch.full((n_latents, top), -1, dtype=torch.int64, device=device)
     with torch.no_grad():
         for s in range(0, n_rows, batch_size):
             e = min(n_rows, s + batch_size)
             x = torch.from_numpy(np.ascontiguousarray(array[s:e], dtype=np.float32))
-            z = encode(x).float()
+            z = encode(x.to(device)).float()
             active = z > 0
             fire_count += active.sum(0)
             act_sum += z.sum(0, dtype=torch.float64)
             r, c = active.nonzero(as_tuple=True)
-            fired[image_index[s + r.numpy()], c.numpy()] = True
+            fired[image_index[s + r.cpu().numpy()], c.cpu().numpy()] = True
             cand_v = torch.cat([top_val, z.T], 1)
-            rows = torch.arange(s, e).expand(n_latents, -1)
+            rows = torch.arange(s, e, device=device).expand(n_latents, -1)
             cand_r = torch.cat([top_row, rows], 1)
             v, i = cand_v.topk(top, dim=1)
             top_val, top_row = v, cand_r.gather(1, i)
             if progress is not None:
                 progress(e - s)
     top_row = torch.where(top_val > 0, top_row, torch.full_like(top_row, -1))
-    return Activity(n_vectors=n_rows, fire_count=fire_count.numpy(),
-                    act_sum=act_sum.numpy(), top_val=top_val.numpy(),
-                    top_row=top_row.numpy(), n_images_fired=fired.sum(0))
+    return Activity(n_vectors=n_rows, fire_count=fire_count.cpu().numpy(),
+                    act_sum=act_sum.cpu().numpy(), top_val=top_val.cpu().numpy(),
+                    top_row=top_row.cpu().numpy(), n_images_fired=fired.sum(0))
 
 
 def top_images(top_row: np.ndarray, image_index: np.ndarray, max_images: int = 16) -> list[list]:
@@ -108,7 +109,7 @@ def branch_attribution(centered: Callable[[torch.Tensor], torch.Tensor], w_enc: 
     n, nb = top_row.shape[0], len(slices)
     out = np.full((n, nb), np.nan)
     rows_all = top_row[:, :n_top]
-    onehot = torch.zeros(w_enc.shape[1], nb)
+    onehot = torch.zeros(w_enc.shape[1], nb, device=w_enc.device)
     for b, s in enumerate(slices.values()):
         onehot[s, b] = 1.0
     with torch.no_grad():
@@ -118,13 +119,14 @@ def branch_attribution(centered: Callable[[torch.Tensor], torch.Tensor], w_enc: 
                                   return_inverse=True)
             if rows.max(initial=-1) < 0:
                 continue
-            xc = centered(torch.from_numpy(np.ascontiguousarray(array[uniq], np.float32)))
-            x = xc[torch.from_numpy(inv.reshape(rows.shape))]  # [c, T, d]
+            xc = centered(torch.from_numpy(np.ascontiguousarray(array[uniq], np.float32))
+                          .to(w_enc.device))
+            x = xc[torch.from_numpy(inv.reshape(rows.shape)).to(w_enc.device)]  # [c, T, d]
             contrib = x * w_enc[s:s + rows.shape[0], None, :]  # [c, T, d]
-            mask = torch.from_numpy(rows >= 0)[:, :, None].float()
+            mask = torch.from_numpy(rows >= 0)[:, :, None].float().to(w_enc.device)
             per_b = ((contrib * mask) @ onehot).sum(1).double()  # [c, nb]
             tot = per_b.sum(1, keepdim=True)
             share = torch.where(tot != 0, per_b / tot, torch.full_like(per_b, float("nan")))
-            share[~torch.from_numpy(rows[:, 0] >= 0)] = float("nan")
-            out[s:s + rows.shape[0]] = share.numpy()
+            share[~torch.from_numpy(rows[:, 0] >= 0).to(share.device)] = float("nan")
+            out[s:s + rows.shape[0]] = share.cpu().numpy()
     return out

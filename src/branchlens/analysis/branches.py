@@ -139,7 +139,7 @@ def _indicator(labels: torch.Tensor, n_branches: int) -> torch.Tensor:
 
 def _count_exceed(a: torch.Tensor, obs: torch.Tensor, bank: torch.Tensor, n_branches: int,
                   perm_chunk: int) -> torch.Tensor:
-    counts = torch.zeros(a.shape[0], n_branches, dtype=torch.int64)
+    counts = torch.zeros(a.shape[0], n_branches, dtype=torch.int64, device=a.device)
     tol = 1e-5  # float32 sums: ties (e.g. one-hot directions) must count as exceedances
     for s in range(0, bank.shape[0], perm_chunk):
         m = _indicator(bank[s:s + perm_chunk], n_branches)
@@ -156,8 +156,8 @@ def permutation_bank(slices: dict[str, slice], n_perm: int, seed: int = 0) -> np
 
 def permutation_pvalues(decoder, slices: dict[str, slice], positive: bool = False, *,
                         n_perm: int = 2000, refine_to: int = 20000, refine_below: int = 5,
-                        seed: int = 0, latent_chunk: int = 2048,
-                        perm_chunk: int = 250) -> PermutationResult:
+                        seed: int = 0, latent_chunk: int = 2048, perm_chunk: int = 250,
+                        device: str = "cpu") -> PermutationResult:
     """Channel-permutation p-values for every latent and branch, vectorised.
 
     All latents share one bank of random permutations (one matrix product per chunk).
@@ -170,24 +170,25 @@ def permutation_pvalues(decoder, slices: dict[str, slice], positive: bool = Fals
     tot = e.sum(1, keepdims=True)
     valid = tot[:, 0] > 0
     a_all = torch.from_numpy(np.where(tot > 0, e / np.where(tot > 0, tot, 1), 0.0)).float()
-    lab = torch.from_numpy(branch_labels(slices, e.shape[1]))
+    a_all = a_all.to(device)
+    lab = torch.from_numpy(branch_labels(slices, e.shape[1])).to(device)
     nb = len(slices)
     obs_all = a_all @ torch.nn.functional.one_hot(lab, nb).float()
-    bank = torch.from_numpy(permutation_bank(slices, max(n_perm, refine_to), seed))
+    bank = torch.from_numpy(permutation_bank(slices, max(n_perm, refine_to), seed)).to(device)
     n = e.shape[0]
-    exceed = torch.zeros(n, nb, dtype=torch.int64)
+    exceed = torch.zeros(n, nb, dtype=torch.int64, device=device)
     used = np.full(n, n_perm, dtype=np.int64)
     for s in range(0, n, latent_chunk):
         sl = slice(s, min(n, s + latent_chunk))
         exceed[sl] = _count_exceed(a_all[sl], obs_all[sl], bank[:n_perm], nb, perm_chunk)
     if refine_to > n_perm:
-        todo = np.flatnonzero(valid & (exceed.min(1).values.numpy() < refine_below))
+        todo = np.flatnonzero(valid & (exceed.min(1).values.cpu().numpy() < refine_below))
         for s in range(0, todo.size, latent_chunk):
-            idx = torch.from_numpy(todo[s:s + latent_chunk])
+            idx = torch.from_numpy(todo[s:s + latent_chunk]).to(device)
             exceed[idx] += _count_exceed(a_all[idx], obs_all[idx], bank[n_perm:], nb,
                                          perm_chunk)
         used[todo] = refine_to
-    ex = exceed.numpy()
+    ex = exceed.cpu().numpy()
     p = (1.0 + ex) / (1.0 + used[:, None])
     p[~valid] = np.nan
     return PermutationResult(p=p, exceed=ex, n_perm=used)
@@ -240,8 +241,8 @@ class BranchTest:
 
 
 def analyze_branches(decoder, slices: dict[str, slice], *, std=None, q: float = 0.05,
-                  n_perm: int = 2000, refine_to: int = 20000, seed: int = 0,
-                  other_scale: bool = True) -> BranchTest:
+                     n_perm: int = 2000, refine_to: int = 20000, seed: int = 0,
+                     other_scale: bool = True, device: str = "cpu") -> BranchTest:
     """Run every branch statistic for one layer's decoder [n_latents, d].
 
     The decision (BH at ``q`` per branch across latents, then dominant branch) uses the
@@ -254,7 +255,7 @@ def analyze_branches(decoder, slices: dict[str, slice], *, std=None, q: float = 
     dec = std_normalise(raw, std) if std is not None else raw
     share_raw, share_raw_pos = branch_shares(raw, slices), branch_shares(raw, slices, True)
     share = branch_shares(dec, slices)
-    kw = dict(n_perm=n_perm, refine_to=refine_to, seed=seed)
+    kw = dict(n_perm=n_perm, refine_to=refine_to, seed=seed, device=device)
     perm = permutation_pvalues(dec, slices, **kw)
     perm_pos = permutation_pvalues(dec, slices, positive=True, **kw)
     other = None

@@ -56,6 +56,7 @@ class AnalysisConfig:
     animal_group_min: float = 0.5  # highlighted group: ≥ this animal fraction of top images
     batch_size: int = 4096
     seed: int = 0
+    device: str = "cpu"  # cpu | cuda | auto: SAE encoding, permutations and kNN
 
 
 def _layer_order(name: str) -> tuple[int, str]:
@@ -121,12 +122,13 @@ def analyze_layer(layer: str, sae, store, cfg: AnalysisConfig, out_dir: Path,
     std = np.asarray(store.layer_stats(layer)["std"], dtype=np.float64)
     log(f"{layer}: {n} latents × {d} channels — branch tests")
     bt = analyze_branches(dec, slices, std=std, q=cfg.q, n_perm=cfg.n_perm,
-                          refine_to=cfg.refine_to, seed=cfg.seed)
+                          refine_to=cfg.refine_to, seed=cfg.seed, device=cfg.device)
     # Sanity control: one channel permutation for all latents destroys branch structure.
     rng = np.random.default_rng(cfg.seed + 1)
     perm = rng.permutation(d)
     ctrl = permutation_pvalues((dec / np.where(std > 0, std, 1.0))[:, perm], slices,
-                               n_perm=cfg.n_perm, refine_to=cfg.refine_to, seed=cfg.seed + 2)
+                               n_perm=cfg.n_perm, refine_to=cfg.refine_to, seed=cfg.seed + 2,
+                               device=cfg.device)
     ctrl_rej, _ = bh_reject(ctrl.p, cfg.q)
 
     log(f"{layer}: activity pass over {store.count(layer)} stored vectors")
@@ -135,7 +137,8 @@ def analyze_layer(layer: str, sae, store, cfg: AnalysisConfig, out_dir: Path,
     img = prov[:, 0].astype(np.int64)
     with torch.no_grad():
         a = act.latent_activity(sae.encode, arr, img, n, top=cfg.top,
-                                batch_size=cfg.batch_size, n_images=len(store.images))
+                                batch_size=cfg.batch_size, n_images=len(store.images),
+                                device=cfg.device)
         attr = act.branch_attribution(sae._center, sae.W_enc.detach().float(), arr, a.top_row,
                                       slices, n_top=cfg.attribution_top)
     alive = a.fire_count > 0
@@ -156,7 +159,7 @@ def analyze_layer(layer: str, sae, store, cfg: AnalysisConfig, out_dir: Path,
                                out_dir / f"ratio_curves_{layer}",
                                f"{layer}: sorted paper ratio per branch, channel-permutation "
                                f"null 5–95 % (grey)", groups)
-    knn = knn_branch_agreement(dec, bt.dominant, k=cfg.knn_k, seed=cfg.seed)
+    knn = knn_branch_agreement(dec, bt.dominant, k=cfg.knn_k, seed=cfg.seed, device=cfg.device)
     emb = {"method": "none"}
     if cfg.embed != "none":
         coords, method, note = embed_latents(dec, cfg.embed, seed=cfg.seed)
@@ -225,11 +228,15 @@ def _codes(sae, arr, rows: np.ndarray, batch: int) -> sp.csr_matrix:
     with torch.no_grad():
         for s in range(0, rows.size, batch):
             x = torch.from_numpy(np.ascontiguousarray(arr[rows[s:s + batch]], np.float32))
-            parts.append(sp.csr_matrix(sae.encode(x).numpy()))
+            dev = next(sae.parameters()).device
+            parts.append(sp.csr_matrix(sae.encode(x.to(dev)).cpu().numpy()))
     return sp.vstack(parts).tocsr() if parts else sp.csr_matrix((0, sae.cfg.n_latents))
 
 
 def _grid(store, layer: str, variant: str) -> tuple[int, int] | None:
+    grid = store.manifest.get("widths", {}).get(layer, {}).get("grid")
+    if grid:
+        return tuple(int(g) for g in grid)
     try:
         from branchlens.model import output_shape
 
@@ -282,6 +289,8 @@ def analyze(run_dir: str | Path, *, layers: list[str] | None = None, store=None,
 
     run_dir = Path(run_dir)
     cfg = config or AnalysisConfig()
+    if cfg.device == "auto":
+        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
     log = log or (lambda s: None)
     out_dir = run_dir / "analysis"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -296,7 +305,7 @@ def analyze(run_dir: str | Path, *, layers: list[str] | None = None, store=None,
     torch.manual_seed(cfg.seed)
     saes, res = {}, {}
     for layer in layers:
-        sae = TopKSAE.load(run_dir / "sae" / layer)
+        sae = TopKSAE.load(run_dir / "sae" / layer, device=cfg.device)
         sae.eval()
         saes[layer] = sae
         res[layer] = analyze_layer(layer, sae, store, cfg, out_dir, log)

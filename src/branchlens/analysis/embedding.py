@@ -19,22 +19,22 @@ def unit_rows(decoder) -> np.ndarray:
     return v / np.where(n > 0, n, 1.0)
 
 
-def knn_indices(decoder, k: int = 10, chunk: int = 2048) -> np.ndarray:
+def knn_indices(decoder, k: int = 10, chunk: int = 2048, device: str = "cpu") -> np.ndarray:
     """[n, k] indices of each row's k most cosine-similar other rows."""
-    u = torch.from_numpy(unit_rows(decoder))
+    u = torch.from_numpy(unit_rows(decoder)).to(device)
     n = u.shape[0]
     k = min(k, n - 1)
     out = np.empty((n, k), np.int64)
     for s in range(0, n, chunk):
         sim = u[s:s + chunk] @ u.T
-        idx = torch.arange(s, min(n, s + chunk))
-        sim[torch.arange(idx.numel()), idx] = -np.inf
-        out[s:s + chunk] = sim.topk(k, dim=1).indices.numpy()
+        idx = torch.arange(s, min(n, s + chunk), device=device)
+        sim[torch.arange(idx.numel(), device=device), idx] = -np.inf
+        out[s:s + chunk] = sim.topk(k, dim=1).indices.cpu().numpy()
     return out
 
 
 def knn_branch_agreement(decoder, labels: np.ndarray, k: int = 10, n_perm: int = 1000,
-                         seed: int = 0) -> dict:
+                         seed: int = 0, device: str = "cpu") -> dict:
     """Fraction of each labelled latent's k cosine neighbours (among labelled latents) that
     share its dominant branch, against label shuffles on the fixed neighbour graph.
 
@@ -46,7 +46,7 @@ def knn_branch_agreement(decoder, labels: np.ndarray, k: int = 10, n_perm: int =
     if keep.size < 3:
         return {**out, "agreement": None, "chance": None, "ratio": None, "p_value": None}
     lab = labels[keep]
-    nn = knn_indices(unit_rows(decoder)[keep], k)
+    nn = knn_indices(unit_rows(decoder)[keep], k, device=device)
     obs = float(np.mean(lab[nn] == lab[:, None]))
     rng = np.random.default_rng(seed)
     null = np.empty(n_perm)
