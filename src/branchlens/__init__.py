@@ -2,6 +2,12 @@
 
 __version__ = "0.1.0"
 
+# Activation harvest and store (the function is exported under a name that does not shadow the
+# ``branchlens.harvest`` module).
+from branchlens.harvest import HarvestResult, sample_positions  # noqa: E402, F401
+from branchlens.harvest import harvest as harvest_activations  # noqa: E402, F401
+from branchlens.store import ActivationStore, StoreError  # noqa: E402, F401
+
 # isort: split
 # Branch specialization analysis.
 from branchlens.analysis import AnalysisConfig, analyze  # noqa: E402, F401

@@ -98,6 +98,60 @@ def classify(
 
 
 @app.command()
+def harvest(
+    source: str = typer.Argument(..., help="folder, file list, embedded[:N], hf:, wds:"),
+    layers: str = typer.Option("mixed4a,mixed4b,mixed4c,mixed4d,mixed4e", "--layers",
+                               help="comma-separated named outputs (blocks, branches, ...)"),
+    out: str = typer.Option(..., "--out", help="store folder, e.g. RUN/store"),
+    variant: str = VariantOpt,
+    weights: str | None = WeightsOpt,
+    device: str = DeviceOpt,
+    sampling: str = typer.Option("norm", "--sampling", help="norm | uniform | all"),
+    samples_per_image: int = typer.Option(10, "--samples-per-image"),
+    aligned: bool = typer.Option(False, "--aligned",
+                                 help="same positions for layers of equal grid size"),
+    dtype: str = typer.Option("fp16", "--dtype", help="fp16 | fp32"),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    workers: int = typer.Option(1, "--workers", help="decode processes per rank"),
+    seed: int = typer.Option(0, "--seed"),
+    shard_size: int = typer.Option(1000, "--shard-size", help="images per shard"),
+    paper_compat: bool = typer.Option(False, "--paper-compat",
+                                      help="feed [0,1] RGB like the paper's harvest"),
+    limit: int | None = typer.Option(None, "--limit", help="first N images of SOURCE"),
+    show_progress: bool = typer.Option(True, "--progress/--no-progress"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Activations of many layers in one pass into a resumable store (torchrun: ranks)."""
+    from branchlens.harvest import harvest as run_harvest
+    from branchlens.store import StoreError
+
+    try:
+        res = run_harvest(source, out, layers, variant=variant, weights=weights, device=device,
+                          sampling=sampling, samples_per_image=samples_per_image,
+                          aligned=aligned, dtype=dtype, batch_size=batch_size, workers=workers,
+                          seed=seed, shard_size=shard_size, paper_compat=paper_compat,
+                          limit=limit, show_progress=show_progress)
+    except (StoreError, ValueError) as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    if res.manifest is None:
+        return
+    c = res.manifest["counts"]
+    summary = {"store": str(res.path), "images": c["images"], "skipped": c["images_skipped"],
+               "vectors": c["vectors"], "resumed_images": res.resumed_images,
+               "world_size": res.world_size}
+    if as_json:
+        _echo_json(summary)
+        return
+    typer.echo(f"store {res.path}: {c['images']} images ({c['images_skipped']} skipped, "
+               f"{res.resumed_images} already done), world size {res.world_size}")
+    for layer, n in c["vectors"].items():
+        typer.echo(f"  {layer}: {n} vectors")
+    if res.manifest["skips"]["counts"]:
+        typer.echo(f"  skips: {res.manifest['skips']['counts']}")
+
+
+@app.command()
 def analyze(
     run: str = typer.Argument(..., help="run folder with store/ and sae/<layer>/"),
     layers: str | None = typer.Option(None, "--layers",

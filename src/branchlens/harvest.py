@@ -1,0 +1,424 @@
+"""Harvest activations of many layers in one forward pass into an :mod:`~branchlens.store`.
+
+Per batch the model runs once and stops at the deepest requested layer. Per image and layer we
+keep a few spatial positions (``norm``: N draws with replacement, probability proportional to the
+L2 norm of the channel vector, as in the paper; ``uniform``: N distinct positions; ``all``). The
+random stream of an image depends only on (seed, image index, layer or grid), never on batch
+composition or rank, so a resumed or multi-rank harvest stores exactly what one uninterrupted
+process would. With ``aligned`` the layers of one grid size share their positions (drawn from the
+norm of the concatenated vector), so features can later be matched across layers.
+
+Scale-out: under ``torchrun`` (``WORLD_SIZE`` > 1) images are split across ranks, every rank
+writes its own shards, and rank 0 holds the store lock and writes the manifest at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import zlib
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from branchlens.data import SkipStats, iter_batches, open_source
+from branchlens.model import InceptionV1, layer_names
+from branchlens.progress import progress
+from branchlens.store import (
+    STORAGE_DTYPES,
+    ShardWriter,
+    StoreError,
+    StoreLock,
+    done_images,
+    finalize_store,
+    next_seq,
+    prepare_store,
+)
+from branchlens.variants import DEFAULT_VARIANT, branch_slices, get_variant
+
+log = logging.getLogger("branchlens.harvest")
+
+SAMPLING_METHODS = ("norm", "uniform", "all")
+DEFAULT_LAYERS = tuple(b.name for b in get_variant(DEFAULT_VARIANT).blocks
+                       if b.name.startswith("mixed4"))
+NON_FINITE = "non_finite_activation"
+FP16_OVERFLOW = "fp16_overflow"
+
+
+# -- sampling -----------------------------------------------------------------------------------
+
+def image_rng(seed: int, image_index: int, key: str) -> np.random.Generator:
+    """The random stream of one image for one layer (or aligned grid) key."""
+    return np.random.default_rng([seed, image_index, zlib.crc32(key.encode())])
+
+
+def sample_positions(norms: np.ndarray, method: str, n: int,
+                     rng: np.random.Generator) -> np.ndarray:
+    """Flat positions (int64) into a grid whose per-position channel norms are ``norms``.
+
+    ``norm`` falls back to uniform draws (with replacement) when every norm is zero.
+    """
+    norms = np.asarray(norms, np.float64).ravel()
+    size = norms.size
+    if method == "all":
+        return np.arange(size, dtype=np.int64)
+    if method == "uniform":
+        if n > size:
+            raise ValueError(f"uniform sampling of {n} positions from a grid of {size}")
+        return rng.choice(size, n, replace=False).astype(np.int64)
+    if method == "norm":
+        total = norms.sum()
+        p = norms / total if total > 0 and np.isfinite(total) else None
+        return rng.choice(size, n, replace=True, p=p).astype(np.int64)
+    raise ValueError(f"unknown sampling {method!r}; choose from {SAMPLING_METHODS}")
+
+
+def parse_layers(layers: str | Sequence[str]) -> list[str]:
+    names = [s.strip() for s in layers.split(",")] if isinstance(layers, str) else list(layers)
+    names = [s for s in names if s]
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"need a non-empty list of distinct layers, got {layers!r}")
+    return names
+
+
+def layer_shapes(model: InceptionV1, layers: Sequence[str]) -> dict[str, tuple[int, int, int]]:
+    """(C, H, W) of each named output at the variant's input size, from one forward of zeros.
+
+    (A meta-device forward would avoid the compute but lazily imports seconds of torch code.)
+    """
+    crop = model.variant.preprocessing.crop
+    p = next(model.parameters())
+    with torch.inference_mode():
+        out = model(torch.zeros(1, 3, crop, crop, device=p.device, dtype=p.dtype), list(layers))
+    return {k: tuple(out[k].shape[1:]) for k in layers}  # type: ignore[misc]
+
+
+def sampling_groups(layers: list[str], shapes: dict, aligned: bool
+                    ) -> list[tuple[str, list[str]]]:
+    """(rng key, layers sharing positions): one per layer, or one per grid size if aligned."""
+    if not aligned:
+        return [(name, [name]) for name in layers]
+    groups: dict[str, list[str]] = {}
+    for name in layers:
+        _, h, w = shapes[name]
+        groups.setdefault(f"grid{h}x{w}", []).append(name)
+    return list(groups.items())
+
+
+def _branches(variant: str, layer: str) -> dict[str, list[int]] | None:
+    try:
+        return {b: [s.start, s.stop] for b, s in branch_slices(variant, layer).items()}
+    except KeyError:
+        return None  # not a block or branch output (stem, bottleneck, pre-ReLU...)
+
+
+# -- distributed --------------------------------------------------------------------------------
+
+class _Comm:
+    """RANK/WORLD_SIZE from the environment; gloo collectives only when WORLD_SIZE > 1."""
+
+    def __init__(self) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.owned = False
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                dist.init_process_group("gloo")
+                self.owned = True
+
+    def bcast(self, obj: Any) -> Any:
+        if self.world == 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, obj: Any) -> list[Any]:
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def close(self) -> None:
+        if self.owned:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+# -- harvest ------------------------------------------------------------------------------------
+
+@dataclass
+class HarvestResult:
+    path: Path
+    manifest: dict | None  # rank 0 only
+    rank: int = 0
+    world_size: int = 1
+    resumed_images: int = 0  # already in the store when this run started
+    images: int = 0  # processed by this rank in this run (stored + skipped)
+    vectors: int = 0  # written by this rank in this run, all layers
+    skips: SkipStats = field(default_factory=SkipStats)
+
+
+class _OrderedSkips(SkipStats):
+    """SkipStats that also remembers the order of skips, to pair them with image indices."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: deque[tuple[str, str]] = deque()
+
+    def add(self, reason: str, image_id: str) -> None:
+        super().add(reason, image_id)
+        self.events.append((reason, image_id))
+
+    def add_unqueued(self, reason: str, image_id: str) -> None:
+        """Count a skip found after decoding (e.g. non-finite activations)."""
+        super().add(reason, image_id)
+
+
+def harvest(
+    source: Any,
+    out: str | Path,
+    layers: str | Sequence[str] = DEFAULT_LAYERS,
+    *,
+    variant: str = DEFAULT_VARIANT,
+    weights: str | Path | None = None,
+    device: str = "auto",
+    sampling: str = "norm",
+    samples_per_image: int = 10,
+    aligned: bool = False,
+    dtype: str = "fp16",
+    batch_size: int = 32,
+    workers: int = 1,
+    seed: int = 0,
+    shard_size: int = 1000,
+    paper_compat: bool = False,
+    limit: int | None = None,
+    model: InceptionV1 | None = None,
+    show_progress: bool = True,
+    channels_last: bool = True,
+) -> HarvestResult:
+    """Harvest ``layers`` of every image of ``source`` into the store at ``out`` (resumable).
+
+    ``shard_size`` is in images. ``model`` replaces loading ``weights`` (tests, notebooks); it
+    is moved to ``device`` (and to channels_last memory format) in place.
+    Raises :class:`~branchlens.store.StoreError` subclasses with actionable messages.
+    """
+    from branchlens.weights import load_model, resolve_device
+
+    layers = parse_layers(layers)
+    if sampling not in SAMPLING_METHODS:
+        raise ValueError(f"--sampling must be one of {SAMPLING_METHODS}, got {sampling!r}")
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
+    if sampling != "all" and samples_per_image < 1:
+        raise ValueError("--samples-per-image must be >= 1")
+    v = get_variant(variant if model is None else model.variant)
+    unknown = [n for n in layers if n not in layer_names(v)]
+    if unknown:
+        raise ValueError(f"unknown layer(s) {unknown}; see branchlens.model.layer_names()")
+    comm = _Comm()
+    lock: StoreLock | None = None
+    try:
+        dev = resolve_device(device)
+        if dev.type == "cuda" and comm.world > 1 and dev.index is None:
+            dev = torch.device("cuda", comm.local_rank)
+        if model is None:
+            model, winfo = load_model(v, weights, dev, seed=seed)
+            wdict = winfo.to_dict()
+        else:
+            model = model.to(dev).eval()
+            wdict = {"variant": v.name, "source": "in-memory", "path": None, "sha256": None,
+                     "seed": None, "random": False}
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        shapes = layer_shapes(model, layers)
+        if sampling == "uniform":
+            small = [k for k in layers if shapes[k][1] * shapes[k][2] < samples_per_image]
+            if small:
+                raise ValueError(f"uniform sampling of {samples_per_image} positions: grid too "
+                                 f"small for {small}")
+        src = open_source(source, v, seed=seed)
+        n = len(src) if limit is None else min(limit, len(src))
+        config = {
+            "variant": v.name,
+            "layers": layers,
+            "widths": {k: {"channels": shapes[k][0], "grid": list(shapes[k][1:]),
+                           "branches": _branches(v.name, k)} for k in layers},
+            "sampling": {"method": sampling,
+                         "samples_per_image": None if sampling == "all" else samples_per_image,
+                         "aligned": aligned, "seed": seed,
+                         "groups": [g for _, g in sampling_groups(layers, shapes, aligned)]},
+            "dtype": dtype,
+            "source": {"description": src.description, "n_images": n, "limit": limit,
+                       "paper_compat": paper_compat, "input_size": v.preprocessing.crop},
+            "weights": {k: wdict.get(k) for k in ("variant", "source", "sha256", "seed")},
+        }
+        setup: tuple[str, str] | list[int]
+        if comm.rank == 0:
+            try:
+                lock = StoreLock(out).acquire()
+                if lock.replaced_stale:
+                    log.info("took over a stale lock of dead pid %s", lock.replaced_stale)
+                prepare_store(out, config)
+                done = done_images(out)
+                setup = [i for i in range(n) if i not in done]
+                if setup and (Path(out) / "manifest.json").exists():
+                    (Path(out) / "manifest.json").unlink()  # store grows again: not complete
+            except StoreError as e:
+                setup = (type(e).__name__, str(e))
+                if comm.world == 1:
+                    raise
+        setup = comm.bcast(setup if comm.rank == 0 else None)
+        if isinstance(setup, tuple):
+            raise StoreError(f"rank 0 could not open the store: {setup[0]}: {setup[1]}")
+        remaining = setup
+        mine = [int(i) for i in np.array_split(np.asarray(remaining, np.int64), comm.world)[
+            comm.rank]]
+        writer = ShardWriter(Path(out), comm.rank, layers, {k: shapes[k][0] for k in layers},
+                             dtype, shard_size, seq=next_seq(out, comm.rank))
+        result = HarvestResult(Path(out), None, comm.rank, comm.world, n - len(remaining))
+        failure: BaseException | None = None
+        try:
+            _loop(model, src, mine, writer, result, layers=layers, shapes=shapes,
+                  sampling=sampling, n_samples=samples_per_image, aligned=aligned, seed=seed,
+                  dtype=dtype, batch_size=batch_size, workers=workers,
+                  paper_compat=paper_compat, device=dev, channels_last=channels_last,
+                  show=show_progress and comm.rank == 0)
+            writer.flush()
+        except Exception as e:
+            failure = e
+        errors = comm.gather(None if failure is None else f"rank {comm.rank}: {failure}")
+        if failure is not None:
+            raise failure
+        if any(errors):
+            raise StoreError("harvest failed on another rank: " + "; ".join(filter(None, errors)))
+        final: tuple[str, str] | None = None
+        if comm.rank == 0:
+            try:
+                extra = {"weights": wdict,
+                         "harvest": {"world_size": comm.world, "batch_size": batch_size,
+                                     "shard_size": shard_size, "device": str(dev)}}
+                result.manifest = finalize_store(out, n, extra)
+            except StoreError as e:
+                final = (type(e).__name__, str(e))
+                if comm.world == 1:
+                    raise
+        final = comm.bcast(final)
+        if final is not None:
+            raise StoreError(f"rank 0 could not finalize the store: {final[0]}: {final[1]}")
+        return result
+    finally:
+        if lock is not None:
+            lock.release()
+        comm.close()
+
+
+def _loop(model: InceptionV1, src, mine: list[int], writer: ShardWriter, result: HarvestResult,
+          *, layers: list[str], shapes: dict, sampling: str, n_samples: int, aligned: bool,
+          seed: int, dtype: str, batch_size: int, workers: int, paper_compat: bool,
+          device: torch.device, channels_last: bool, show: bool) -> None:
+    """Decode (worker processes) -> forward once -> sample -> buffer; shards flush as they fill."""
+    skips = _OrderedSkips()
+    result.skips = skips
+    groups = sampling_groups(layers, shapes, aligned)
+    torch_dtype = torch.float16 if dtype == "fp16" else torch.float32
+    mine_arr = np.asarray(mine, np.int64)
+    pos = 0
+
+    def record_decode_skips(until: int, present: set[int]) -> int:
+        for k in range(pos, until):
+            if mine[k] not in present:
+                reason, image_id = skips.events.popleft() if skips.events else (
+                    "unknown", src[mine[k]].image_id)
+                writer.skip(mine[k], image_id, reason)
+        return until
+
+    batches = iter_batches(src, model.variant, batch_size, workers, indices=mine,
+                           paper_compat=paper_compat, skips=skips)
+    with torch.inference_mode(), progress(len(mine), "harvest", "img", disable=not show) as bar:
+        for b in batches:
+            end = int(np.searchsorted(mine_arr, b.indices[-1])) + 1
+            before = pos
+            pos = record_decode_skips(end, set(b.indices))
+            x = b.images.to(device, non_blocking=True)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            acts = model(x, layers)
+            vecs, provs, bad = sample_batch(acts, b.indices, groups, shapes, sampling,
+                                             n_samples, seed, torch_dtype)
+            for i, idx in enumerate(b.indices):
+                if bad[i]:
+                    skips.add_unqueued(bad[i], b.image_ids[i])
+                    writer.skip(idx, b.image_ids[i], bad[i])
+                    continue
+                writer.add(idx, b.image_ids[i], b.labels[i], {k: vecs[k][i] for k in layers},
+                           {k: provs[k][i] for k in layers})
+                result.vectors += sum(len(vecs[k][i]) for k in layers)
+            bar.update(pos - before, vectors=result.vectors, skipped=skips.total,
+                       shards=writer.written_shards)
+        before = pos
+        pos = record_decode_skips(len(mine), set())
+        bar.update(pos - before, vectors=result.vectors, skipped=skips.total)
+    result.images = len(mine)
+    if skips.total:
+        log.warning("harvest: %s", skips.summary())
+
+
+def sample_batch(acts: dict[str, torch.Tensor], indices: list[int], groups, shapes: dict,
+                  sampling: str, n_samples: int, seed: int, torch_dtype: torch.dtype
+                  ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[str | None]]:
+    """Sampled vectors [B, n, C] (storage dtype) and provenance [B, n, 4] per layer.
+
+    ``bad[i]`` names why image i must be skipped (non-finite activation, fp16 overflow).
+    """
+    B = len(indices)
+    finite = torch.ones(B, dtype=torch.bool, device=next(iter(acts.values())).device)
+    for a in acts.values():
+        finite &= torch.isfinite(a).flatten(1).all(1)
+    finite_np = finite.cpu().numpy()
+    bad: list[str | None] = [None if f else NON_FINITE for f in finite_np]
+    idx_col = np.asarray(indices, np.int64)
+    vecs, provs = {}, {}
+    for key, names in groups:
+        _, h, w = shapes[names[0]]
+        if sampling == "norm":
+            sq = sum(torch.linalg.vector_norm(acts[k].float(), dim=1).double() ** 2
+                     for k in names)
+            norms = torch.sqrt(sq).flatten(1).cpu().numpy()
+            norms[~finite_np] = 0.0
+        else:
+            norms = np.zeros((B, h * w))
+        pos = np.stack([sample_positions(norms[i], sampling, n_samples,
+                                         image_rng(seed, indices[i], key)) for i in range(B)])
+        n = pos.shape[1]
+        prov = np.empty((B, n, 4), np.int64)
+        prov[:, :, 0] = idx_col[:, None]
+        prov[:, :, 1], prov[:, :, 2] = pos // w, pos % w
+        prov[:, :, 3] = np.arange(n)
+        pos_t = torch.from_numpy(pos).to(finite.device)
+        for k in names:
+            a = acts[k]
+            feats = a.permute(0, 2, 3, 1).reshape(B, h * w, a.shape[1])
+            if sampling != "all":
+                feats = feats[torch.arange(B, device=a.device)[:, None], pos_t]
+            out = feats.to(torch_dtype).cpu().numpy()
+            if torch_dtype == torch.float16:
+                ok = np.isfinite(out.reshape(B, -1)).all(1)
+                for i in np.flatnonzero(~ok):
+                    bad[i] = bad[i] or FP16_OVERFLOW
+            vecs[k], provs[k] = out, prov
+    return vecs, provs, bad
