@@ -130,6 +130,12 @@ def analyze_layer(layer: str, sae, store, cfg: AnalysisConfig, out_dir: Path,
                                n_perm=cfg.n_perm, refine_to=cfg.refine_to, seed=cfg.seed + 2,
                                device=cfg.device)
     ctrl_rej, _ = bh_reject(ctrl.p, cfg.q)
+    # Scale control of the scale control: random raw directions divided by the same std show
+    # how many discoveries the normalisation alone creates (quiet branches get inflated).
+    iso = rng.standard_normal(dec.shape) / np.where(std > 0, std, 1.0)
+    iso_ctrl = permutation_pvalues(iso, slices, n_perm=cfg.n_perm, refine_to=cfg.refine_to,
+                                   seed=cfg.seed + 3, device=cfg.device)
+    iso_rej, _ = bh_reject(iso_ctrl.p, cfg.q)
 
     log(f"{layer}: activity pass over {store.count(layer)} stored vectors")
     arr = store.array(layer)
@@ -173,6 +179,7 @@ def analyze_layer(layer: str, sae, store, cfg: AnalysisConfig, out_dir: Path,
     for row, b in zip(table, range(len(branches)), strict=True):
         row["layer"] = layer
         row["permuted_channels_control_significant"] = int(ctrl_rej[:, b].sum())
+        row["std_normalised_random_control_significant"] = int(iso_rej[:, b].sum())
         m = bt.dominant == b
         row["mean_attribution_of_dominant"] = (float(np.nanmean(attr[m, b]))
                                                if m.any() else None)
@@ -330,7 +337,7 @@ def analyze(run_dir: str | Path, *, layers: list[str] | None = None, store=None,
 def format_table(summary: dict) -> str:
     """Plain-text layer × branch table for the CLI."""
     head = (f"{'layer':<9}{'branch':<6}{'w':>5}{'share':>7}{'sig':>6}{'E[FP]':>7}{'dom':>6}"
-            f"{'dom/share':>10}{'naive':>7}{'ctrl':>6}{'iso-ref':>8}{'raw-sig':>8}")
+            f"{'dom/share':>10}{'naive':>7}{'ctrl':>6}{'iso-ref':>8}{'raw-sig':>8}{'rnd/std':>8}")
     lines = [head, "-" * len(head)]
     for layer, s in summary["per_layer"].items():
         for r in s["branches"]:
@@ -342,10 +349,13 @@ def format_table(summary: dict) -> str:
                 f"{r['naive_argmax_paper_ratio']:>7}"
                 f"{r['permuted_channels_control_significant']:>6}"
                 f"{r['significant_isotropic_reference']:>8}"
-                f"{raw if raw is not None else '-':>8}")
+                f"{raw if raw is not None else '-':>8}"
+                f"{r.get('std_normalised_random_control_significant', '-'):>8}")
     lines.append("sig: BH-significant (std-normalised decoder, channel-permutation null); E[FP] = "
                  "q·sig; dom: dominant latents; naive: argmax paper ratio; ctrl: sig after one "
-                 "channel permutation of all latents; iso-ref: isotropic Beta (reference only)")
+                 "channel permutation of all latents; iso-ref: isotropic Beta (reference only); "
+                 "raw-sig: same test on the raw decoder; rnd/std: random raw directions "
+                 "divided by the same std (what the normalisation alone creates)")
     lines.append(PVALUE_NOTE)
     for c in summary["cross_layer"]:
         cc = c.get("consistency")
