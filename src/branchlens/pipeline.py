@@ -1,0 +1,186 @@
+"""``branchlens run``: harvest → train → analyze → visualize/examples/circuits → report.
+
+Each stage reads the previous stage's artifacts in the run directory and resumes on its own when
+killed. ``RUN/run.json`` records the config, versions, seed, and for every stage its status,
+config hash and timing; a stage whose status is ``done`` with the same config hash is skipped.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from branchlens.artifacts import provenance, read_json, write_json
+
+MIXED4 = ["mixed4a", "mixed4b", "mixed4c", "mixed4d", "mixed4e"]
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Finishes in well under 10 minutes on a 2-core CPU: the embedded photos as 192 views,
+    # every position, small SAEs, few steps, a handful of visualised latents.
+    "demo": {
+        "source": "embedded:192",
+        "variant": "bvlc_googlenet",
+        "seed": 0,
+        "harvest": {"layers": MIXED4, "sampling": "all", "samples_per_image": 10,
+                    "aligned": True, "dtype": "fp16", "batch_size": 16},
+        "sae": {"expansion": 4, "k": 32, "decoder": "untied"},
+        "train": {"batch_size": 1024, "steps": 300, "lr": 1e-3, "warmup_steps": 20,
+                  "log_every": 25, "ckpt_every": 100},
+        "analyze": {"n_perm": 500, "refine_to": 2000, "embed": "auto"},
+        "visualize": {"latents_per_layer": 4, "steps": 96, "size": 128},
+        "examples": {"latents_per_layer": 8, "top": 6},
+        "circuits": {"latents": 3},
+    },
+    # The paper's settings (Bozoukov 2025) on the model it used, with corrected preprocessing;
+    # add --paper-compat for its [0, 1] input bug. Meant for ImageNet train on a GPU machine.
+    "paper": {
+        "source": None,
+        "variant": "inception5h",
+        "seed": 0,
+        "harvest": {"layers": MIXED4, "sampling": "norm", "samples_per_image": 10,
+                    "aligned": False, "dtype": "fp16", "batch_size": 128},
+        "sae": {"expansion": 16, "k": 32, "decoder": "tied", "loss": "paper",
+                "b_pre_init": "zeros", "aux": False},
+        "train": {"batch_size": 4096, "epochs": 100, "lr": 1e-3, "warmup_steps": 0,
+                  "decay": "none"},
+        "analyze": {},
+        "visualize": {"latents_per_layer": 16, "steps": 512, "size": 224},
+        "examples": {"latents_per_layer": 64, "top": 12},
+        "circuits": {"latents": 8},
+    },
+}
+
+STAGES = ("harvest", "train", "analyze", "visualize", "examples", "circuits", "report")
+
+
+@dataclass
+class RunContext:
+    out: Path
+    config: dict[str, Any]
+    weights: str | None
+    device: str
+    log: Callable[[str], None] = print
+    state: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.config["harvest"]["layers"])
+
+
+def make_config(preset: str, source: str | None = None, variant: str | None = None,
+                overrides: dict[str, dict[str, Any]] | None = None,
+                paper_compat: bool = False, seed: int | None = None) -> dict[str, Any]:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    cfg = copy.deepcopy(PRESETS[preset])
+    cfg["preset"] = preset
+    if source is not None:
+        cfg["source"] = source
+    if cfg["source"] is None:
+        raise ValueError(f"preset {preset!r} needs an image SOURCE (e.g. an ImageNet train folder)")
+    if variant is not None:
+        cfg["variant"] = variant
+    if seed is not None:
+        cfg["seed"] = seed
+    cfg["paper_compat"] = paper_compat
+    for stage, kv in (overrides or {}).items():
+        cfg.setdefault(stage, {}).update(kv)
+    return cfg
+
+
+def stage_hash(cfg: dict[str, Any], stage: str, weights_id: str | None) -> str:
+    """What a stage's output depends on: its own settings and everything upstream."""
+    upstream = STAGES[: STAGES.index(stage) + 1]
+    key = {s: cfg.get(s) for s in upstream}
+    key |= {k: cfg[k] for k in ("source", "variant", "seed", "paper_compat")}
+    key["weights"] = weights_id
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# -- stages ---------------------------------------------------------------------------------------
+
+def _harvest(ctx: RunContext) -> dict:
+    from branchlens.harvest import harvest
+
+    h = ctx.config["harvest"]
+    res = harvest(ctx.config["source"], ctx.out / "store", h["layers"],
+                  variant=ctx.config["variant"], weights=ctx.weights, device=ctx.device,
+                  sampling=h["sampling"], samples_per_image=h["samples_per_image"],
+                  aligned=h["aligned"], dtype=h["dtype"], batch_size=h["batch_size"],
+                  seed=ctx.config["seed"], paper_compat=ctx.config["paper_compat"])
+    return {"images": getattr(res, "images", None), "vectors": getattr(res, "vectors", None)}
+
+
+def _train(ctx: RunContext) -> dict:
+    from branchlens.train import TrainConfig, train_layers
+
+    s = dict(ctx.config["sae"])
+    expansion = s.pop("expansion")
+    tcfg = TrainConfig(**ctx.config["train"], seed=ctx.config["seed"])
+    saes = train_layers(ctx.out, ctx.layers, s, tcfg, expansion=expansion)
+    return {"layers": sorted(saes)}
+
+
+def _analyze(ctx: RunContext) -> dict:
+    from branchlens.analysis.driver import AnalysisConfig, analyze
+
+    acfg = AnalysisConfig(**ctx.config["analyze"], seed=ctx.config["seed"],
+                          device="auto" if ctx.device == "auto" else ctx.device)
+    summary = analyze(ctx.out, layers=ctx.layers, config=acfg, log=ctx.log)
+    return {"layers": sorted(summary.get("layers", {}))}
+
+
+STAGE_FUNCS: dict[str, Callable[[RunContext], dict]] = {
+    "harvest": _harvest, "train": _train, "analyze": _analyze,
+}
+
+
+# -- driver ---------------------------------------------------------------------------------------
+
+def run(out: str | Path, preset: str = "demo", source: str | None = None,
+        weights: str | None = None, device: str = "auto", variant: str | None = None,
+        paper_compat: bool = False, seed: int | None = None,
+        overrides: dict[str, dict[str, Any]] | None = None,
+        stages: list[str] | None = None, force: bool = False,
+        log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or resume) every stage of an experiment in ``out``; returns the run record."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = make_config(preset, source, variant, overrides, paper_compat, seed)
+    weights_id = None if weights is None else str(weights)
+    record_path = out / "run.json"
+    record = read_json(record_path) if record_path.exists() else {}
+    record.update(provenance(config=cfg, weights=weights_id, device=device))
+    record.setdefault("stages", {})
+    ctx = RunContext(out, cfg, weights, device, log)
+    wanted = [s for s in STAGES if s in STAGE_FUNCS and (stages is None or s in stages)]
+
+    for stage in wanted:
+        h = stage_hash(cfg, stage, weights_id)
+        prev = record["stages"].get(stage, {})
+        if not force and prev.get("status") == "done" and prev.get("config_hash") == h:
+            log(f"[{stage}] up to date, skipped")
+            continue
+        log(f"[{stage}] running")
+        record["stages"][stage] = {"status": "running", "config_hash": h,
+                                   "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        write_json(record_path, record)
+        t0 = time.perf_counter()
+        try:
+            info = STAGE_FUNCS[stage](ctx)
+        except BaseException as e:
+            record["stages"][stage].update(status="failed", error=f"{type(e).__name__}: {e}",
+                                           seconds=round(time.perf_counter() - t0, 2))
+            write_json(record_path, record)
+            raise
+        record["stages"][stage].update(status="done", seconds=round(time.perf_counter() - t0, 2),
+                                       info=info)
+        write_json(record_path, record)
+        log(f"[{stage}] done in {record['stages'][stage]['seconds']:.1f}s")
+    return record
