@@ -94,7 +94,10 @@ def test_shards_are_standard_safetensors_and_round_trip(tmp_path):
     assert all(len(r["sha256"]) == 64 for r in s.manifest["shards"])
     arr = s.array("a", dtype=np.float32)
     np.testing.assert_array_equal(arr[[5, 0, 56]], a[[5, 0, 56]])
-    np.testing.assert_array_equal(arr[10:20], a[10:20])
+    for sl in (slice(10, 20), slice(0, 0), slice(None), slice(11, 13), slice(50, 99),
+               slice(3, 40, 5), slice(-4, None), slice(20, 10)):
+        np.testing.assert_array_equal(arr[sl], a[sl])
+    np.testing.assert_array_equal(arr[2:30, 1:3], a[2:30, 1:3])
     np.testing.assert_array_equal(arr[-1], a[-1])
     with pytest.raises(IndexError):
         arr[[57]]

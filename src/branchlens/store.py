@@ -519,8 +519,24 @@ class ShardedArray:
         if isinstance(key, (int, np.integer)):
             return self._rows(np.array([key]))[0][cols]
         if isinstance(key, slice):
-            key = np.arange(*key.indices(len(self)))
+            start, stop, step = key.indices(len(self))
+            if step == 1:
+                return self._range(start, max(start, stop))[:, cols]
+            key = np.arange(start, stop, step)
         return self._rows(np.asarray(key))[:, cols]
+
+    def _range(self, start: int, stop: int) -> np.ndarray:
+        """Contiguous rows: plain slices of each shard's memmap (no index arrays)."""
+        out = np.empty((stop - start, self._dim), self.dtype)
+        first = int(np.searchsorted(self._offsets, start, side="right")) - 1
+        s = max(first, 0)
+        while s < len(self._parts) and self._offsets[s] < stop:
+            lo, hi = max(start, self._offsets[s]), min(stop, self._offsets[s + 1])
+            if hi > lo:
+                off = self._offsets[s]
+                out[lo - start:hi - start] = self._parts[s]()[lo - off:hi - off]
+            s += 1
+        return out
 
     def __array__(self, dtype=None, copy=None):
         out = self[:]
