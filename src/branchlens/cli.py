@@ -191,6 +191,20 @@ def analyze(
     typer.echo(f"written: {run}/analysis/ (summary.json, latents.csv, layers.csv, figures)")
 
 
+@app.command()
+def report(
+    run_dir: str = typer.Argument(..., help="run directory (RUN/)"),
+    out: str | None = typer.Option(None, "--out", help="default: RUN/report/index.html"),
+    cards_per_layer: int = typer.Option(48, "--cards-per-layer",
+                                        help="gallery cards per layer (plus rendered latents)"),
+) -> None:
+    """One self-contained HTML report of a run (works on partial runs)."""
+    from branchlens.report import build_report
+
+    path = build_report(run_dir, out, cards_per_layer=cards_per_layer)
+    typer.echo(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

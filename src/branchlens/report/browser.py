@@ -1,0 +1,121 @@
+"""Open a report in real headless Chromium (Playwright, system browser): checks and screenshots.
+
+Used by the tests and by ``scripts/report_screenshot.py``. Playwright is a dev dependency and
+never downloads a browser here: it drives the system ``chromium`` (Debian package; see
+``scripts/ensure_chromium.sh``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
+
+
+def chromium_path() -> str | None:
+    """``$BRANCHLENS_CHROMIUM``, a chromium on PATH, or a usual system location."""
+    for c in (os.environ.get("BRANCHLENS_CHROMIUM"), shutil.which("chromium"),
+              shutil.which("chromium-browser"), *CANDIDATES):
+        if c and Path(c).is_file() and os.access(c, os.X_OK):
+            return c
+    return None
+
+
+def unavailable_reason() -> str | None:
+    """Why a browser check cannot run here (None when it can)."""
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "the playwright package is not installed (pip install -e '.[dev]')"
+    if chromium_path() is None:
+        return "no system chromium (run scripts/ensure_chromium.sh)"
+    return None
+
+
+@dataclass
+class PageLog:
+    """What the page reported while it was open."""
+
+    console_errors: list[str] = field(default_factory=list)
+    dialogs: list[str] = field(default_factory=list)  # alert()/confirm(): injected script ran
+    requests: list[str] = field(default_factory=list)  # anything but file:/data: URLs
+
+
+@contextmanager
+def open_page(html_path: str | Path, width: int = 1400, height: int = 1000
+              ) -> Iterator[tuple[Any, PageLog]]:
+    """Yield (playwright Page, PageLog) for ``html_path`` loaded from ``file://``."""
+    from playwright.sync_api import sync_playwright
+
+    exe = chromium_path()
+    if exe is None:
+        raise RuntimeError(unavailable_reason() or "no chromium")
+    log = PageLog()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe,
+                                    args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": width, "height": height})
+            page.set_default_timeout(10_000)
+            page.on("console", lambda m: log.console_errors.append(m.text)
+                    if m.type == "error" else None)
+            page.on("pageerror", lambda e: log.console_errors.append(f"pageerror: {e}"))
+            page.on("dialog", _dismiss(log.dialogs))
+            page.on("request", lambda r: log.requests.append(r.url)
+                    if not r.url.startswith(("file:", "data:")) else None)
+            page.goto(Path(html_path).resolve().as_uri(), wait_until="load")
+            yield page, log
+        finally:
+            browser.close()
+
+
+def _dismiss(sink: list[str]) -> Callable[[Any], None]:
+    def handler(dialog: Any) -> None:
+        sink.append(dialog.message)
+        dialog.dismiss()
+
+    return handler
+
+
+def broken_images(page: Any) -> list[str]:
+    """Alt texts of ``<img>`` elements that did not decode (naturalWidth 0)."""
+    return page.evaluate(
+        "Array.from(document.images).filter(i => !(i.complete && i.naturalWidth > 0))"
+        ".map(i => i.alt || i.src.slice(0, 40))")
+
+
+def visible_cards(page: Any) -> int:
+    return page.evaluate("document.querySelectorAll('#cards .card:not([hidden])').length")
+
+
+def screenshot(html_path: str | Path, out: str | Path, width: int = 1400,
+               height: int = 1500) -> Path:
+    """A docs picture: the top of the report stacked over the top of the feature gallery."""
+    import io
+
+    from PIL import Image
+
+    with open_page(html_path, width, height) as (page, _):
+        top = page.screenshot()
+        parts = [top]
+        if page.query_selector("#gallery"):
+            page.evaluate("document.getElementById('gallery').scrollIntoView()")
+            page.wait_for_timeout(100)
+            parts.append(page.screenshot())
+    images = [Image.open(io.BytesIO(b)).convert("RGB") for b in parts]
+    canvas = Image.new("RGB", (width, sum(i.height for i in images) + 8 * (len(images) - 1)),
+                       (200, 200, 200))
+    y = 0
+    for im in images:
+        canvas.paste(im, (0, y))
+        y += im.height + 8
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out, format="PNG", optimize=True)
+    return out

@@ -1,0 +1,344 @@
+"""The overview sections of the report, each a function ``ReportContext -> HTML string``.
+
+Every value that reaches the page goes through :func:`esc` (labels, image ids and file names
+come from user data). A section whose artifacts are missing renders a one-line note naming the
+command that produces them, so a partial run still gets a complete page.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from branchlens.report.builder import ReportContext, find_key
+from branchlens.report.images import figure_uri, image_uri, sparkline
+
+BRANCH_COLORS = {"1x1": "#1f77b4", "3x3": "#2ca02c", "5x5": "#d62728", "pool": "#9467bd",
+                 "none": "#9a9a9a"}
+
+
+def esc(x: Any) -> str:
+    """HTML-escaped text of any value (None: an em dash)."""
+    return "—" if x is None else html.escape(str(x), quote=True)
+
+
+def fmt(x: Any, digits: int = 3) -> str:
+    """Numbers compactly (ints with separators, floats to ``digits`` significant), escaped."""
+    if isinstance(x, bool) or x is None:
+        return esc(x)
+    if isinstance(x, int):
+        return f"{x:,}"
+    if isinstance(x, float):
+        if math.isnan(x):
+            return "—"
+        return f"{x:.{digits}g}" if abs(x) < 1e5 else f"{x:,.0f}"
+    return esc(x)
+
+
+def na(what: str, command: str, ctx: ReportContext) -> str:
+    """The note shown in place of a section whose stage has not run."""
+    return (f'<p class="na">{esc(what)} not available: run '
+            f'<code>branchlens {esc(command)} {esc(ctx.run_dir)}</code></p>')
+
+
+def table(head: Sequence[str], rows: Iterable[Sequence[Any]], cls: str = "") -> str:
+    """A table; cells are pre-formatted HTML (callers escape), headers are escaped here."""
+    th = "".join(f"<th>{esc(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+    return f'<table class="{esc(cls)}"><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def kv(pairs: Iterable[tuple[str, Any]]) -> str:
+    rows = "".join(f"<tr><th>{esc(k)}</th><td>{v}</td></tr>" for k, v in pairs)
+    return f'<table class="kv"><tbody>{rows}</tbody></table>'
+
+
+def figure(uri: str | None, alt: str, caption: str = "") -> str:
+    if not uri:
+        return f'<p class="na">{esc(alt)}: figure file missing or unreadable</p>'
+    cap = f"<figcaption>{esc(caption)}</figcaption>" if caption else ""
+    return f'<figure><img src="{uri}" alt="{esc(alt)}" loading="eager">{cap}</figure>'
+
+
+def branch_tag(b: Any) -> str:
+    color = BRANCH_COLORS.get(str(b), "#555")
+    return f'<span class="tag" style="background:{color}">{esc(b)}</span>'
+
+
+def json_details(title: str, obj: Any, limit: int = 20000) -> str:
+    """A collapsed, escaped JSON dump (long lists such as shard rows are cut)."""
+    text = json.dumps(_trim(obj), indent=1, default=str)
+    if len(text) > limit:
+        text = text[:limit] + "\n…"
+    return f"<details><summary>{esc(title)}</summary><pre>{esc(text)}</pre></details>"
+
+
+def _trim(o: Any, n: int = 8) -> Any:
+    if isinstance(o, dict):
+        return {k: _trim(v, n) for k, v in o.items()}
+    if isinstance(o, list) and len(o) > n:
+        return [_trim(v, n) for v in o[:n]] + [f"… {len(o) - n} more"]
+    return o
+
+
+# ---------------------------------------------------------------------------------------------
+def header(ctx: ReportContext, generated: str) -> str:
+    """Title block: model variant, weights, versions; the red banner for random weights."""
+    w = ctx.weights or {}
+    banner = ""
+    if ctx.random_weights:
+        banner = ('<div class="banner" role="alert">RANDOM WEIGHTS: this run used randomly '
+                  'initialised model weights (a smoke test). No number or picture in this report '
+                  'says anything about InceptionV1.</div>')
+    prov = find_key(ctx.summary, "provenance") or next(
+        (s.cfg for s in ctx.saes.values()), None) or find_key(ctx.manifest, "provenance") or {}
+    wtxt = "—"
+    if w:
+        parts = [w.get("source"), w.get("path") and str(w["path"]).rsplit("/", 1)[-1],
+                 w.get("sha256") and f"sha256 {str(w['sha256'])[:12]}…",
+                 w.get("seed") is not None and w.get("random") and f"seed {w['seed']}"]
+        wtxt = esc(", ".join(str(p) for p in parts if p))
+    pairs = [("run", esc(ctx.run_dir)), ("model variant", esc(ctx.variant)),
+             ("weights", wtxt), ("layers", esc(", ".join(ctx.layers) or None)),
+             ("branchlens", esc(prov.get("branchlens_version"))),
+             ("torch", esc(prov.get("torch_version"))), ("report generated", esc(generated))]
+    notes = "".join(f"<li>{esc(n)}</li>" for n in ctx.notes)
+    notes = f'<ul class="warn">{notes}</ul>' if notes else ""
+    return (f"{banner}<h1>branchlens report: {esc(ctx.run_dir.name)}</h1>"
+            f"{kv(pairs)}{notes}")
+
+
+def data_section(ctx: ReportContext) -> str:
+    """Image source, counts and skipped files from the store manifest (run.json as fallback)."""
+    m = ctx.manifest
+    if not isinstance(m, dict):
+        src = find_key(ctx.run, "source")
+        extra = f"<p>source (run.json): {esc(json.dumps(src))}</p>" if src else ""
+        return extra + na("activation store", "harvest", ctx)
+    src = m.get("source") if isinstance(m.get("source"), dict) else {"description": m.get("source")}
+    counts = m.get("counts") or {}
+    skips = m.get("skips") or {}
+    sampling = m.get("sampling") or {}
+    pairs = [
+        ("source", esc(src.get("description"))),
+        ("images", fmt(counts.get("images", src.get("n_images")))),
+        ("images stored", fmt(counts.get("images_stored"))),
+        ("images skipped", fmt(counts.get("images_skipped"))),
+        ("input size", fmt(src.get("input_size"))),
+        ("paper-compat input scaling", esc(src.get("paper_compat"))),
+        ("sampling", esc(", ".join(f"{k}={v}" for k, v in sampling.items()
+                                   if k in ("method", "samples_per_image", "aligned", "seed")))),
+        ("dtype", esc(m.get("dtype"))),
+    ]
+    vec = counts.get("vectors") or {}
+    rows = [(esc(layer), fmt(n), fmt(find_key((m.get("widths") or {}).get(layer), "channels")))
+            for layer, n in vec.items()]
+    skip_rows = [(esc(reason), fmt(n), esc(", ".join(map(str, (skips.get("examples") or {})
+                                                          .get(reason, [])))))
+                 for reason, n in (skips.get("counts") or {}).items()]
+    out = kv(pairs)
+    if rows:
+        out += "<h3>Stored vectors</h3>" + table(["layer", "vectors", "channels"], rows)
+    if skip_rows:
+        out += "<h3>Skipped files</h3>" + table(["reason", "images", "examples"], skip_rows)
+    return out + json_details("store manifest (JSON)", {k: v for k, v in m.items()
+                                                        if k != "shards"})
+
+
+def sae_section(ctx: ReportContext) -> str:
+    """Per-layer SAE quality: FVU (train and held-out images), L0, dead fraction, curves."""
+    if not ctx.saes:
+        return na("trained SAEs", "train", ctx)
+    rows, curves = [], []
+    for layer, s in ctx.saes.items():
+        cfg, ev, tr = s.sae, s.evals, s.cfg.get("train") or {}
+        train, held = ev.get("train") or {}, ev.get("heldout") or {}
+        fvu_t, fvu_h = train.get("fvu"), held.get("fvu")
+        flag = ""
+        if isinstance(fvu_t, float) and isinstance(fvu_h, float) and fvu_h > 1.25 * fvu_t:
+            flag = ' <span class="flag" title="held-out FVU well above training FVU">overfit</span>'
+        rows.append((esc(layer), fmt(cfg.get("d_in")), fmt(cfg.get("n_latents")),
+                     fmt(cfg.get("k")), esc(cfg.get("decoder")),
+                     f"{fmt(tr.get('step'))} / {fmt(tr.get('total_steps'))}",
+                     fmt(fvu_t), fmt(fvu_h) + flag, fmt(train.get("l0")), fmt(held.get("l0")),
+                     fmt(ev.get("dead_frac")),
+                     f"{fmt(s.cfg.get('train_images'))} / {fmt(s.cfg.get('heldout_images'))}"))
+        if s.curves is not None:
+            curves.append(figure(image_uri(s.curves), f"{layer} training curves",
+                                 f"{layer}: training curves"))
+        elif s.metrics:
+            log = [m for m in s.metrics if "step" in m and not m.get("final")]
+            xs = [m["step"] for m in log]
+            spark = "".join(sparkline(xs, [m.get(k) for m in log], f"{layer} {k}", log=lg)
+                            for k, lg in (("fvu", True), ("l0", False), ("dead_frac", False)))
+            curves.append(f'<div class="sparks">{spark}</div>')
+    head = ["layer", "d_in", "latents", "k", "decoder", "steps", "FVU (train)",
+            "FVU (held-out images)", "L0 (train)", "L0 (held-out)", "dead fraction",
+            "images train / held-out"]
+    note = ('<p class="note">FVU = reconstruction MSE / variance. Held-out FVU is measured on '
+            "images never seen in training; a clearly higher value means the SAE overfits.</p>")
+    return table(head, rows) + note + '<div class="figs">' + "".join(curves) + "</div>"
+
+
+def specialization_section(ctx: ReportContext) -> str:
+    """Layer × branch table: significant and dominant latents against the nulls."""
+    per = (ctx.summary or {}).get("per_layer")
+    if not per:
+        return na("branch analysis", "analyze", ctx)
+    head = ["layer", "branch", "width", "channel share", "significant", "E[false +]",
+            "permuted-channel control", "dominant", "dominant / share", "naive argmax",
+            "isotropic ref.", "median paper ratio", "null √(w/d)", "ratio > 0.5", "ratio > 0.9"]
+    rows, facts = [], []
+    for layer, s in per.items():
+        for r in s.get("branches") or []:
+            rows.append((esc(layer), branch_tag(r.get("branch")), fmt(r.get("width")),
+                         fmt(r.get("channel_share")), fmt(r.get("significant")),
+                         fmt(r.get("expected_false_positives")),
+                         fmt(r.get("permuted_channels_control_significant")),
+                         fmt(r.get("dominant")), fmt(r.get("dominant_enrichment_vs_channel_share")),
+                         fmt(r.get("naive_argmax_paper_ratio")),
+                         fmt(r.get("significant_isotropic_reference")),
+                         fmt(r.get("median_paper_ratio")), fmt(r.get("isotropic_null_ratio")),
+                         fmt(r.get("paper_ratio_gt_0.5")), fmt(r.get("paper_ratio_gt_0.9"))))
+        ctrl = s.get("permuted_channels_control") or {}
+        knn = s.get("knn_branch_agreement") or {}
+        facts.append((esc(layer), fmt(s.get("latents")), fmt(s.get("alive_in_store")),
+                      fmt(s.get("dead_in_training")), fmt((s.get("dominant_counts") or {})
+                                                          .get("none")),
+                      esc(s.get("decision_scale")), fmt(s.get("q")),
+                      fmt(ctrl.get("significant")), fmt(s.get("median_effective_dimension")),
+                      fmt(knn.get("ratio"))))
+    note = (ctx.summary or {}).get("pvalue_note")
+    return (table(head, rows, "spec") +
+            '<p class="note">significant: BH at q over latents, channel-permutation null on the '
+            "decision scale; E[false +] = q × significant; permuted-channel control: the same "
+            "test after one channel permutation of all latents (should be ≈ 0); isotropic ref.: "
+            "the miscalibrated Beta null, for reference only; dominant / share: dominant "
+            "latents as a fraction of all, divided by the branch's channel share.</p>"
+            + "<h3>Per layer</h3>" +
+            table(["layer", "latents", "alive in store", "dead in training", "no dominant branch",
+                   "decision scale", "q", "control significant", "median d_eff",
+                   "kNN branch agreement / chance"], facts)
+            + (f'<p class="note">{esc(note)}</p>' if note else ""))
+
+
+def _analysis_figure(ctx: ReportContext, layer: str, prefix: str) -> str | None:
+    """A figure of ``layer`` by name in RUN/analysis (paths in summary.json may be stale)."""
+    adir = ctx.run_dir / "analysis"
+    per = ((ctx.summary or {}).get("per_layer") or {}).get(layer) or {}
+    names = [f.rsplit("/", 1)[-1] for f in per.get("figures") or [] if isinstance(f, str)]
+    stems = [n.rsplit(".", 1)[0] for n in names if n.startswith(prefix)]
+    for stem in [*stems, f"{prefix}_{layer}"]:
+        uri = figure_uri(adir / stem)
+        if uri:
+            return uri
+    return None
+
+
+def curves_section(ctx: ReportContext) -> str:
+    """The paper's sorted-ratio curves per layer, with the channel-permutation null band."""
+    if not ctx.summary:
+        return na("sorted-ratio curves", "analyze", ctx)
+    figs = [figure(_analysis_figure(ctx, layer, "ratio_curves"), f"{layer} sorted ratio curves",
+                   f"{layer}: sorted paper ratio ‖relu(v_b)‖/‖relu(v)‖ per branch; grey band: "
+                   "channel-permutation null (5–95 %)")
+            for layer in ctx.summary.get("layers") or []]
+    return '<div class="figs wide">' + "".join(figs) + "</div>"
+
+
+def crosslayer_section(ctx: ReportContext) -> str:
+    """Dominant-branch agreement of co-activating latents in pairs of layers."""
+    cross = (ctx.summary or {}).get("cross_layer")
+    if ctx.summary is None:
+        return na("cross-layer analysis", "analyze", ctx)
+    if not cross:
+        return '<p class="na">no layer pairs: the analysis covered fewer than two layers</p>'
+    out = []
+    for c in cross:
+        pair = " ↔ ".join(map(str, c.get("layers") or ["?", "?"]))
+        cc = c.get("consistency")
+        if not isinstance(cc, dict):
+            out.append(f"<h3>{esc(pair)}</h3><p class='na'>skipped: {esc(c.get('skipped'))}</p>")
+            continue
+        stats = [("aligned samples", fmt(c.get("aligned_samples"))),
+                 ("matched pairs (corr ≥ threshold)",
+                  f"{fmt(cc.get('matched_pairs'))} (threshold {fmt(cc.get('threshold'))})"),
+                 ("pairs with both dominant", fmt(cc.get("pairs_both_dominant"))),
+                 ("agreement", fmt(cc.get("agreement"))),
+                 ("shuffle null mean [5 %, 95 %]",
+                  f"{fmt(cc.get('null_mean'))} [{fmt(cc.get('null_q05'))}, "
+                  f"{fmt(cc.get('null_q95'))}]"),
+                 ("Cohen's κ", fmt(cc.get("kappa"))), ("p-value", fmt(cc.get("p_value"))),
+                 (f"excluded (< {c.get('min_images')} firing images)",
+                  f"{fmt(c.get('excluded_a_few_images'))} / {fmt(c.get('excluded_b_few_images'))}")]
+        per = cc.get("per_branch_agreement") or {}
+        if per:
+            stats.append(("agreement per branch", esc(", ".join(
+                f"{b}: {'—' if v is None else f'{v:.2f}'}" for b, v in per.items()))))
+        out.append(f"<h3>{esc(pair)}</h3><div class='row'>{kv(stats)}"
+                   f"{contingency(cc.get('labels') or [], cc.get('table') or [], c)}</div>")
+        wn = cc.get("with_none") or {}
+        if wn.get("table"):
+            out.append("<details><summary>with “none” as a fifth label (κ "
+                       f"{fmt(wn.get('kappa'))}, p {fmt(wn.get('p_value'))})</summary>"
+                       f"{contingency(wn.get('labels') or [], wn['table'], c)}</details>")
+        if cc.get("note"):
+            out.append(f'<p class="note">{esc(cc["note"])}</p>')
+    return "".join(out)
+
+
+def contingency(labels: list[str], tab: list[list[Any]], c: dict) -> str:
+    """Rows: dominant branch in the first layer; columns: in the second; diagonal shaded."""
+    la, lb = (list(c.get("layers") or []) + ["A", "B"])[:2]
+    if not tab:
+        return '<p class="na">no matched pairs</p>'
+    head = f"<tr><th>{esc(la)} \\ {esc(lb)}</th>" + "".join(f"<th>{esc(x)}</th>" for x in labels)
+    body = ""
+    for i, row in enumerate(tab):
+        cells = "".join(f'<td class="{"diag" if i == j else ""}">{fmt(v)}</td>'
+                        for j, v in enumerate(row))
+        body += f"<tr><th>{esc(labels[i] if i < len(labels) else i)}</th>{cells}</tr>"
+    return f'<table class="cont"><thead>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def category_section(ctx: ReportContext) -> str:
+    """The paper's "5x5 ⇒ animals" claim, tested per branch (Mann–Whitney U)."""
+    per = (ctx.summary or {}).get("per_layer")
+    if not per:
+        return na("category test", "analyze", ctx)
+    rows = []
+    for layer, s in per.items():
+        for b, t in (s.get("category_test") or {}).items():
+            if isinstance(t, dict):
+                rows.append((esc(layer), branch_tag(b), fmt(t.get("n_x")), fmt(t.get("n_y")),
+                             fmt(t.get("mean_x")), fmt(t.get("mean_y")), fmt(t.get("effect")),
+                             fmt(t.get("p_value"))))
+    if not rows:
+        return '<p class="na">no category test in the analysis (no labelled images?)</p>'
+    return (table(["layer", "branch", "latents dominant here", "other latents",
+                   "animal fraction (dominant)", "animal fraction (others)",
+                   "effect (rank-biserial)", "p-value"], rows)
+            + '<p class="note">Animal fraction of each latent\'s top images (ImageNet labels); '
+              "two-sided Mann–Whitney U of latents dominant in the branch vs all others. Latents "
+              "share images, so the p-value is optimistic.</p>")
+
+
+def embedding_section(ctx: ReportContext) -> str:
+    """UMAP (or PCA fallback) of the latents' decoder directions, coloured by branch."""
+    per = (ctx.summary or {}).get("per_layer")
+    if not per:
+        return na("latent embedding", "analyze", ctx)
+    figs = []
+    for layer, s in per.items():
+        emb = s.get("embedding") or {}
+        if emb.get("method") in (None, "none"):
+            figs.append(f'<p class="na">{esc(layer)}: no embedding (embed = none)</p>')
+            continue
+        cap = f"{layer}: {emb.get('method')} of {emb.get('n_points')} latents"
+        if emb.get("note"):
+            cap += f" ({emb['note']})"
+        figs.append(figure(_analysis_figure(ctx, layer, "embedding"), f"{layer} embedding", cap))
+    return '<div class="figs">' + "".join(figs) + "</div>"
