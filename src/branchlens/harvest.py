@@ -253,36 +253,17 @@ def harvest(
                                  f"small for {small}")
         src = open_source(source, v, seed=seed)
         n = len(src) if limit is None else min(limit, len(src))
-        config = {
-            "variant": v.name,
-            "layers": layers,
-            "widths": {k: {"channels": shapes[k][0], "grid": list(shapes[k][1:]),
-                           "branches": _branches(v.name, k)} for k in layers},
-            "sampling": {"method": sampling,
-                         "samples_per_image": None if sampling == "all" else samples_per_image,
-                         "aligned": aligned, "seed": seed,
-                         "groups": [g for _, g in sampling_groups(layers, shapes, aligned)]},
-            "dtype": dtype,
-            "source": {"description": src.description, "n_images": n, "limit": limit,
-                       "paper_compat": paper_compat, "input_size": v.preprocessing.crop},
-            "weights": {k: wdict.get(k) for k in ("variant", "source", "sha256", "seed")},
-        }
-        setup: tuple[str, str] | list[int]
+        config = _store_config(v.name, layers, shapes, src.description, n, limit, sampling,
+                               samples_per_image, aligned, seed, dtype, paper_compat, wdict)
+        setup: tuple[str, str] | list[int] | None = None
         if comm.rank == 0:
             try:
-                lock = StoreLock(out).acquire()
-                if lock.replaced_stale:
-                    log.info("took over a stale lock of dead pid %s", lock.replaced_stale)
-                prepare_store(out, config)
-                done = done_images(out)
-                setup = [i for i in range(n) if i not in done]
-                if setup and (Path(out) / "manifest.json").exists():
-                    (Path(out) / "manifest.json").unlink()  # store grows again: not complete
+                lock, setup = _open_for_writing(out, config, n)
             except StoreError as e:
-                setup = (type(e).__name__, str(e))
                 if comm.world == 1:
                     raise
-        setup = comm.bcast(setup if comm.rank == 0 else None)
+                setup = (type(e).__name__, str(e))
+        setup = comm.bcast(setup)
         if isinstance(setup, tuple):
             raise StoreError(f"rank 0 could not open the store: {setup[0]}: {setup[1]}")
         remaining = setup
@@ -325,6 +306,45 @@ def harvest(
         if lock is not None:
             lock.release()
         comm.close()
+
+
+def _store_config(variant: str, layers: list[str], shapes: dict, source: str, n: int,
+                  limit: int | None, sampling: str, samples_per_image: int, aligned: bool,
+                  seed: int, dtype: str, paper_compat: bool, weights: dict) -> dict[str, Any]:
+    """Everything that determines the stored data; a resumed run must match it exactly."""
+    return {
+        "variant": variant,
+        "layers": layers,
+        "widths": {k: {"channels": shapes[k][0], "grid": list(shapes[k][1:]),
+                       "branches": _branches(variant, k)} for k in layers},
+        "sampling": {"method": sampling,
+                     "samples_per_image": None if sampling == "all" else samples_per_image,
+                     "aligned": aligned, "seed": seed,
+                     "groups": [g for _, g in sampling_groups(layers, shapes, aligned)]},
+        "dtype": dtype,
+        "source": {"description": source, "n_images": n, "limit": limit,
+                   "paper_compat": paper_compat,
+                   "input_size": get_variant(variant).preprocessing.crop},
+        "weights": {k: weights.get(k) for k in ("variant", "source", "sha256", "seed")},
+    }
+
+
+def _open_for_writing(out: str | Path, config: dict, n: int) -> tuple[StoreLock, list[int]]:
+    """Rank 0: lock, create or check the store; return the image indices still to do."""
+    lock = StoreLock(out).acquire()
+    try:
+        if lock.replaced_stale:
+            log.info("took over the stale lock of a dead writer %s", lock.replaced_stale)
+        prepare_store(out, config)
+        done = done_images(out)
+        todo = [i for i in range(n) if i not in done]
+        manifest = Path(out) / "manifest.json"
+        if todo and manifest.exists():
+            manifest.unlink()  # the store grows again: not complete until finalized
+        return lock, todo
+    except BaseException:
+        lock.release()
+        raise
 
 
 def _loop(model: InceptionV1, src, mine: list[int], writer: ShardWriter, result: HarvestResult,

@@ -440,9 +440,12 @@ def finalize_store(path: str | Path, n_images: int, extra: dict[str, Any]) -> di
         **extra,
         "provenance": provenance(),
     }
-    write_json(path / "images.json", images)
-    write_json(path / "stats.json", stats)
-    write_json(path / "manifest.json", manifest)
+    try:
+        write_json(path / "images.json", images)
+        write_json(path / "stats.json", stats)
+        write_json(path / "manifest.json", manifest)
+    except OSError as e:
+        raise _write_error(e, path) from e
     return manifest
 
 
