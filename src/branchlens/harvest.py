@@ -398,9 +398,10 @@ def _loop(model: InceptionV1, src, mine: list[int], writer: ShardWriter, result:
         log.warning("harvest: %s", skips.summary())
 
 
-def sample_batch(acts: dict[str, torch.Tensor], indices: list[int], groups, shapes: dict,
-                  sampling: str, n_samples: int, seed: int, torch_dtype: torch.dtype
-                  ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[str | None]]:
+def sample_batch(acts: dict[str, torch.Tensor], indices: list[int],
+                 groups: list[tuple[str, list[str]]], shapes: dict, sampling: str,
+                 n_samples: int, seed: int, torch_dtype: torch.dtype
+                 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[str | None]]:
     """Sampled vectors [B, n, C] (storage dtype) and provenance [B, n, 4] per layer.
 
     ``bad[i]`` names why image i must be skipped (non-finite activation, fp16 overflow).
