@@ -11,3 +11,13 @@ from branchlens.store import ActivationStore, StoreError  # noqa: E402, F401
 # isort: split
 # Branch specialization analysis.
 from branchlens.analysis import AnalysisConfig, analyze  # noqa: E402, F401
+
+# isort: split
+# Feature visualization, dataset examples and circuits.
+from branchlens.circuits import attribute, branch_ablation, branch_flow  # noqa: E402, F401
+from branchlens.viz import (  # noqa: E402, F401
+    RenderConfig,
+    receptive_field,
+    top_examples,
+    visualize_latents,
+)

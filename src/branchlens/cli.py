@@ -205,6 +205,95 @@ def report(
     typer.echo(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
+@app.command()
+def train(
+    run_dir: str = typer.Argument(..., help="run folder holding store/; writes sae/<layer>/"),
+    layers: str = typer.Option(..., "--layers", help="comma-separated, e.g. mixed4a,mixed4c"),
+    expansion: int = typer.Option(16, "--expansion", help="latents per input channel"),
+    k: int = typer.Option(32, "--k"),
+    decoder: str = typer.Option("untied", "--decoder", help="untied (Gao et al.) | tied (paper)"),
+    aux: bool | None = typer.Option(None, "--aux/--no-aux", help="AuxK (default: untied only)"),
+    k_aux: int = typer.Option(512, "--k-aux"),
+    dead_after: int | None = typer.Option(None, "--dead-after",
+                                          help="vectors without firing = dead (default: "
+                                               "half the training vectors, at most 10 M)"),
+    loss: str = typer.Option("fvu", "--loss", help="fvu | paper"),
+    b_pre_init: str = typer.Option("median", "--b-pre-init", help="median | zeros"),
+    paper: bool = typer.Option(False, "--paper", help="the paper's SAE: tied, paper loss, "
+                               "zero b_pre, no AuxK, lr 1e-3, no warmup/decay"),
+    batch_size: int = typer.Option(4096, "--batch-size"),
+    lr: float | None = typer.Option(None, "--lr", help="default 4e-4 (1e-3 with --paper)"),
+    epochs: float = typer.Option(10.0, "--epochs"),
+    steps: int | None = typer.Option(None, "--steps", help="overrides --epochs"),
+    warmup_steps: int = typer.Option(100, "--warmup-steps"),
+    decay: str = typer.Option("linear", "--decay", help="none | linear | cosine"),
+    seed: int = typer.Option(0, "--seed"),
+    log_every: int = typer.Option(50, "--log-every"),
+    ckpt_every: int = typer.Option(500, "--ckpt-every"),
+    heldout_fraction: float = typer.Option(0.1, "--heldout-fraction"),
+    from_npy: str | None = typer.Option(None, "--from-npy",
+                                        help="train one layer from a [N, d] .npy (memory-"
+                                             "mapped) instead of RUN/store"),
+    variant: str = VariantOpt,
+    no_progress: bool = typer.Option(False, "--no-progress"),
+) -> None:
+    """Train TopK SAEs (one per layer) streaming from RUN/store; resumes after a kill.
+
+    Multi-process: ``torchrun --standalone --nproc-per-node N -m branchlens train ...``.
+    """
+    from pathlib import Path
+
+    import numpy as np
+
+    from branchlens.train import ArrayBatches, TrainConfig, train_layers, train_sae
+
+    sae_kw = {"k": k, "decoder": decoder, "aux": aux, "k_aux": k_aux, "dead_after": dead_after,
+              "loss": loss, "b_pre_init": b_pre_init}
+    if paper:
+        sae_kw |= {"decoder": "tied", "loss": "paper", "b_pre_init": "zeros", "aux": False}
+        warmup_steps, decay = 0, "none"
+    cfg = TrainConfig(batch_size=batch_size, lr=lr or (1e-3 if paper else 4e-4), epochs=epochs,
+                      steps=steps, warmup_steps=warmup_steps, decay=decay, seed=seed,
+                      log_every=log_every, ckpt_every=ckpt_every,
+                      heldout_fraction=heldout_fraction, progress=not no_progress)
+    names = [s.strip() for s in layers.split(",") if s.strip()]
+    if from_npy is None:
+        saes = train_layers(run_dir, names, sae_kw, cfg, expansion=expansion)
+    else:
+        from branchlens.sae import SAEConfig
+
+        if len(names) != 1:
+            raise typer.BadParameter("--from-npy trains exactly one layer")
+        arr = np.load(from_npy, mmap_mode="r")
+        sae_cfg = SAEConfig.for_layer(variant, names[0], expansion=expansion, **sae_kw)
+        if arr.shape[1] != sae_cfg.d_in:  # synthetic data of another width: no branch layout
+            sae_cfg = SAEConfig(d_in=arr.shape[1], n_latents=expansion * arr.shape[1],
+                                layer=names[0], **sae_kw)
+        data = ArrayBatches(arr, batch_size, seed)
+        saes = {names[0]: train_sae(data, sae_cfg, cfg, Path(run_dir) / "sae" / names[0],
+                                    meta={"source_npy": str(from_npy)})}
+    for layer, sae in saes.items():
+        _echo_json({"layer": layer, "step": sae.meta["train"]["step"], **sae.meta["eval"]})
+
+
+@app.command("import-sae")
+def import_sae(
+    checkpoint: str = typer.Argument(..., help="the paper notebook's state dict (.pt/.pth)"),
+    out_dir: str = typer.Argument(..., help="writes weights.safetensors + cfg.json here"),
+    layer: str | None = typer.Option(None, "--layer"),
+    variant: str = VariantOpt,
+    k: int = typer.Option(32, "--k"),
+) -> None:
+    """Convert a paper-style SAE checkpoint (tied, W_enc.weight/b_pre/b_latent) to branchlens."""
+    from branchlens.sae import import_paper_checkpoint
+
+    sae = import_paper_checkpoint(checkpoint, k=k, layer=layer,
+                                  variant=variant if layer else None)
+    sae.save(out_dir, {"imported_from": checkpoint})
+    _echo_json({"out": out_dir, **{key: getattr(sae.cfg, key)
+                                   for key in ("d_in", "n_latents", "k", "decoder")}})
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -1,0 +1,218 @@
+"""Run-directory stages behind ``branchlens visualize | examples | circuits``.
+
+Each reads ``RUN/sae/<layer>/`` (and ``RUN/store/manifest.json`` for the image source, or an
+explicit ``source``) and writes under ``RUN/viz/``; the CLI only parses options.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from branchlens.artifacts import provenance, read_json, write_json
+from branchlens.data import ImageSource, open_source
+from branchlens.viz.latents import dominant_branches, load_sae
+
+
+def run_source(run_dir: str | Path, source: str | None = None) -> tuple[ImageSource, int | None]:
+    """The image source of the run's store (or ``source``), and how many images it used."""
+    manifest = Path(run_dir) / "store" / "manifest.json"
+    info = read_json(manifest).get("source", {}) if manifest.is_file() else {}
+    variant = read_json(manifest).get("variant", "bvlc_googlenet") if manifest.is_file() \
+        else "bvlc_googlenet"
+    if source is not None:
+        return open_source(source, variant), None
+    desc = info.get("description")
+    if not desc:
+        raise FileNotFoundError(f"no store manifest with a source in {manifest}; pass --source")
+    kind, _, rest = desc.partition(":")
+    if kind in ("folder", "filelist"):
+        src = open_source(rest, variant)
+    elif kind == "embedded":
+        n, _, seed = rest.partition(":")
+        src = open_source(f"embedded:{n}", variant, seed=int(seed.removeprefix("seed") or 0))
+    else:
+        src = open_source(desc, variant)
+    return src, info.get("n_images")
+
+
+def _model(variant: str, weights: str | None, device: str):
+    from branchlens.weights import load_model, resolve_device
+
+    model, info = load_model(variant, weights, resolve_device(device))
+    return model, info
+
+
+def _variant_of(sae) -> str:
+    return getattr(sae.cfg, "variant", None) or "bvlc_googlenet"
+
+
+def pick_latents(sae, n: int, seed: int = 0) -> list[int]:
+    """A seeded sample of latents that are not dead (per the SAE's own counter, if any)."""
+    n_lat = sae.decoder_directions().shape[0]
+    alive = torch.ones(n_lat, dtype=torch.bool)
+    if hasattr(sae, "dead_mask"):
+        alive = ~sae.dead_mask().cpu()
+    pool = alive.nonzero().squeeze(1)
+    gen = torch.Generator().manual_seed(seed)
+    return sorted(pool[torch.randperm(pool.numel(), generator=gen)[:n]].tolist())
+
+
+def visualize_stage(
+    run_dir: str | Path, layer: str, latents: Sequence[int] | None = None, n_latents: int = 16,
+    objective: str = "latent", branch: str | None = None, size: int = 224, steps: int = 512,
+    lr: float = 0.05, seed: int = 0, batch_size: int = 16, weights: str | None = None,
+    device: str = "auto", show_progress: bool = True,
+) -> dict:
+    from branchlens.viz.featurevis import save_featurevis, visualize_latents
+    from branchlens.viz.render import RenderConfig
+
+    sae = load_sae(run_dir, layer)
+    model, winfo = _model(_variant_of(sae), weights, device)
+    sae = sae.to(next(model.parameters()).device)
+    lats = list(latents) if latents else pick_latents(sae, n_latents, seed)
+    cfg = RenderConfig(size=size, steps=steps, lr=lr, seed=seed)
+    vis = visualize_latents(model, sae, layer, lats, objective=objective, branch=branch,
+                            cfg=cfg, batch_size=batch_size, show_progress=show_progress)
+    out = Path(run_dir) / "viz" / "featurevis" / layer
+    return save_featurevis(vis, out, layer, cfg, {"variant": model.variant.name,
+                                                  "weights": winfo.to_dict()})
+
+
+def examples_stage(
+    run_dir: str | Path, layer: str, source: str | None = None, n_top: int = 16,
+    latents: Sequence[int] | None = None, n_strips: int = 32, maps: bool = True,
+    batch_size: int = 16, limit: int | None = None, weights: str | None = None,
+    device: str = "auto", seed: int = 0, show_progress: bool = True,
+) -> dict:
+    from branchlens.viz.examples import example_maps, save_examples, save_top_table, top_examples
+
+    sae = load_sae(run_dir, layer)
+    model, winfo = _model(_variant_of(sae), weights, device)
+    sae = sae.to(next(model.parameters()).device)
+    src, n_used = run_source(run_dir, source)
+    n = min(len(src), limit or n_used or len(src))
+    top = top_examples(model, sae, layer, src, n_top=n_top, batch_size=batch_size,
+                       indices=range(n), show_progress=show_progress)
+    out = Path(run_dir) / "viz" / "examples" / layer
+    save_top_table(top, out / "top.safetensors")
+    lats = list(latents) if latents else [j for j in pick_latents(sae, 10 * n_strips, seed)
+                                          if top.values[j, 0] > 0][:n_strips]
+    m = example_maps(model, sae, top, lats, src, batch_size) if maps else None
+    return save_examples(top, lats, src, out, model.variant, m,
+                         meta={"variant": model.variant.name, "weights": winfo.to_dict(),
+                               "source": getattr(src, "description", "")})
+
+
+def dominant_for(run_dir: str | Path, layer: str, sae, variant: str
+                 ) -> tuple[np.ndarray, list[str]]:
+    """Dominant branch per latent: the analysis stage's (``analysis/latents.csv``) when present,
+    else the argmax of branch energy share minus channel share of the decoder direction."""
+    idx, _, names = dominant_branches(sae.decoder_directions().cpu(), variant, layer)
+    table = Path(run_dir) / "analysis" / "latents.csv"
+    if table.is_file():
+        dom = np.full(idx.numel(), -1)
+        found = False
+        with open(table, newline="") as f:
+            for row in csv.DictReader(f):
+                if row.get("layer") == layer and row.get("dominant") is not None:
+                    d = row["dominant"]
+                    dom[int(row["latent"])] = names.index(d) if d in names else -1
+                    found = True
+        if found:
+            return dom, names
+    return idx.numpy(), names
+
+
+def circuits_stage(
+    run_dir: str | Path, up: str, down: str, latents: Sequence[int] | None = None,
+    n_latents: int = 8, n_images: int = 8, flow_latents: int = 64, n_perm: int = 1000,
+    top_k: int = 10, ablate: int = 4, source: str | None = None, weights: str | None = None,
+    device: str = "auto", batch_size: int = 16, seed: int = 0, show_progress: bool = True,
+) -> dict:
+    """Top upstream latents, branch flow with a permutation null, and branch ablations."""
+    from branchlens import circuits as C
+    from branchlens.viz.examples import load_top_table, top_examples
+
+    sae_up, sae_down = load_sae(run_dir, up), load_sae(run_dir, down)
+    variant = _variant_of(sae_down)
+    model, winfo = _model(variant, weights, device)
+    dev = next(model.parameters()).device
+    sae_up, sae_down = sae_up.to(dev), sae_down.to(dev)
+    table = Path(run_dir) / "viz" / "examples" / down / "top.safetensors"
+    src, n_used = run_source(run_dir, source)
+    if table.is_file():
+        top = load_top_table(table)
+    else:
+        n = min(len(src), n_used or len(src))
+        top = top_examples(model, sae_down, down, src, n_top=n_images, batch_size=batch_size,
+                           indices=range(n), show_progress=show_progress)
+    dom_up, names = dominant_for(run_dir, up, sae_up, variant)
+    dom_down, _ = dominant_for(run_dir, down, sae_down, variant)
+    active = [j for j in range(top.values.shape[0]) if top.values[j, 0] > 0]
+    gen = np.random.default_rng(seed)
+    chosen = list(latents) if latents else sorted(gen.choice(active, min(n_latents, len(active)),
+                                                             replace=False).tolist())
+    flow_set = _flow_sample(active, dom_down, flow_latents, gen)
+    every = sorted(set(chosen) | set(flow_set))
+    targets = C.targets_from_top(top, every, n_images)
+    x_up = C.upstream_activations(model, up, src, targets, batch_size)
+    att = C.attribute(model, sae_up, sae_down, up, down, x_up, targets)
+    per = C.per_latent(att)
+    keep = [i for i, t in enumerate(att.targets) if t.latent in set(chosen)]
+    sub = C.Attribution([att.targets[i] for i in keep], att.latents[keep], att.error[keep],
+                        att.bias[keep], att.branches[keep], att.value[keep], att.branch_names)
+    rows = C.top_upstream(sub, dom_up, names, top_k)
+    flow_ids = [j for j in flow_set if j in per]
+    flow = C.branch_flow(torch.stack([per[j]["latents"] for j in flow_ids]),
+                         dom_down[flow_ids], dom_up, names, n_perm, seed) if flow_ids else None
+    causal = _causal(model, sae_down, up, down, src, att, chosen[:ablate], dom_up, names,
+                     batch_size)
+    doc = {"up": up, "down": down, "latents": rows,
+           "flow": flow.to_dict() if flow else None, "flow_latents": flow_ids,
+           "causal": causal, "error_share_mean": float(att.error_share().mean()),
+           **provenance(variant=variant, weights=winfo.to_dict(), n_images=n_images)}
+    write_json(Path(run_dir) / "viz" / "circuits" / f"{up}__{down}.json", doc)
+    return doc
+
+
+def _flow_sample(active: list[int], dom: np.ndarray, n: int, gen) -> list[int]:
+    """Up to n active latents, spread evenly over their dominant branches."""
+    groups = [[j for j in active if dom[j] == b] for b in sorted(set(dom[active].tolist()))]
+    per = max(1, n // max(len(groups), 1))
+    out = []
+    for g in groups:
+        out += gen.choice(g, min(per, len(g)), replace=False).tolist()
+    return sorted(out)
+
+
+def _causal(model, sae_down, up, down, src, att, latents, dom_up, names, batch_size) -> list:
+    """Zero each branch of ``up`` in the real forward pass; compare with the attributions."""
+    from branchlens import circuits as C
+    from branchlens.data import iter_batches
+
+    idx = [i for i, t in enumerate(att.targets) if t.latent in set(latents)]
+    if not idx:
+        return []
+    targets = [att.targets[i] for i in idx]
+    wanted = sorted({t.image for t in targets})
+    imgs = {}
+    for b in iter_batches(src, model.variant, batch_size, 0, indices=wanted):
+        imgs.update(zip(b.indices, b.images, strict=True))
+    x = torch.stack([imgs[t.image] for t in targets]).to(next(model.parameters()).device)
+    clean, drops, _ = C.branch_ablation(model, sae_down, up, down, x, targets)
+    grouped = C.grouped_by_branch(att.latents[idx], dom_up, len(names))
+    out = []
+    for j in latents:
+        m = torch.tensor([t.latent == j for t in targets])
+        out.append({"latent": j, "value": float(clean[m].mean()),
+                    "drop": dict(zip(names, drops[m].mean(0).tolist(), strict=True)),
+                    "attribution_channels": dict(zip(names, att.branches[idx][m].mean(0)
+                                                     .tolist(), strict=True)),
+                    "attribution_latents_by_dominant": dict(zip(
+                        names, grouped[m].mean(0).tolist(), strict=True))})
+    return out
