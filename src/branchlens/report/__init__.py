@@ -26,6 +26,7 @@ SECTIONS = (
     ("crosslayer", "Cross-layer consistency"),
     ("categories", "Category test"),
     ("embedding", "Latent embedding (UMAP)"),
+    ("circuits", "Circuits"),
     ("gallery", "Feature gallery"),
 )
 
@@ -41,7 +42,7 @@ def render(ctx: ReportContext, cards_per_layer: int = 48) -> str:
         "data": S.data_section, "sae": S.sae_section,
         "specialization": S.specialization_section, "curves": S.curves_section,
         "crosslayer": S.crosslayer_section, "categories": S.category_section,
-        "embedding": S.embedding_section,
+        "embedding": S.embedding_section, "circuits": S.circuits_section,
         "gallery": lambda c: gallery(c, cards_per_layer),
     }
     parts = [f'<section id="overview">{S.header(ctx, generated)}</section>']

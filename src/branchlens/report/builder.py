@@ -62,6 +62,7 @@ class ReportContext:
     summary: dict[str, Any] | None = None
     latents: list[dict[str, Any]] = field(default_factory=list)
     viz: dict[tuple[str, int], LatentViz] = field(default_factory=dict)
+    circuits: list[dict[str, Any]] = field(default_factory=list)  # viz/circuits/<up>__<down>
     viz_found: bool = False
     circuits_found: bool = False
     notes: list[str] = field(default_factory=list)
@@ -264,7 +265,8 @@ def _upstream(e: dict, doc: dict) -> list[dict[str, Any]]:
                     score = u.get("attribution", u.get("score", u.get("weight")))
                     out.append({"layer": u.get("layer") or up_layer, "latent": u["latent"],
                                 "score": score if isinstance(score, int | float) else None,
-                                "dominant": u.get("dominant")})
+                                "share": u.get("share"), "dominant": u.get("dominant"),
+                                "error_share": e.get("error_share")})
             return out
     return []
 
@@ -295,6 +297,8 @@ def _subdocs(doc: Any) -> list[dict]:
 
 def _read_index(path: Path, doc: dict, ctx: ReportContext) -> None:
     """Record the images (or upstream latents) that one index document lists per latent."""
+    if isinstance(doc.get("up"), str) and isinstance(doc.get("down"), str):
+        ctx.circuits.append(doc)
     entries = doc.get("latents")
     if isinstance(entries, dict):
         entries = [{"latent": int(k), **v} for k, v in entries.items()

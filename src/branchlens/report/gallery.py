@@ -119,7 +119,9 @@ def _upstream(lv: LatentViz | None) -> str:
         dom = f" {branch_tag(u['dominant'])}" if u.get("dominant") else ""
         items.append(f'<li><a href="#card-{esc(ref)}" data-goto="{esc(ref)}">'
                      f"{esc(u.get('layer'))} #{esc(u['latent'])}</a>{dom}{esc(score)}</li>")
-    return f'<div class="ups">top upstream latents<ol>{"".join(items)}</ol></div>'
+    err = lv.upstream[0].get("error_share")
+    err = f" (SAE error share {err:.2f})" if isinstance(err, int | float) else ""
+    return f'<div class="ups">top upstream latents{esc(err)}<ol>{"".join(items)}</ol></div>'
 
 
 def card(ctx: ReportContext, layer: str, latent: int, row: dict[str, Any], q: float) -> str:
@@ -180,11 +182,12 @@ def gallery(ctx: ReportContext, per_layer: int = 48) -> str:
     cats = sorted({str(r.get("top_category")) for _, _, r in picked
                    if r and r.get("top_category")})
     notes = []
-    if not ctx.viz_found:
-        notes.append(na("feature visualizations and dataset examples", "visualize", ctx))
+    if not any(lv.featurevis for lv in ctx.viz.values()):
+        notes.append(na("feature visualizations", "visualize", ctx))
+    if not any(lv.examples for lv in ctx.viz.values()):
+        notes.append(na("top dataset examples", "examples", ctx))
     if not ctx.circuits_found:
-        notes.append('<p class="na">top upstream latents not available: run the circuits '
-                     "stage (<code>branchlens visualize</code>)</p>")
+        notes.append(na("top upstream latents", "circuits", ctx))
     if not ctx.latents:
         notes.append(na("branch ratios and categories", "analyze", ctx))
     total = len(ctx.latents) or len(ctx.viz)

@@ -342,3 +342,52 @@ def embedding_section(ctx: ReportContext) -> str:
             cap += f" ({emb['note']})"
         figs.append(figure(_analysis_figure(ctx, layer, "embedding"), f"{layer} embedding", cap))
     return '<div class="figs">' + "".join(figs) + "</div>"
+
+
+def circuits_section(ctx: ReportContext) -> str:
+    """Branch-to-branch attribution flow with its label-permutation null, and branch ablations."""
+    if not ctx.circuits:
+        return na("circuits", "circuits", ctx)
+    out = []
+    for doc in ctx.circuits:
+        pair = f"{doc.get('up')} → {doc.get('down')}"
+        out.append(f"<h3>{esc(pair)}</h3><p>mean share of the attribution that the SAE error "
+                   f"carries: {fmt(doc.get('error_share_mean'))}</p>")
+        flow = doc.get("flow")
+        if isinstance(flow, dict) and flow.get("observed"):
+            ups = flow.get("up_branches") or []
+            rows = []
+            for i, b in enumerate(flow.get("down_branches") or []):
+                cells = []
+                for j, _ in enumerate(ups):
+                    obs, mu, p = (_at(flow.get(k), i, j) for k in ("observed", "null_mean",
+                                                                   "p_value"))
+                    cls = "diag" if isinstance(p, float) and p < 0.05 else ""
+                    cells.append(f'<span class="{cls}">{fmt(obs)}</span> '
+                                 f'<small>(null {fmt(mu)}, p {fmt(p, 2)})</small>')
+                rows.append((f"{branch_tag(b)} n={fmt(_at(flow.get('n_down'), i))}", *cells))
+            out.append(table(["downstream branch \\ upstream branch", *ups], rows, "flow")
+                       + '<p class="note">Mean share of |attribution| that latents dominant in '
+                         "a downstream branch receive from upstream latents dominant in each "
+                         f"branch; null: {fmt(flow.get('n_perm'))} permutations of the upstream "
+                         "labels (one-sided p).</p>")
+        causal = [c for c in doc.get("causal") or [] if isinstance(c, dict)]
+        if causal:
+            names = list((causal[0].get("drop") or {}).keys())
+            rows = [(esc(c.get("latent")), fmt(c.get("value")),
+                     *(f"{fmt((c.get('drop') or {}).get(b))} / "
+                       f"{fmt((c.get('attribution_channels') or {}).get(b))}" for b in names))
+                    for c in causal]
+            out.append(table(["latent", "value", *(f"{b}: drop / attr." for b in names)], rows)
+                       + '<p class="note">Drop of the downstream latent when one upstream '
+                         "branch is zeroed in the real forward pass, next to the gradient × "
+                         "activation attribution of that branch's channels.</p>")
+    return "".join(out)
+
+
+def _at(x: Any, *idx: int) -> Any:
+    for i in idx:
+        if not isinstance(x, list) or i >= len(x):
+            return None
+        x = x[i]
+    return x
