@@ -95,6 +95,14 @@ def real_run(tmp_path_factory) -> Path:
     analyze(run, config=AnalysisConfig(n_perm=200, refine_to=2000, embed="pca", null_band_reps=2,
                                        min_images=2, top=8, top_images=4))
     _set_category(run, 3, EVIL)
+    # run.json as `branchlens run` records it (config, versions, per-stage status)
+    from branchlens.artifacts import provenance, write_json
+    from branchlens.pipeline import make_config
+
+    write_json(run / "run.json", provenance(
+        config=make_config("demo", source=str(imgs)), weights="random", device="cpu",
+        stages={"harvest": {"status": "done", "seconds": 1.5},
+                "visualize": {"status": "failed", "error": f"ValueError: {EVIL}"}}))
 
     with pytest.warns(UserWarning, match="RANDOM WEIGHTS"):
         # one layer each keeps the test fast; each stage loads the model and runs it
@@ -127,6 +135,7 @@ def test_report_from_real_run(real_run: Path) -> None:
     assert "top upstream latents" in page and 'href="#card-mixed3a-' in page
     assert 'class="flow"' in page and "drop / attr." in page  # circuits section
     assert "not available" not in page.split('id="gallery"')[0]
+    assert "Stages (run.json)" in page and "ValueError: &lt;script&gt;" in page
     # hostile names are text, never markup
     assert EVIL not in page and "<img src=x" not in page
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page

@@ -105,7 +105,8 @@ def screenshot(html_path: str | Path, out: str | Path, width: int = 1400,
         top = page.screenshot()
         parts = [top]
         if page.query_selector("#gallery"):
-            page.evaluate("document.getElementById('gallery').scrollIntoView()")
+            page.evaluate("window.scrollTo(0, document.getElementById('gallery')"
+                          ".getBoundingClientRect().top + window.scrollY - 40)")
             page.wait_for_timeout(100)
             parts.append(page.screenshot())
     images = [Image.open(io.BytesIO(b)).convert("RGB") for b in parts]

@@ -79,9 +79,10 @@ class ReportContext:
 
     @property
     def variant(self) -> str | None:
-        for doc in (self.run, self.manifest, *(s.sae for s in self.saes.values())):
-            if isinstance(doc, dict) and isinstance(doc.get("variant"), str):
-                return doc["variant"]
+        for doc in (self.manifest, *(s.sae for s in self.saes.values()), self.run):
+            v = find_key(doc, "variant", depth=2)  # run.json keeps it under "config"
+            if isinstance(v, str):
+                return v
         return None
 
     @property

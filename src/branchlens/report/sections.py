@@ -108,7 +108,22 @@ def header(ctx: ReportContext, generated: str) -> str:
     notes = "".join(f"<li>{esc(n)}</li>" for n in ctx.notes)
     notes = f'<ul class="warn">{notes}</ul>' if notes else ""
     return (f"{banner}<h1>branchlens report: {esc(ctx.run_dir.name)}</h1>"
-            f"{kv(pairs)}{notes}")
+            f"{kv(pairs)}{notes}{stages_table(ctx)}")
+
+
+def stages_table(ctx: ReportContext) -> str:
+    """Stage status from run.json (written by ``branchlens run``), with the run config."""
+    run = ctx.run if isinstance(ctx.run, dict) else {}
+    stages = run.get("stages") if isinstance(run.get("stages"), dict) else {}
+    if not stages:
+        return ""
+    rows = [(esc(name), esc(st.get("status")), fmt(st.get("seconds")), esc(st.get("started")),
+             esc(st.get("error") or ""))
+            for name, st in stages.items() if isinstance(st, dict)]
+    cfg = run.get("config")
+    return ("<h3>Stages (run.json)</h3>" + table(["stage", "status", "seconds", "started",
+                                                  "error"], rows)
+            + (json_details("run configuration (JSON)", cfg) if cfg else ""))
 
 
 def data_section(ctx: ReportContext) -> str:
