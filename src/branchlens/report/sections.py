@@ -204,8 +204,9 @@ def specialization_section(ctx: ReportContext) -> str:
     if not per:
         return na("branch analysis", "analyze", ctx)
     head = ["layer", "branch", "width", "channel share", "significant", "E[false +]",
-            "permuted-channel control", "dominant", "dominant / share", "naive argmax",
-            "isotropic ref.", "median paper ratio", "null √(w/d)", "ratio > 0.5", "ratio > 0.9"]
+            "permuted-channel control", "random / std control", "significant (raw decoder)",
+            "dominant", "dominant / share", "naive argmax", "isotropic ref.",
+            "median paper ratio", "null √(w/d)", "ratio > 0.5", "ratio > 0.9"]
     rows, facts = [], []
     for layer, s in per.items():
         for r in s.get("branches") or []:
@@ -213,6 +214,8 @@ def specialization_section(ctx: ReportContext) -> str:
                          fmt(r.get("channel_share")), fmt(r.get("significant")),
                          fmt(r.get("expected_false_positives")),
                          fmt(r.get("permuted_channels_control_significant")),
+                         fmt(r.get("std_normalised_random_control_significant")),
+                         fmt(r.get("significant_other_scale")),
                          fmt(r.get("dominant")), fmt(r.get("dominant_enrichment_vs_channel_share")),
                          fmt(r.get("naive_argmax_paper_ratio")),
                          fmt(r.get("significant_isotropic_reference")),
@@ -230,7 +233,10 @@ def specialization_section(ctx: ReportContext) -> str:
     return (table(head, rows, "spec") +
             '<p class="note">significant: BH at q over latents, channel-permutation null on the '
             "decision scale; E[false +] = q × significant; permuted-channel control: the same "
-            "test after one channel permutation of all latents (should be ≈ 0); isotropic ref.: "
+            "test after one channel permutation of all latents (should be ≈ 0); random / std "
+            "control: random raw directions divided by the same channel std (discoveries the "
+            "normalisation alone creates); significant (raw decoder): the same test without "
+            "std normalisation; isotropic ref.: "
             "the miscalibrated Beta null, for reference only; dominant / share: dominant "
             "latents as a fraction of all, divided by the branch's channel share.</p>"
             + "<h3>Per layer</h3>" +
