@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import typer
 
@@ -191,18 +192,86 @@ def analyze(
     typer.echo(f"written: {run}/analysis/ (summary.json, latents.csv, layers.csv, figures)")
 
 
-@app.command()
-def report(
-    run_dir: str = typer.Argument(..., help="run directory (RUN/)"),
-    out: str | None = typer.Option(None, "--out", help="default: RUN/report/index.html"),
-    cards_per_layer: int = typer.Option(48, "--cards-per-layer",
-                                        help="gallery cards per layer (plus rendered latents)"),
-) -> None:
-    """One self-contained HTML report of a run (works on partial runs)."""
-    from branchlens.report import build_report
+def _int_list(s: str | None) -> list[int] | None:
+    return [int(t) for t in s.split(",") if t.strip()] if s else None
 
-    path = build_report(run_dir, out, cards_per_layer=cards_per_layer)
-    typer.echo(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+@app.command()
+def visualize(
+    run: str = typer.Argument(..., help="run directory (reads RUN/sae/<layer>/)"),
+    layer: str = typer.Option(..., "--layer"),
+    latents: str | None = typer.Option(None, "--latents", help="comma-separated latent ids"),
+    n_latents: int = typer.Option(16, "--n-latents", help="random alive latents if no --latents"),
+    objective: str = typer.Option("latent", "--objective",
+                                  help="latent | latent_mean | direction | direction_mean"),
+    branch: str | None = typer.Option(None, "--branch", help="restrict to one branch, e.g. 5x5"),
+    size: int = typer.Option(224, "--size"),
+    steps: int = typer.Option(512, "--steps"),
+    lr: float = typer.Option(0.05, "--lr"),
+    batch_size: int = typer.Option(16, "--batch-size", help="latents optimised together"),
+    seed: int = typer.Option(0, "--seed"),
+    weights: str | None = WeightsOpt,
+    device: str = DeviceOpt,
+    show_progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Feature visualization of SAE latents (batched) -> RUN/viz/featurevis/<layer>/."""
+    from branchlens.viz.stages import visualize_stage
+
+    idx = visualize_stage(run, layer, _int_list(latents), n_latents, objective, branch, size,
+                          steps, lr, seed, batch_size, weights, device, show_progress)
+    _echo_json({"layer": layer, "images": len(idx["latents"]), "objective": objective,
+                "branch": branch})
+
+
+@app.command()
+def examples(
+    run: str = typer.Argument(..., help="run directory"),
+    layer: str = typer.Option(..., "--layer"),
+    source: str | None = typer.Option(None, "--source", help="default: the store's source"),
+    n_top: int = typer.Option(16, "--n-top"),
+    latents: str | None = typer.Option(None, "--latents", help="latents to draw strips for"),
+    n_strips: int = typer.Option(32, "--n-strips"),
+    maps: bool = typer.Option(True, "--maps/--no-maps", help="latent heatmap overlay"),
+    limit: int | None = typer.Option(None, "--limit", help="first N images"),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    weights: str | None = WeightsOpt,
+    device: str = DeviceOpt,
+    show_progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Top dataset examples of every latent, RF crops -> RUN/viz/examples/<layer>/."""
+    from branchlens.viz.stages import examples_stage
+
+    idx = examples_stage(run, layer, source, n_top, _int_list(latents), n_strips, maps,
+                         batch_size, limit, weights, device, show_progress=show_progress)
+    _echo_json({"layer": layer, "images": idx["n_images"], "strips": len(idx["latents"]),
+                "receptive_field": idx["receptive_field"]})
+
+
+@app.command()
+def circuits(
+    run: str = typer.Argument(..., help="run directory"),
+    up: str = typer.Option(..., "--up", help="upstream block, e.g. mixed4a"),
+    down: str = typer.Option(..., "--down", help="downstream block, e.g. mixed4b"),
+    latents: str | None = typer.Option(None, "--latents", help="downstream latents"),
+    n_latents: int = typer.Option(8, "--n-latents"),
+    n_images: int = typer.Option(8, "--n-images", help="top images per latent"),
+    flow_latents: int = typer.Option(64, "--flow-latents"),
+    n_perm: int = typer.Option(1000, "--n-perm"),
+    top_k: int = typer.Option(10, "--top-k"),
+    ablate: int = typer.Option(4, "--ablate", help="latents for the branch-zeroing check"),
+    source: str | None = typer.Option(None, "--source"),
+    weights: str | None = WeightsOpt,
+    device: str = DeviceOpt,
+    show_progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Latent-to-latent attribution, branch flow vs null, branch ablation -> RUN/viz/circuits/."""
+    from branchlens.viz.stages import circuits_stage
+
+    doc = circuits_stage(run, up, down, _int_list(latents), n_latents, n_images, flow_latents,
+                         n_perm, top_k, ablate, source, weights, device,
+                         show_progress=show_progress)
+    _echo_json({"up": up, "down": down, "latents": len(doc["latents"]),
+                "error_share_mean": round(doc["error_share_mean"], 4)})
 
 
 @app.command()
@@ -265,8 +334,11 @@ def train(
         if len(names) != 1:
             raise typer.BadParameter("--from-npy trains exactly one layer")
         arr = np.load(from_npy, mmap_mode="r")
-        sae_cfg = SAEConfig.for_layer(variant, names[0], expansion=expansion, **sae_kw)
-        if arr.shape[1] != sae_cfg.d_in:  # synthetic data of another width: no branch layout
+        try:
+            sae_cfg = SAEConfig.for_layer(variant, names[0], expansion=expansion, **sae_kw)
+        except KeyError:  # synthetic data under a name that is no layer: no branch layout
+            sae_cfg = None
+        if sae_cfg is None or arr.shape[1] != sae_cfg.d_in:
             sae_cfg = SAEConfig(d_in=arr.shape[1], n_latents=expansion * arr.shape[1],
                                 layer=names[0], **sae_kw)
         data = ArrayBatches(arr, batch_size, seed)
@@ -292,6 +364,60 @@ def import_sae(
     sae.save(out_dir, {"imported_from": checkpoint})
     _echo_json({"out": out_dir, **{key: getattr(sae.cfg, key)
                                    for key in ("d_in", "n_latents", "k", "decoder")}})
+
+
+@app.command()
+def report(
+    run_dir: str = typer.Argument(..., help="run directory (RUN/)"),
+    out: str | None = typer.Option(None, "--out", help="default: RUN/report/index.html"),
+    cards_per_layer: int = typer.Option(48, "--cards-per-layer",
+                                        help="gallery cards per layer (plus rendered latents)"),
+) -> None:
+    """One self-contained HTML report of a run (works on partial runs)."""
+    from branchlens.report import build_report
+
+    path = build_report(run_dir, out, cards_per_layer=cards_per_layer)
+    typer.echo(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+@app.command("run")
+def run_cmd(
+    source: str | None = typer.Argument(None, help="images; default: the preset's source"),
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="run directory"),
+    preset: str = typer.Option("demo", "--preset", help="demo | paper"),
+    variant: str | None = typer.Option(None, "--variant", help="override the preset's"),
+    weights: str | None = WeightsOpt,
+    device: str = DeviceOpt,
+    seed: int | None = typer.Option(None, "--seed"),
+    paper_compat: bool = typer.Option(False, "--paper-compat",
+                                      help="the paper's [0,1] input scaling bug"),
+    stages: str | None = typer.Option(None, "--stages", help="comma list; default: all"),
+    force: bool = typer.Option(False, "--force", help="re-run stages even if up to date"),
+    set_: list[str] = typer.Option([], "--set", help="override, e.g. --set train.steps=1000"),
+) -> None:
+    """Harvest → train → analyze → visualize/examples/circuits → report, resumable."""
+    from branchlens.pipeline import run
+
+    overrides: dict[str, dict] = {}
+    for item in set_:
+        key, eq, value = item.partition("=")
+        stage, dot, name = key.partition(".")
+        if not eq or not dot:
+            raise typer.BadParameter(f"--set wants STAGE.KEY=VALUE, got {item!r}")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        overrides.setdefault(stage, {})[name] = parsed
+    record = run(out, preset=preset, source=source, weights=weights, device=device,
+                 variant=variant, paper_compat=paper_compat, seed=seed, overrides=overrides,
+                 stages=stages.split(",") if stages else None, force=force,
+                 log=lambda m: typer.echo(m, err=True))
+    total = sum(s.get("seconds", 0) for s in record["stages"].values())
+    report = out / "report" / "index.html"
+    typer.echo(f"run {out} finished ({total:.0f}s of stage time)")
+    if report.is_file():
+        typer.echo(f"report: {report.resolve()}")
 
 
 def main() -> None:  # pragma: no cover

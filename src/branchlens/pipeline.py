@@ -33,9 +33,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train": {"batch_size": 1024, "steps": 300, "lr": 1e-3, "warmup_steps": 20,
                   "log_every": 25, "ckpt_every": 100},
         "analyze": {"n_perm": 500, "refine_to": 2000, "embed": "auto"},
-        "visualize": {"latents_per_layer": 4, "steps": 96, "size": 128},
-        "examples": {"latents_per_layer": 8, "top": 6},
-        "circuits": {"latents": 3},
+        "visualize": {"n_latents": 4, "steps": 96, "size": 128, "batch_size": 8},
+        "examples": {"n_top": 8, "n_strips": 12, "batch_size": 16},
+        "circuits": {"n_latents": 3, "n_images": 4, "flow_latents": 32, "n_perm": 500,
+                     "ablate": 2, "batch_size": 16},
+        "report": {"cards_per_layer": 12},
     },
     # The paper's settings (Bozoukov 2025) on the model it used, with corrected preprocessing;
     # add --paper-compat for its [0, 1] input bug. Meant for ImageNet train on a GPU machine.
@@ -50,9 +52,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train": {"batch_size": 4096, "epochs": 100, "lr": 1e-3, "warmup_steps": 0,
                   "decay": "none"},
         "analyze": {},
-        "visualize": {"latents_per_layer": 16, "steps": 512, "size": 224},
-        "examples": {"latents_per_layer": 64, "top": 12},
-        "circuits": {"latents": 8},
+        "visualize": {"n_latents": 16, "steps": 512, "size": 224, "batch_size": 16},
+        "examples": {"n_top": 16, "n_strips": 64, "batch_size": 64},
+        "circuits": {"n_latents": 8, "n_images": 8, "flow_latents": 256, "n_perm": 1000,
+                     "ablate": 4, "batch_size": 32},
+        "report": {"cards_per_layer": 48},
     },
 }
 
@@ -136,8 +140,50 @@ def _analyze(ctx: RunContext) -> dict:
     return {"layers": sorted(summary.get("layers", {}))}
 
 
+def _visualize(ctx: RunContext) -> dict:
+    from branchlens.viz.stages import visualize_stage
+
+    done = {}
+    for layer in ctx.layers:
+        ctx.log(f"[visualize] {layer}")
+        visualize_stage(ctx.out, layer, **ctx.config["visualize"], seed=ctx.config["seed"],
+                        weights=ctx.weights, device=ctx.device)
+        done[layer] = ctx.config["visualize"]["n_latents"]
+    return {"latents": done}
+
+
+def _examples(ctx: RunContext) -> dict:
+    from branchlens.viz.stages import examples_stage
+
+    for layer in ctx.layers:
+        ctx.log(f"[examples] {layer}")
+        examples_stage(ctx.out, layer, **ctx.config["examples"], seed=ctx.config["seed"],
+                       weights=ctx.weights, device=ctx.device)
+    return {"layers": ctx.layers}
+
+
+def _circuits(ctx: RunContext) -> dict:
+    from branchlens.viz.stages import circuits_stage
+
+    pairs = list(zip(ctx.layers, ctx.layers[1:], strict=False))
+    for up, down in pairs:
+        ctx.log(f"[circuits] {up} -> {down}")
+        circuits_stage(ctx.out, up, down, **ctx.config["circuits"], seed=ctx.config["seed"],
+                       weights=ctx.weights, device=ctx.device)
+    return {"pairs": [f"{a}->{b}" for a, b in pairs]}
+
+
+def _report(ctx: RunContext) -> dict:
+    from branchlens.report import build_report
+
+    path = build_report(ctx.out, **ctx.config["report"])
+    ctx.log(f"[report] {path}")
+    return {"path": str(path)}
+
+
 STAGE_FUNCS: dict[str, Callable[[RunContext], dict]] = {
-    "harvest": _harvest, "train": _train, "analyze": _analyze,
+    "harvest": _harvest, "train": _train, "analyze": _analyze, "visualize": _visualize,
+    "examples": _examples, "circuits": _circuits, "report": _report,
 }
 
 
