@@ -364,21 +364,30 @@ class ShardWriter:
         return out
 
 
-def _partial_stats(x: np.ndarray) -> dict[str, np.ndarray]:
-    """Sums that add up across shards: per-channel sum/sumsq, norm moments and histogram."""
-    x64 = x.astype(np.float64)
-    norms = np.sqrt((x64 * x64).sum(1))
-    with np.errstate(divide="ignore"):
-        logn = np.log10(norms)
+def _partial_stats(x: np.ndarray, chunk: int = 8192) -> dict[str, np.ndarray]:
+    """Sums that add up across shards: per-channel sum/sumsq, norm moments and histogram.
+
+    Float64 in chunks of rows, so the temporaries stay small whatever the shard size.
+    """
+    d = x.shape[1]
+    s, ss = np.zeros(d), np.zeros(d)
+    norms = np.empty(len(x))
+    for a in range(0, len(x), chunk):
+        x64 = x[a:a + chunk].astype(np.float64)
+        sq = x64 * x64
+        s += x64.sum(0)
+        ss += sq.sum(0)
+        norms[a:a + chunk] = np.sqrt(sq.sum(1))
     lo, hi = NORM_LOG10_RANGE
     hist = np.zeros(NORM_BINS + 2, np.int64)  # [underflow/zero, bins..., overflow]
     if len(x):
+        with np.errstate(divide="ignore"):
+            logn = np.log10(norms)
         hist[0] = int((logn < lo).sum())
         hist[-1] = int((logn >= hi).sum())
-        inside = logn[(logn >= lo) & (logn < hi)]
-        hist[1:-1] = np.histogram(inside, NORM_BINS, (lo, hi))[0]
+        hist[1:-1] = np.histogram(logn[(logn >= lo) & (logn < hi)], NORM_BINS, (lo, hi))[0]
     return {
-        "sum": x64.sum(0), "sumsq": (x64 * x64).sum(0),
+        "sum": s, "sumsq": ss,
         "norm": np.array([len(x), norms.sum(), (norms ** 2).sum(),
                           norms.min() if len(x) else np.inf, norms.max() if len(x) else -np.inf]),
         "norm_hist": hist,
