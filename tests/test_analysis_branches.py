@@ -45,7 +45,7 @@ def test_isotropic_beta_is_exact_for_random_directions():
 def heavy():
     """Heavy-tailed, sparse, channel-scaled values like real decoders; 20 % planted."""
     pl = planted_decoder(SL, 800, 200, heavy=True, boost=6.0, channel_sigma=0.5, seed=3)
-    bt = br.analyze_branches(pl.decoder, SL, std=pl.channel_scale, other_scale=False, **FAST)
+    bt = br.analyze_branches(pl.decoder, SL, std=pl.channel_scale, other_scales=False, **FAST)
     return pl, bt
 
 
@@ -93,12 +93,26 @@ def test_same_channel_permutation_for_all_latents_gives_nominal_discoveries(heav
 def test_scale_control_removes_loud_branch_artifact():
     # Pool channels 1.6× louder for every latent, no planted latents at all.
     pl = planted_decoder(SL, 600, 0, heavy=True, branch_gain={"pool": 1.6}, seed=8)
-    raw = br.analyze_branches(pl.decoder, SL, other_scale=False, **FAST)
-    std = br.analyze_branches(pl.decoder, SL, std=pl.channel_scale, other_scale=False, **FAST)
+    bt = br.analyze_branches(pl.decoder, SL, std=pl.channel_scale, **FAST)
+    assert bt.scale == "dict"
     pool = list(SL).index("pool")
-    assert raw.reject[:, pool].sum() > 50  # loud branch looks "specialized" in raw units
-    assert std.reject.any(1).sum() <= 5
-    assert std.scale == "std" and raw.scale == "raw"
+    raw_rej, _ = bh_reject(bt.p_perm_scales["raw"], 0.05)
+    assert raw_rej[:, pool].sum() > 50  # loud branch looks "specialized" in raw units
+    assert bt.reject.any(1).sum() <= 5  # dictionary-normalised decision: nominal
+    std_rej, _ = bh_reject(bt.p_perm_scales["std"], 0.05)
+    assert std_rej.any(1).sum() <= 5  # here the std is exactly the loudness
+
+
+def test_std_normalisation_inflates_quiet_branches_of_random_directions():
+    # Seen on real decoders: dividing raw directions by a smaller std enriches that branch for
+    # every latent; the dictionary normalisation does not.
+    v = np.random.default_rng(3).standard_normal((600, int(W.sum())))
+    std = np.ones(int(W.sum()))
+    std[SL["pool"]] = 0.75  # pool ~25 % quieter, as in mixed4a
+    bt = br.analyze_branches(v, SL, std=std, **FAST)
+    std_rej, _ = bh_reject(bt.p_perm_scales["std"], 0.05)
+    assert std_rej[:, list(SL).index("pool")].sum() > 300
+    assert bt.reject.any(1).sum() <= 5
 
 
 def test_beta_approximation_matches_monte_carlo():

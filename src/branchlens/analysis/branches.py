@@ -8,6 +8,9 @@ Null models (see docs/reference statistics.md):
 - isotropic: v a uniformly random direction → ``share_b ~ Beta(w_b/2, (d−w_b)/2)``. Real decoders
   are heavy-tailed, so this is badly miscalibrated; reported as a reference only.
 - channel permutation (the decision rule): keep v's values, assign them to channels at random.
+  Applied to the dictionary-normalised decoder (each channel divided by its RMS over latents),
+  because channel-level scale (loud or quiet channels in every latent) breaks exchangeability;
+  raw and activation-std-normalised decoders are reported as controls.
   Exact Monte-Carlo over all latents × B permutations at once, plus a moment-matched Beta whose
   effective dimension comes from the values' kurtosis (fast, checked against Monte-Carlo).
   The positive-part (paper) statistic gets its own permutation null on ``relu(v)``.
@@ -206,17 +209,35 @@ def dominant_branch(reject: np.ndarray, enrich: np.ndarray) -> np.ndarray:
     return np.where(reject.any(1), dom, NONE)
 
 
+def dictionary_normalise(decoder) -> np.ndarray:
+    """Decoder with every channel divided by its RMS over all latents (``v_ij / rms_i v_ij``).
+
+    Data-free scale control: whatever channel-level scale the dictionary itself carries (loud
+    channels get large entries in every latent; quiet ones small) is removed, so a latent is
+    specialised only relative to how the whole dictionary uses those channels. Unlike dividing
+    by the activation std, it creates no enrichment for random directions.
+    """
+    v = _as_np(decoder)
+    rms = np.sqrt(np.mean(v * v, axis=0))
+    pos = rms[rms > 0]
+    rms = np.where(rms > 0, rms, np.median(pos) if pos.size else 1.0)
+    return v / rms[None, :]
+
+
+SCALES = ("dict", "std", "raw")
+
+
 @dataclass
 class BranchTest:
     """All per-latent branch statistics of one layer; arrays are [n] or [n, B]."""
 
     branches: list[str]
     widths: np.ndarray
-    scale: str  # decoder scale the decision used: "std" or "raw"
+    scale: str  # decoder scale the decision used: "dict", "std" or "raw"
     q: float
-    paper_ratio: np.ndarray
+    paper_ratio: np.ndarray  # raw decoder, the paper's definition
     full_ratio: np.ndarray
-    paper_ratio_std: np.ndarray | None
+    paper_ratio_std: np.ndarray | None  # on the std-normalised decoder (None without std)
     full_ratio_std: np.ndarray | None
     enrichment: np.ndarray  # on the decision scale, full statistic
     p_perm: np.ndarray  # decision p-values (full share, decision scale)
@@ -224,7 +245,7 @@ class BranchTest:
     p_perm_paper: np.ndarray  # positive-part statistic, its own permutation null
     p_beta: np.ndarray  # moment-matched Beta approximation of p_perm
     p_iso: np.ndarray  # isotropic reference (raw decoder); do not use for decisions
-    p_perm_other: np.ndarray | None  # permutation p on the other scale (raw if decision=std)
+    p_perm_scales: dict[str, np.ndarray]  # permutation p on the other scales (controls)
     d_eff: np.ndarray
     n_perm: np.ndarray
     reject: np.ndarray
@@ -240,43 +261,58 @@ class BranchTest:
         return ["none" if i == NONE else self.branches[i] for i in self.dominant]
 
 
-def analyze_branches(decoder, slices: dict[str, slice], *, std=None, q: float = 0.05,
-                     n_perm: int = 2000, refine_to: int = 20000, seed: int = 0,
-                     other_scale: bool = True, device: str = "cpu") -> BranchTest:
+def scaled_decoder(decoder, scale: str, std=None) -> np.ndarray:
+    """The decoder on one of the SCALES (``std`` needs the channels' activation std)."""
+    if scale == "dict":
+        return dictionary_normalise(decoder)
+    if scale == "std":
+        if std is None:
+            raise ValueError("scale 'std' needs the channels' activation std")
+        return std_normalise(decoder, std)
+    if scale == "raw":
+        return _as_np(decoder)
+    raise ValueError(f"scale must be one of {SCALES}, not {scale!r}")
+
+
+def analyze_branches(decoder, slices: dict[str, slice], *, std=None, scale: str = "dict",
+                     q: float = 0.05, n_perm: int = 2000, refine_to: int = 20000,
+                     seed: int = 0, other_scales: bool = True,
+                     device: str = "cpu") -> BranchTest:
     """Run every branch statistic for one layer's decoder [n_latents, d].
 
     The decision (BH at ``q`` per branch across latents, then dominant branch) uses the
-    channel-permutation null on the std-normalised decoder when ``std`` is given, else raw.
-    Latents are not independent (they share images and directions); BH's guarantee assumes
-    independence or positive dependence, so read the counts as approximate.
+    channel-permutation null on the decoder at ``scale`` (default: dictionary-normalised);
+    with ``other_scales`` the same test on the other scales (raw, and std when given) is
+    reported as a control. Latents are not independent (they share images and directions);
+    BH's guarantee assumes independence or positive dependence, so read counts as approximate.
     """
     raw = _as_np(decoder)
     w = widths(slices)
-    dec = std_normalise(raw, std) if std is not None else raw
+    dec = scaled_decoder(raw, scale, std)
     share_raw, share_raw_pos = branch_shares(raw, slices), branch_shares(raw, slices, True)
     share = branch_shares(dec, slices)
     kw = dict(n_perm=n_perm, refine_to=refine_to, seed=seed, device=device)
     perm = permutation_pvalues(dec, slices, **kw)
     perm_pos = permutation_pvalues(dec, slices, positive=True, **kw)
-    other = None
-    if std is not None and other_scale:
-        other = permutation_pvalues(raw, slices, **kw).p
+    others = {}
+    if other_scales:
+        for sc in SCALES:
+            if sc != scale and (sc != "std" or std is not None):
+                others[sc] = permutation_pvalues(scaled_decoder(raw, sc, std), slices, **kw).p
     reject, qval = bh_reject(perm.p, q)
     reject_pos, _ = bh_reject(perm_pos.p, q)
     enr = enrichment(share, w)
+    dstd = std_normalise(raw, std) if std is not None else None
     return BranchTest(
-        branches=list(slices), widths=w, scale="std" if std is not None else "raw", q=q,
+        branches=list(slices), widths=w, scale=scale, q=q,
         paper_ratio=np.sqrt(share_raw_pos), full_ratio=np.sqrt(share_raw),
-        paper_ratio_std=np.sqrt(branch_shares(dec, slices, True)) if std is not None else None,
-        full_ratio_std=np.sqrt(share) if std is not None else None,
+        paper_ratio_std=np.sqrt(branch_shares(dstd, slices, True)) if std is not None else None,
+        full_ratio_std=np.sqrt(branch_shares(dstd, slices)) if std is not None else None,
         enrichment=enr, p_perm=perm.p, q_perm=qval, p_perm_paper=perm_pos.p,
         p_beta=beta_approx_pvalues(dec, slices, shares=share),
-        p_iso=isotropic_pvalues(share_raw, w), p_perm_other=other,
+        p_iso=isotropic_pvalues(share_raw, w), p_perm_scales=others,
         d_eff=effective_dimension(dec), n_perm=perm.n_perm, reject=reject,
         reject_paper=reject_pos, dominant=dominant_branch(reject, enr))
-
-
-
 
 
 def null_band(decoder, slices: dict[str, slice], positive: bool = True, n_rep: int = 20,
@@ -314,8 +350,8 @@ def layer_table(bt: BranchTest, alive: np.ndarray | None = None) -> list[dict]:
             # BH bounds E[false / discoveries] by q, so q·R bounds the expected false ones.
             "expected_false_positives": bt.q * int(sig.sum()),
             "significant_paper_ratio": int(bt.reject_paper[:, i].sum()),
-            "significant_other_scale": (int(bh_reject(bt.p_perm_other, bt.q)[0][:, i].sum())
-                                        if bt.p_perm_other is not None else None),
+            **{f"significant_{sc}_scale": int(bh_reject(p, bt.q)[0][:, i].sum())
+               for sc, p in bt.p_perm_scales.items()},
             "significant_isotropic_reference": int(bh_reject(bt.p_iso, bt.q)[0][:, i].sum()),
             "dominant": int(dom.sum()), "dominant_fraction": float(dom.mean()),
             "dominant_enrichment_vs_channel_share": float(dom.mean() / (bt.widths[i] / d)),

@@ -27,6 +27,7 @@ from branchlens.analysis.branches import (
     layer_table,
     null_band,
     permutation_pvalues,
+    scaled_decoder,
 )
 from branchlens.analysis.crosslayer import align_rows, best_matches, consistency
 from branchlens.analysis.embedding import embed_latents, knn_branch_agreement
@@ -43,6 +44,7 @@ PVALUE_NOTE = ("p-values are per latent; latents are not independent (they share
 @dataclass
 class AnalysisConfig:
     q: float = 0.05  # BH false discovery rate, per branch across latents
+    scale: str = "dict"  # decision scale: dict (channel RMS over latents) | std | raw
     n_perm: int = 2000  # channel permutations per latent
     refine_to: int = 20000  # permutations for latents with tiny p (resolution for BH)
     top: int = 64  # top-activating vectors kept per latent
@@ -121,12 +123,12 @@ def analyze_layer(layer: str, sae, store, cfg: AnalysisConfig, out_dir: Path,
     n, d = dec.shape
     std = np.asarray(store.layer_stats(layer)["std"], dtype=np.float64)
     log(f"{layer}: {n} latents × {d} channels — branch tests")
-    bt = analyze_branches(dec, slices, std=std, q=cfg.q, n_perm=cfg.n_perm,
+    bt = analyze_branches(dec, slices, std=std, scale=cfg.scale, q=cfg.q, n_perm=cfg.n_perm,
                           refine_to=cfg.refine_to, seed=cfg.seed, device=cfg.device)
     # Sanity control: one channel permutation for all latents destroys branch structure.
     rng = np.random.default_rng(cfg.seed + 1)
     perm = rng.permutation(d)
-    ctrl = permutation_pvalues((dec / np.where(std > 0, std, 1.0))[:, perm], slices,
+    ctrl = permutation_pvalues(scaled_decoder(dec, cfg.scale, std)[:, perm], slices,
                                n_perm=cfg.n_perm, refine_to=cfg.refine_to, seed=cfg.seed + 2,
                                device=cfg.device)
     ctrl_rej, _ = bh_reject(ctrl.p, cfg.q)
@@ -337,11 +339,13 @@ def analyze(run_dir: str | Path, *, layers: list[str] | None = None, store=None,
 def format_table(summary: dict) -> str:
     """Plain-text layer × branch table for the CLI."""
     head = (f"{'layer':<9}{'branch':<6}{'w':>5}{'share':>7}{'sig':>6}{'E[FP]':>7}{'dom':>6}"
-            f"{'dom/share':>10}{'naive':>7}{'ctrl':>6}{'iso-ref':>8}{'raw-sig':>8}{'rnd/std':>8}")
+            f"{'dom/share':>10}{'naive':>7}{'ctrl':>6}{'iso-ref':>8}{'raw-sig':>8}{'std-sig':>8}"
+            f"{'rnd/std':>8}")
     lines = [head, "-" * len(head)]
     for layer, s in summary["per_layer"].items():
         for r in s["branches"]:
-            raw = r["significant_other_scale"]
+            raw = r.get("significant_raw_scale", "-")
+            sd = r.get("significant_std_scale", "-")
             lines.append(
                 f"{layer:<9}{r['branch']:<6}{r['width']:>5}{r['channel_share']:>7.3f}"
                 f"{r['significant']:>6}{r['expected_false_positives']:>7.1f}{r['dominant']:>6}"
@@ -349,13 +353,16 @@ def format_table(summary: dict) -> str:
                 f"{r['naive_argmax_paper_ratio']:>7}"
                 f"{r['permuted_channels_control_significant']:>6}"
                 f"{r['significant_isotropic_reference']:>8}"
-                f"{raw if raw is not None else '-':>8}"
+                f"{raw:>8}{sd:>8}"
                 f"{r.get('std_normalised_random_control_significant', '-'):>8}")
-    lines.append("sig: BH-significant (std-normalised decoder, channel-permutation null); E[FP] = "
-                 "q·sig; dom: dominant latents; naive: argmax paper ratio; ctrl: sig after one "
+    scales = {s["decision_scale"] for s in summary["per_layer"].values()}
+    lines.append(f"sig: BH-significant ({'/'.join(sorted(scales))}-normalised decoder, "
+                 "channel-permutation null); E[FP] = q·sig; dom: dominant latents; "
+                 "naive: argmax paper ratio; ctrl: sig after one "
                  "channel permutation of all latents; iso-ref: isotropic Beta (reference only); "
-                 "raw-sig: same test on the raw decoder; rnd/std: random raw directions "
-                 "divided by the same std (what the normalisation alone creates)")
+                 "raw-sig / std-sig: same test on the raw / activation-std-normalised decoder; "
+                 "rnd/std: random raw directions divided by the same std (what that "
+                 "normalisation alone creates)")
     lines.append(PVALUE_NOTE)
     for c in summary["cross_layer"]:
         cc = c.get("consistency")
