@@ -203,8 +203,12 @@ def specialization_section(ctx: ReportContext) -> str:
     per = (ctx.summary or {}).get("per_layer")
     if not per:
         return na("branch analysis", "analyze", ctx)
+    # significance on the other decoder scales (controls); keys like significant_raw_scale
+    scale_keys = sorted({k for s in per.values() for r in s.get("branches") or []
+                         for k in r if k.startswith("significant_") and k.endswith("_scale")})
     head = ["layer", "branch", "width", "channel share", "significant", "E[false +]",
-            "permuted-channel control", "random / std control", "significant (raw decoder)",
+            "permuted-channel control", "random / std control",
+            *(f"significant on {k[12:-6]} scale" for k in scale_keys),
             "dominant", "dominant / share", "naive argmax", "isotropic ref.",
             "median paper ratio", "null √(w/d)", "ratio > 0.5", "ratio > 0.9"]
     rows, facts = [], []
@@ -215,7 +219,7 @@ def specialization_section(ctx: ReportContext) -> str:
                          fmt(r.get("expected_false_positives")),
                          fmt(r.get("permuted_channels_control_significant")),
                          fmt(r.get("std_normalised_random_control_significant")),
-                         fmt(r.get("significant_other_scale")),
+                         *(fmt(r.get(k)) for k in scale_keys),
                          fmt(r.get("dominant")), fmt(r.get("dominant_enrichment_vs_channel_share")),
                          fmt(r.get("naive_argmax_paper_ratio")),
                          fmt(r.get("significant_isotropic_reference")),
@@ -230,20 +234,23 @@ def specialization_section(ctx: ReportContext) -> str:
                       fmt(ctrl.get("significant")), fmt(s.get("median_effective_dimension")),
                       fmt(knn.get("ratio"))))
     note = (ctx.summary or {}).get("pvalue_note")
-    return (table(head, rows, "spec") +
-            '<p class="note">significant: BH at q over latents, channel-permutation null on the '
-            "decision scale; E[false +] = q × significant; permuted-channel control: the same "
-            "test after one channel permutation of all latents (should be ≈ 0); random / std "
-            "control: random raw directions divided by the same channel std (discoveries the "
-            "normalisation alone creates); significant (raw decoder): the same test without "
-            "std normalisation; isotropic ref.: "
-            "the miscalibrated Beta null, for reference only; dominant / share: dominant "
-            "latents as a fraction of all, divided by the branch's channel share.</p>"
+    return (table(head, rows, "spec") + f'<p class="note">{esc(SPEC_NOTE)}</p>'
             + "<h3>Per layer</h3>" +
             table(["layer", "latents", "alive in store", "dead in training", "no dominant branch",
                    "decision scale", "q", "control significant", "median d_eff",
                    "kNN branch agreement / chance"], facts)
             + (f'<p class="note">{esc(note)}</p>' if note else ""))
+
+
+SPEC_NOTE = (
+    "significant: BH at q over latents, channel-permutation null on the decoder at the decision "
+    "scale; E[false +] = q × significant; permuted-channel control: the same test after one "
+    "channel permutation of all latents (should be ≈ 0); random / std control: random raw "
+    "directions divided by the same channel std (discoveries the normalisation alone creates); "
+    "significant on another scale: the same test on the decoder at that scale (the decision "
+    "scale is in the per-layer table); isotropic ref.: the miscalibrated Beta null, for "
+    "reference only; dominant / share: dominant latents as a fraction of all, divided by the "
+    "branch's channel share.")
 
 
 def _analysis_figure(ctx: ReportContext, layer: str, prefix: str) -> str | None:
