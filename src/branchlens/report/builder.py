@@ -63,7 +63,6 @@ class ReportContext:
     latents: list[dict[str, Any]] = field(default_factory=list)
     viz: dict[tuple[str, int], LatentViz] = field(default_factory=dict)
     circuits: list[dict[str, Any]] = field(default_factory=list)  # viz/circuits/<up>__<down>
-    viz_found: bool = False
     circuits_found: bool = False
     notes: list[str] = field(default_factory=list)
 
@@ -325,7 +324,6 @@ def _read_index(path: Path, doc: dict, ctx: ReportContext) -> None:
             img = _find_image(path.parent, name, ctx.run_dir)
             if img is not None:
                 (lv.examples if examples else lv.featurevis).append((caption, img))
-                ctx.viz_found = True
         if not (lv.featurevis or lv.examples or lv.upstream):
             del ctx.viz[key]
 
