@@ -22,7 +22,7 @@ $(VENV)/.stamp: pyproject.toml
 
 demo: $(VENV)/.stamp
 	$(BIN)/branchlens info --variant $(VARIANT)
-	$(BIN)/branchlens classify embedded --variant $(VARIANT)
+	$(BIN)/branchlens run --preset demo --variant $(VARIANT) --out runs/demo
 
 test: $(VENV)/.stamp
 	bash scripts/ensure_chromium.sh || echo "chromium could not be installed: the browser test will skip (fails under CI=true)"

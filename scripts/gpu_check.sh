@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Device check (run on a CUDA machine): forward parity CPU vs CUDA, then the demo pipeline on
+# CUDA end to end. Expects the BVLC weights at $BRANCHLENS_BVLC_WEIGHTS.
+set -uo pipefail
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/gpu_out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total --format=csv
+python3 - <<'PY'
+import torch, time
+from branchlens.weights import load_model
+m, _ = load_model("bvlc_googlenet")
+x = torch.randn(8, 3, 224, 224) * 50
+with torch.no_grad():
+    ref = m(x, ["mixed4c", "logits"])
+    mc = m.to("cuda")
+    got = mc(x.cuda(), ["mixed4c", "logits"])
+for k in ref:
+    err = (ref[k] - got[k].cpu()).abs().max().item() / ref[k].abs().max().item()
+    print(f"parity {k}: max rel err {err:.2e}")
+    assert err < 1e-3, k
+PY
+time python3 -m branchlens run embedded:192 --out "$OUT/run" --device cuda 2>&1 | grep -v "━" | tail -40
+python3 - <<PY
+import json
+r = json.load(open("$OUT/run/run.json"))
+for s, v in r["stages"].items():
+    print(s, v.get("status"), v.get("seconds"), v.get("error", ""))
+PY
+ls -la "$OUT/run/report" 2>/dev/null
