@@ -21,3 +21,8 @@ from branchlens.viz import (  # noqa: E402, F401
     top_examples,
     visualize_latents,
 )
+
+# isort: split
+# TopK sparse autoencoders and their training.
+from branchlens.sae import SAEConfig, TopKSAE, import_paper_checkpoint  # noqa: E402, F401
+from branchlens.train import TrainConfig, train_layers, train_sae  # noqa: E402, F401
