@@ -154,7 +154,8 @@ def card(ctx: ReportContext, layer: str, latent: int, row: dict[str, Any], q: fl
     return (
         f'<article class="card" id="card-{esc(key)}" data-layer="{esc(layer)}" '
         f'data-latent="{latent}" data-branch="{esc(dom)}" data-category="{esc(cat)}" '
-        f'data-spec="{spec:.6f}" data-rate="{rate:.8g}">'
+        f'data-spec="{spec:.6f}" data-rate="{rate:.8g}" '
+        f'data-img="{1 if lv and (lv.featurevis or lv.examples) else 0}">'
         f'<header><b>{esc(layer)} #{latent}</b> '
         f'<span class="tag" style="background:{BRANCH_COLORS.get(dom, "#555")}">{esc(dom)}</span>'
         f'{f" <span class=cat>{esc(cat)}</span>" if cat else ""}'
@@ -197,7 +198,8 @@ def gallery(ctx: ReportContext, per_layer: int = 48) -> str:
         f'<label>dominant branch <select id="f-branch">{_options(branches, "all")}</select>'
         "</label>"
         f'<label>category <select id="f-cat">{_options(cats, "all")}</select></label>'
-        '<label>sort <select id="f-sort"><option value="spec">specialization ↓</option>'
+        '<label>sort <select id="f-sort"><option value="img-spec">with images first, then '
+        'specialization ↓</option><option value="spec">specialization ↓</option>'
         '<option value="rate">firing rate ↓</option><option value="rate-asc">firing rate ↑'
         '</option><option value="id">layer, latent id</option></select></label>'
         '<label>latent <input id="f-search" type="search" placeholder="id, e.g. 123 or '

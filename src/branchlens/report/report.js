@@ -23,8 +23,10 @@
     return function (c) { return c.dataset.layer.toLowerCase().indexOf(low) >= 0; };
   }
 
+  var bySpec = function (a, b) { return parseFloat(b.dataset.spec) - parseFloat(a.dataset.spec); };
   var comparators = {
-    spec: function (a, b) { return parseFloat(b.dataset.spec) - parseFloat(a.dataset.spec); },
+    "img-spec": function (a, b) { return (b.dataset.img - a.dataset.img) || bySpec(a, b); },
+    spec: bySpec,
     rate: function (a, b) { return parseFloat(b.dataset.rate) - parseFloat(a.dataset.rate); },
     "rate-asc": function (a, b) { return parseFloat(a.dataset.rate) - parseFloat(b.dataset.rate); },
     id: function (a, b) { return cards.indexOf(a) - cards.indexOf(b); }
@@ -40,7 +42,7 @@
       c.hidden = !ok;
       if (ok) { shown += 1; }
     });
-    var cmp = comparators[f.sort.value] || comparators.spec;
+    var cmp = comparators[f.sort.value] || comparators["img-spec"];
     cards.slice().sort(function (a, b) {
       return cmp(a, b) || cards.indexOf(a) - cards.indexOf(b);
     }).forEach(function (c) { grid.appendChild(c); });
