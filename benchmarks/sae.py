@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from branchlens.sae import SAEConfig, TopKSAE, planted_dictionary
+from branchlens.train import TrainConfig, make_adam
 
 D, N, K, B = 512, 8192, 32, 4096
 
@@ -70,7 +71,7 @@ def throughput(steps: int) -> dict:
 
     ours = TopKSAE(SAEConfig(d_in=D, n_latents=N, k=K, dead_after=10**9))
     ours.init_from_sample(x[:B])
-    opt = torch.optim.Adam(ours.parameters(), lr=4e-4)
+    opt = make_adam(list(ours.parameters()), TrainConfig(lr=4e-4))
 
     def our_step(xb):
         loss, st = ours.loss(xb, B, ours.dead_mask())
@@ -131,13 +132,17 @@ def make_store(path: Path, n_vectors: int, d: int = D, per_image: int = 196) -> 
 
 
 RSS_CHILD = """
-import json, resource, sys
+import json, sys
 from branchlens.train import TrainConfig, train_layers
 run = sys.argv[1]
 cfg = TrainConfig(batch_size=4096, epochs=1, warmup_steps=1, log_every=10**6, ckpt_every=10**6,
                   progress=False, plot=False, eval_max_vectors=8192, init_sample=8192)
 train_layers(run, ["mixed4c"], {"k": 8}, cfg, expansion=1)
-print(json.dumps({"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+st = {ln.split(":")[0]: int(ln.split()[1]) / 1024 for ln in open("/proc/self/status")
+      if ln.startswith(("VmHWM", "RssAnon", "RssFile"))}
+# VmHWM: peak of this process only (not the parent); RssFile: mapped store pages (page cache)
+print(json.dumps({"maxrss_mb": st["VmHWM"], "end_anon_mb": st["RssAnon"],
+                  "end_file_mb": st["RssFile"]}))
 """
 
 

@@ -68,7 +68,8 @@ def test_planted_dictionary_is_recovered(tmp_path):
     support = [(atoms[:, s].norm(dim=1) > 0.999) for s in slices]
     assert torch.stack(support).sum(0).eq(1).all()  # every atom lives in exactly one branch
     sae_cfg = SAEConfig(d_in=512, n_latents=2048, k=32, aux=False)  # AuxK: see test below
-    cfg = TrainConfig(batch_size=256, lr=2e-3, steps=1100, warmup_steps=20, log_every=100,
+    cfg = TrainConfig(batch_size=256, lr=2e-3, steps=1400, warmup_steps=20, decay="none",
+                      log_every=100,
                       ckpt_every=10**9, init_sample=8192, eval_max_vectors=4096, **QUIET)
     t0 = time.process_time()
     sae = train_sae(ArrayBatches(x, 256, seed=0), sae_cfg, cfg, tmp_path)

@@ -13,10 +13,12 @@ as the encoder transpose, rows kept unit-norm, parallel gradient component remov
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -78,12 +80,35 @@ class SAEConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+def scatter_outer(idx: Tensor, w: Tensor, X: Tensor, n: int) -> Tensor:
+    """Σ_{b,j} w[b,j] · X[b] added into row idx[b,j] of an [n, d] matrix, i.e. Sᵀ X for the
+    sparse code S [B, n] with k entries per row: one CSR-times-dense product over the B·k
+    entries grouped by latent (a radix argsort on CPU), no [B, n] or [B·k, d] intermediate."""
+    B, k = idx.shape
+    flat = idx.reshape(-1)
+    if flat.is_cuda:
+        order = torch.argsort(flat)
+    else:  # numpy sorts small integers with a radix sort: far faster than torch's CPU sort
+        order = torch.from_numpy(np.argsort(flat.numpy().astype(np.int32), kind="stable"))
+    crow = torch.zeros(n + 1, dtype=torch.int64, device=idx.device)
+    torch.cumsum(torch.bincount(flat, minlength=n), 0, out=crow[1:])
+    with warnings.catch_warnings():  # "CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        S = torch.sparse_csr_tensor(crow, order // k, w.reshape(-1)[order].to(X.dtype), (n, B),
+                                    check_invariants=False)
+    return S @ X
+
+
+def _weighted_rows(idx: Tensor, w: Tensor, W: Tensor) -> Tensor:
+    return F.embedding_bag(idx, W, per_sample_weights=w, mode="sum")
+
+
 class _TopKGather(torch.autograd.Function):
     """``pre.gather(1, idx)`` where ``pre = xc @ W.T + b`` was computed without autograd.
 
     Backward touches only the selected entries: the gradient wrt the pre-activations is zero
-    outside ``idx``, so grad W is a sum of B·k outer products (the weight-gradient of
-    ``embedding_bag``), grad xc = Σ_j g_j W[idx_j] (an ``embedding_bag``) and grad b a scatter-add.
+    outside ``idx``, so grad W is a sum of B·k outer products (:func:`scatter_outer`),
+    grad xc = Σ_j g_j W[idx_j] (an ``embedding_bag``) and grad b a scatter-add.
     """
 
     @staticmethod
@@ -95,24 +120,42 @@ class _TopKGather(torch.autograd.Function):
     def backward(ctx, g: Tensor):
         xc, W, idx = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        gx = gw = gb = None
         g = g.contiguous()
-        if need_x or need_w:
-            with torch.enable_grad():
-                wd = W.detach().requires_grad_(need_w)
-                gxc = F.embedding_bag(idx, wd, per_sample_weights=g, mode="sum")
-                if need_w:
-                    (gw,) = torch.autograd.grad(gxc, wd, xc.detach())
-            gx = gxc.detach() if need_x else None
+        gx = _weighted_rows(idx, g, W) if need_x else None
+        gw = scatter_outer(idx, g, xc, W.shape[0]) if need_w else None
+        gb = None
         if need_b:
             gb = torch.zeros(W.shape[0], dtype=g.dtype, device=g.device)
             gb.index_add_(0, idx.reshape(-1), g.reshape(-1))
         return gx, gw, gb, None, None
 
 
+class _SparseDecode(torch.autograd.Function):
+    """x̂ = Σ_j vals[:, j] · W[idx[:, j]]; backward: grad W only on used rows
+    (:func:`scatter_outer`), grad vals only at idx (row-wise dot products)."""
+
+    @staticmethod
+    def forward(ctx, vals: Tensor, idx: Tensor, W: Tensor) -> Tensor:
+        ctx.save_for_backward(vals, idx, W)
+        return _weighted_rows(idx, vals, W)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        vals, idx, W = ctx.saved_tensors
+        g = g.contiguous()
+        gv = gw = None
+        if ctx.needs_input_grad[0]:  # dots <g_b, W[idx_bj]> via embedding_bag's own backward
+            with torch.enable_grad():
+                v = vals.detach().requires_grad_()
+                (gv,) = torch.autograd.grad(_weighted_rows(idx, v, W.detach()), v, g)
+        if ctx.needs_input_grad[2]:
+            gw = scatter_outer(idx, vals, g, W.shape[0])
+        return gv, None, gw
+
+
 def sparse_decode(vals: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
     """Σ_j vals[:, j] · W_dec[idx[:, j]]; backward only touches rows in ``idx``."""
-    return F.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum")
+    return _SparseDecode.apply(vals, idx, W_dec)
 
 
 def geometric_median(x: Tensor, iters: int = 100, tol: float = 1e-6) -> Tensor:

@@ -217,6 +217,14 @@ class Dist:
             self.dist.barrier()
 
 
+def make_adam(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Adam:
+    """Fused Adam (one pass over each tensor) where this torch build has it for the device."""
+    try:
+        return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+
+
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     """Linear warmup, constant, then (optionally) decay to 0 over the last ``decay_frac``."""
     lr = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
@@ -399,7 +407,7 @@ def train_sae(data: Any, sae_cfg: SAEConfig, cfg: TrainConfig, out_dir: str | Pa
         sae.init_from_sample(_init_sample(batches, cfg.init_sample))
         step, epoch, bi = 0, 0, 0
     params = list(sae.parameters())
-    opt = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    opt = make_adam(params, cfg)
     if resume:
         load_optimizer_state(out, step, sae, opt)
     base_meta = {**(meta or {}), "seed": cfg.seed}
