@@ -304,6 +304,7 @@ def train(
                                         help="train one layer from a [N, d] .npy (memory-"
                                              "mapped) instead of RUN/store"),
     variant: str = VariantOpt,
+    device: str = DeviceOpt,
     no_progress: bool = typer.Option(False, "--no-progress"),
 ) -> None:
     """Train TopK SAEs (one per layer) streaming from RUN/store; resumes after a kill.
@@ -324,7 +325,8 @@ def train(
     cfg = TrainConfig(batch_size=batch_size, lr=lr or (1e-3 if paper else 4e-4), epochs=epochs,
                       steps=steps, warmup_steps=warmup_steps, decay=decay, seed=seed,
                       log_every=log_every, ckpt_every=ckpt_every,
-                      heldout_fraction=heldout_fraction, progress=not no_progress)
+                      heldout_fraction=heldout_fraction, progress=not no_progress,
+                      device=device)
     names = [s.strip() for s in layers.split(",") if s.strip()]
     if from_npy is None:
         saes = train_layers(run_dir, names, sae_kw, cfg, expansion=expansion)

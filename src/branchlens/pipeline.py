@@ -126,7 +126,7 @@ def _train(ctx: RunContext) -> dict:
 
     s = dict(ctx.config["sae"])
     expansion = s.pop("expansion")
-    tcfg = TrainConfig(**ctx.config["train"], seed=ctx.config["seed"])
+    tcfg = TrainConfig(**ctx.config["train"], seed=ctx.config["seed"], device=ctx.device)
     saes = train_layers(ctx.out, ctx.layers, s, tcfg, expansion=expansion)
     return {"layers": sorted(saes)}
 

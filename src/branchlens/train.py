@@ -48,6 +48,7 @@ class TrainConfig:
     eval_max_vectors: int = 200_000
     plot: bool = True
     progress: bool = True
+    device: str = "cpu"  # "auto" | "cpu" | "cuda[:N]": where the SAE and its batches live
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,20 +188,31 @@ def default_dead_after(n_vectors: int | None) -> int:
 # Distributed helpers (world size 1 is the same code path).
 # ---------------------------------------------------------------------------------------------
 class Dist:
-    def __init__(self) -> None:
+    """gloo on CPU, nccl when training on CUDA (one GPU per rank: ``cuda:$LOCAL_RANK``)."""
+
+    def __init__(self, device: torch.device | None = None) -> None:
         import torch.distributed as dist
 
         self.dist = dist
+        self.device = device or torch.device("cpu")
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-            dist.init_process_group("gloo")
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.on = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.on else 0
         self.world = dist.get_world_size() if self.on else 1
 
     def sum(self, t: Tensor) -> Tensor:
         if self.on:
-            self.dist.all_reduce(t)
+            if t.device != self.device and self.device.type == "cuda":  # nccl: CUDA tensors only
+                t.copy_(self.dist_sum_on_device(t))
+            else:
+                self.dist.all_reduce(t)
         return t
+
+    def dist_sum_on_device(self, t: Tensor) -> Tensor:
+        on = t.to(self.device)
+        self.dist.all_reduce(on)
+        return on.to(t.device)
 
     def sum_grads(self, params: list[torch.nn.Parameter]) -> None:
         if not self.on:
@@ -267,7 +279,7 @@ def load_optimizer_state(out: Path, step: int, sae: TopKSAE, opt: torch.optim.Op
         state = {key.removeprefix(n + "."): t for key, t in tensors.items()
                  if key.rsplit(".", 1)[0] == n}
         if state:
-            opt.state[p] = state
+            opt.state[p] = {k: t.to(p.device) if t.dim() else t for k, t in state.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,7 +298,7 @@ class _Window:
 
     def add(self, xs: Tensor, stats: dict[str, Tensor], loss: Tensor) -> None:
         b = self.buf
-        b[:self.d] += xs.sum(0).double()
+        b[:self.d] += xs.sum(0).double().cpu()
         b[self.d:] += torch.tensor([
             xs.double().pow(2).sum().item(), stats["sse"].item(), stats["nmse_sum"].item(),
             stats["l0_sum"].item(), stats["aux"].item(), xs.shape[0], loss.item()])
@@ -310,13 +322,13 @@ def evaluate(sae: TopKSAE, batches: Iterable[Tensor], max_vectors: int | None = 
     for x in batches:
         if max_vectors is not None and n >= max_vectors:
             break
-        x = x.float()
+        x = x.to(sae.b_pre.device).float()
         xhat, info = sae(x)
         err = (xhat - x).double().pow(2).sum(1)
         sse += float(err.sum())
         nmse += float((err / x.double().pow(2).sum(1).clamp_min(1e-12)).sum())
         sq += float(x.double().pow(2).sum())
-        sx += x.double().sum(0)
+        sx += x.double().sum(0).cpu()
         l0 += float((info["vals"] > 0).sum())
         n += x.shape[0]
     if n == 0:
@@ -379,8 +391,13 @@ def train_sae(data: Any, sae_cfg: SAEConfig, cfg: TrainConfig, out_dir: str | Pa
     ``data``: :class:`Batches`, an array, or ``fn(epoch) -> batches``. ``heldout``: vectors of
     held-out images (a :class:`Batches` or an iterable factory) for the final FVU.
     """
+    from branchlens.weights import resolve_device
+
     out = Path(out_dir)
-    dist = Dist()
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    dist = Dist(device)
     batches = as_batches(data, cfg.batch_size, cfg.seed)
     B = cfg.batch_size
     if B % dist.world:
@@ -406,6 +423,7 @@ def train_sae(data: Any, sae_cfg: SAEConfig, cfg: TrainConfig, out_dir: str | Pa
         sae = TopKSAE(sae_cfg, seed=cfg.seed)
         sae.init_from_sample(_init_sample(batches, cfg.init_sample))
         step, epoch, bi = 0, 0, 0
+    sae = sae.to(device)
     params = list(sae.parameters())
     opt = make_adam(params, cfg)
     if resume:
@@ -444,7 +462,7 @@ def train_sae(data: Any, sae_cfg: SAEConfig, cfg: TrainConfig, out_dir: str | Pa
             bi += 1
             if x.shape[0] != B:
                 continue
-            x = x[lo:hi].float()
+            x = x[lo:hi].to(device, non_blocking=True).float()
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total, cfg)
             loss, st = sae.loss(x, B, sae.dead_mask(), dist.sum)
