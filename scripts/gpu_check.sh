@@ -20,11 +20,14 @@ for k in ref:
     print(f"parity {k}: max rel err {err:.2e}")
     assert err < 1e-3, k
 PY
-time python3 -m branchlens run embedded:192 --out "$OUT/run" --device cuda 2>&1 | grep -v "━" | tail -40
+RUN=/tmp/gpu_run
+time python3 -m branchlens run embedded:192 --out "$RUN" --device cuda 2>&1 | grep -v "━" | tail -40
+cp "$RUN/run.json" "$OUT/" 2>/dev/null; cp "$RUN/report/index.html" "$OUT/report.html" 2>/dev/null
+cp "$RUN/analysis/summary.json" "$OUT/" 2>/dev/null
 python3 - <<PY
 import json
-r = json.load(open("$OUT/run/run.json"))
+r = json.load(open("$RUN/run.json"))
 for s, v in r["stages"].items():
     print(s, v.get("status"), v.get("seconds"), v.get("error", ""))
 PY
-ls -la "$OUT/run/report" 2>/dev/null
+ls -la "$RUN/report" 2>/dev/null
