@@ -52,6 +52,8 @@ def main() -> None:
     ap.add_argument("--expansion", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=4096)
     ap.add_argument("--lr", type=float, default=4e-4)
+    ap.add_argument("--dead-after", type=int, default=None,
+                    help="vectors without firing = dead (default: half the training vectors)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -64,7 +66,7 @@ def main() -> None:
     results = {}
     for aux in (True, False):
         cfg = SAEConfig.for_layer("bvlc_googlenet", args.layer, expansion=args.expansion,
-                                  aux=aux)
+                                  aux=aux, dead_after=args.dead_after)
         tcfg = TrainConfig(batch_size=args.batch_size, lr=args.lr, epochs=args.epochs,
                            warmup_steps=10, log_every=10, ckpt_every=100)
         data = ArrayBatches(x, args.batch_size, seed=0, rows=np.nonzero(~held)[0])
