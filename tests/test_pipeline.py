@@ -1,0 +1,88 @@
+"""`branchlens run`: stages run in order, record themselves in run.json, and are skipped when
+their artifacts match the config (and re-run, with everything downstream, when it changes)."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from branchlens.cli import app
+from branchlens.pipeline import make_config, run, stage_hash
+
+TINY = {
+    "harvest": {"layers": ["mixed4a", "mixed4b"], "sampling": "uniform",
+                "samples_per_image": 20, "batch_size": 4},
+    "sae": {"expansion": 1},
+    "train": {"batch_size": 64, "steps": 4, "warmup_steps": 1, "log_every": 2, "ckpt_every": 2,
+              "progress": False},
+}
+
+
+@pytest.mark.filterwarnings("ignore:RANDOM WEIGHTS")
+def test_stages_skip_when_up_to_date_and_rerun_downstream_of_a_change(tmp_path):
+    out = tmp_path / "run"
+    logs: list[str] = []
+    kw = dict(source="embedded:6", weights="random", device="cpu", stages=["harvest", "train"],
+              log=logs.append)
+    rec = run(out, overrides=TINY, **kw)
+    assert [rec["stages"][s]["status"] for s in ("harvest", "train")] == ["done", "done"]
+    assert (out / "store" / "manifest.json").is_file()
+    assert (out / "sae" / "mixed4b" / "cfg.json").is_file()
+    saved = json.loads((out / "run.json").read_text())
+    assert saved["config"]["harvest"]["layers"] == ["mixed4a", "mixed4b"]
+    assert saved["branchlens_version"] and saved["weights"] == "random"
+
+    logs.clear()
+    run(out, overrides=TINY, **kw)
+    assert logs == ["[harvest] up to date, skipped", "[train] up to date, skipped"]
+
+    logs.clear()
+    changed = {**TINY, "train": {**TINY["train"], "steps": 6}}
+    rec = run(out, overrides=changed, **kw)
+    assert logs[0] == "[harvest] up to date, skipped"
+    assert "[train] running" in logs
+    assert rec["stages"]["train"]["config_hash"] != saved["stages"]["train"]["config_hash"]
+
+
+def test_upstream_change_changes_every_downstream_hash():
+    a = make_config("demo")
+    b = make_config("demo", overrides={"harvest": {"sampling": "norm"}})
+    assert stage_hash(a, "harvest", None) != stage_hash(b, "harvest", None)
+    assert stage_hash(a, "report", None) != stage_hash(b, "report", None)
+    c = make_config("demo", overrides={"report": {"cards_per_layer": 3}})
+    assert stage_hash(a, "analyze", None) == stage_hash(c, "analyze", None)
+    assert stage_hash(a, "report", None) != stage_hash(c, "report", None)
+
+
+def test_bad_presets_and_overrides_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown preset"):
+        make_config("fast")
+    with pytest.raises(ValueError, match="needs an image SOURCE"):
+        make_config("paper")
+    r = CliRunner().invoke(app, ["run", "--out", str(tmp_path), "--set", "trainsteps=3"])
+    assert r.exit_code != 0 and "STAGE.KEY=VALUE" in r.output
+
+
+@pytest.mark.filterwarnings("ignore:RANDOM WEIGHTS")
+def test_every_stage_through_the_report_from_the_cli(tmp_path):
+    out = tmp_path / "run"
+    sets = [f"{stage}.{k}={json.dumps(v)}" for stage, kv in TINY.items() for k, v in kv.items()]
+    sets += ["analyze.n_perm=50", "analyze.refine_to=100", "analyze.embed=\"pca\"",
+             "visualize.n_latents=2", "visualize.steps=2", "visualize.size=64",
+             "examples.n_strips=2", "examples.n_top=2", "circuits.n_latents=1",
+             "circuits.n_images=2", "circuits.flow_latents=4", "circuits.n_perm=20",
+             "circuits.ablate=1", "report.cards_per_layer=4"]
+    args = ["run", "embedded:6", "--out", str(out), "--weights", "random", "--device", "cpu"]
+    for s in sets:
+        args += ["--set", s]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert f"report: {(out / 'report' / 'index.html').resolve()}" in r.stdout
+    rec = json.loads((out / "run.json").read_text())
+    assert all(s["status"] == "done" for s in rec["stages"].values()), rec["stages"]
+    assert list(rec["stages"]) == ["harvest", "train", "analyze", "visualize", "examples",
+                                   "circuits", "report"]
+    assert (out / "analysis" / "summary.json").is_file()
+    assert (out / "viz" / "circuits" / "mixed4a__mixed4b.json").is_file()
+    html = (out / "report" / "index.html").read_text()
+    assert '<div class="banner" role="alert">RANDOM WEIGHTS' in html
