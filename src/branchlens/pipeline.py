@@ -118,7 +118,7 @@ def _harvest(ctx: RunContext) -> dict:
                   sampling=h["sampling"], samples_per_image=h["samples_per_image"],
                   aligned=h["aligned"], dtype=h["dtype"], batch_size=h["batch_size"],
                   seed=ctx.config["seed"], paper_compat=ctx.config["paper_compat"])
-    return {"images": getattr(res, "images", None), "vectors": getattr(res, "vectors", None)}
+    return {"images": res.images, "vectors": res.vectors, "skipped": res.skips.total}
 
 
 def _train(ctx: RunContext) -> dict:
