@@ -22,7 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -104,31 +103,9 @@ def throughput(steps: int) -> dict:
 
 
 def make_store(path: Path, n_vectors: int, d: int = D, per_image: int = 196) -> None:
-    from branchlens import store as st
+    from branchlens.store import write_synthetic
 
-    layer = "mixed4c"
-    n_images = n_vectors // per_image
-    cfg = {"variant": "bvlc_googlenet", "layers": [layer],
-           "widths": {layer: {"channels": d, "grid": [14, 14], "branches": None}},
-           "sampling": {"method": "all", "samples_per_image": per_image, "aligned": False,
-                        "seed": 0},
-           "dtype": "fp32", "source": {"description": "synthetic", "n_images": n_images},
-           "weights": {"source": "none"}}
-    rng = np.random.default_rng(0)
-    lock = st.StoreLock(path).acquire()
-    try:
-        st.prepare_store(path, cfg)
-        w = st.ShardWriter(path, 0, [layer], {layer: d}, "fp32", 64, seq=0)
-        prov = np.array([[0, s // 14, s % 14, s] for s in range(per_image)])
-        for i in range(n_images):
-            vec = rng.gamma(2.0, 1.0, (per_image, d)).astype(np.float32)
-            p = prov.copy()
-            p[:, 0] = i
-            w.add(i, f"img{i}", None, {layer: vec}, {layer: p})
-        w.flush()
-        st.finalize_store(path, n_images, {})
-    finally:
-        lock.release()
+    write_synthetic(path, "mixed4c", n_vectors // per_image, per_image, d, images_per_shard=64)
 
 
 RSS_CHILD = """

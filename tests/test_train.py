@@ -213,30 +213,9 @@ def test_ddp_two_processes_match_one(tmp_path):
 
 
 def _make_store(path: Path, layer: str, n_images: int = 12, per_image: int = 20):
-    from branchlens import store as st
-    from branchlens.store import ShardWriter, StoreLock
+    from branchlens.store import write_synthetic
 
-    d = 64
-    cfg = {"variant": "bvlc_googlenet", "layers": [layer],
-           "widths": {layer: {"channels": d, "grid": [14, 14], "branches": None}},
-           "sampling": {"method": "all", "samples_per_image": per_image, "aligned": False,
-                        "seed": 0},
-           "dtype": "fp32", "source": {"description": "synthetic", "n_images": n_images},
-           "weights": {"source": "none"}}
-    rng = np.random.default_rng(0)
-    lock = StoreLock(path).acquire()
-    try:
-        st.prepare_store(path, cfg)
-        w = ShardWriter(path, 0, [layer], {layer: d}, "fp32", 4, seq=0)
-        for i in range(n_images):
-            vec = rng.gamma(2.0, 1.0, (per_image, d)).astype(np.float32)
-            prov = np.array([[i, s // 14, s % 14, s] for s in range(per_image)])
-            w.add(i, f"img{i}", None, {layer: vec}, {layer: prov})
-        w.flush()
-        st.finalize_store(path, n_images, {})
-    finally:
-        lock.release()
-    return st.ActivationStore.open(path)
+    return write_synthetic(path, layer, n_images, per_image, d=64, images_per_shard=4)
 
 
 def test_train_from_activation_store(tmp_path):
