@@ -119,6 +119,7 @@ def harvest(
     paper_compat: bool = typer.Option(False, "--paper-compat",
                                       help="feed [0,1] RGB like the paper's harvest"),
     limit: int | None = typer.Option(None, "--limit", help="first N images of SOURCE"),
+    flip: bool = typer.Option(False, "--flip", help="add every image's mirror as a 2nd view"),
     show_progress: bool = typer.Option(True, "--progress/--no-progress"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -131,7 +132,7 @@ def harvest(
                           sampling=sampling, samples_per_image=samples_per_image,
                           aligned=aligned, dtype=dtype, batch_size=batch_size, workers=workers,
                           seed=seed, shard_size=shard_size, paper_compat=paper_compat,
-                          limit=limit, show_progress=show_progress)
+                          limit=limit, flip=flip, show_progress=show_progress)
     except (StoreError, ValueError) as e:
         typer.secho(f"error: {e}", fg="red", err=True)
         raise typer.Exit(2) from None
@@ -386,7 +387,7 @@ def report(
 def run_cmd(
     source: str | None = typer.Argument(None, help="images; default: the preset's source"),
     out: Path = typer.Option(Path("runs/demo"), "--out", help="run directory"),
-    preset: str = typer.Option("demo", "--preset", help="demo | paper"),
+    preset: str = typer.Option("demo", "--preset", help="demo | sample16x | paper"),
     variant: str | None = typer.Option(None, "--variant", help="override the preset's"),
     weights: str | None = WeightsOpt,
     device: str = DeviceOpt,

@@ -40,6 +40,14 @@ class RawRecord:
     payload: Any  # str path | bytes | PIL.Image.Image | callable returning one of these
 
 
+VIEW_SEP = "#"  # "<image id>#<view>": a derived view (flip, crop) of one underlying image
+
+
+def view_group(image_id: str) -> str:
+    """The underlying image of a view id: views of one image must share a train/held-out side."""
+    return image_id.split(VIEW_SEP, 1)[0]
+
+
 class BadImage(Exception):
     """An input that cannot be decoded; ``reason`` is the counter key in the skip summary."""
 
@@ -288,7 +296,7 @@ class EmbeddedSource(ImageSource):
             raise IndexError(i)
         photo = self.photos[i % len(self.photos)]
         view = i // len(self.photos)
-        return RawRecord(f"embedded:{photo.stem}:view{view}", None,
+        return RawRecord(f"embedded:{photo.stem}{VIEW_SEP}view{view}", None,
                          _EmbeddedView(str(photo), view, self.seed + i))
 
 
@@ -386,9 +394,44 @@ class _TarMember:
             return tf.extractfile(self.member).read()
 
 
+class FlipViews(ImageSource):
+    """Every image of ``source`` followed by its horizontal mirror (2× the views).
+
+    Mirrors are ids ``<id>#flip``, so the held-out split keeps both views of an image together.
+    """
+
+    def __init__(self, source: ImageSource):
+        self.source = source
+        self.description = f"{source.description}+flip"
+
+    def __len__(self) -> int:
+        return 2 * len(self.source)
+
+    def __getitem__(self, i: int) -> RawRecord:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        rec = self.source[i // 2]
+        if i % 2 == 0:
+            return rec
+        return RawRecord(f"{rec.image_id}{VIEW_SEP}flip", rec.label, _Mirrored(rec.payload))
+
+
+@dataclass
+class _Mirrored:
+    payload: Any
+
+    def __call__(self) -> Image.Image:
+        return ImageOps.mirror(decode_image(self.payload))
+
+
 def open_source(spec: str | ImageSource, variant: str | Variant = "bvlc_googlenet",
-                seed: int = 0) -> ImageSource:
-    """Parse a source spec (see module docstring) into an :class:`ImageSource`."""
+                seed: int = 0, flip: bool = False) -> ImageSource:
+    """Parse a source spec (see module docstring) into an :class:`ImageSource`.
+
+    ``flip`` adds the horizontal mirror of every image as a second view.
+    """
+    if flip:
+        return FlipViews(open_source(spec, variant, seed))
     if isinstance(spec, ImageSource):
         return spec
     if spec == "embedded" or spec.startswith("embedded:"):

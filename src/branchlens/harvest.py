@@ -207,14 +207,16 @@ def harvest(
     shard_size: int = 1000,
     paper_compat: bool = False,
     limit: int | None = None,
+    flip: bool = False,
     model: InceptionV1 | None = None,
     show_progress: bool = True,
     channels_last: bool = True,
 ) -> HarvestResult:
     """Harvest ``layers`` of every image of ``source`` into the store at ``out`` (resumable).
 
-    ``shard_size`` is in images. ``model`` replaces loading ``weights`` (tests, notebooks); it
-    is moved to ``device`` (and to channels_last memory format) in place.
+    ``shard_size`` is in images; ``flip`` adds every image's mirror as a second view.
+    ``model`` replaces loading ``weights`` (tests, notebooks); it is moved to ``device`` (and to
+    channels_last memory format) in place.
     Raises :class:`~branchlens.store.StoreError` subclasses with actionable messages.
     """
     from branchlens.weights import load_model, resolve_device
@@ -251,7 +253,7 @@ def harvest(
             if small:
                 raise ValueError(f"uniform sampling of {samples_per_image} positions: grid too "
                                  f"small for {small}")
-        src = open_source(source, v, seed=seed)
+        src = open_source(source, v, seed=seed, flip=flip)
         n = len(src) if limit is None else min(limit, len(src))
         config = _store_config(v.name, layers, shapes, src.description, n, limit, sampling,
                                samples_per_image, aligned, seed, dtype, paper_compat, wdict)

@@ -653,13 +653,26 @@ class ActivationStore:
 
     def split_images(self, heldout_fraction: float, seed: int = 0
                      ) -> tuple[np.ndarray, np.ndarray]:
-        """Stored image indices split at random into (train, held-out), each sorted."""
+        """Stored image indices split at random into (train, held-out), each sorted.
+
+        The split is by underlying image (:func:`branchlens.data.view_group`): a mirror or crop
+        of a training image never lands among the held-out images.
+        """
+        from branchlens.data import view_group
+
         if not 0 <= heldout_fraction < 1:
             raise ValueError("heldout_fraction must be in [0, 1)")
-        stored = np.array([i for i, r in enumerate(self.images) if "skipped" not in r], np.int64)
-        perm = np.random.default_rng(seed).permutation(stored)
-        k = int(round(len(stored) * heldout_fraction))
-        return np.sort(perm[k:]), np.sort(perm[:k])
+        stored = [i for i, r in enumerate(self.images) if "skipped" not in r]
+        groups = sorted({view_group(str(self.images[i].get("id", i))) for i in stored})
+        perm = np.random.default_rng(seed).permutation(len(groups))
+        k = int(round(len(groups) * heldout_fraction))
+        held_groups = {groups[j] for j in perm[:k]}
+        held = np.array([i for i in stored
+                         if view_group(str(self.images[i].get("id", i))) in held_groups], np.int64)
+        train = np.array([i for i in stored
+                          if view_group(str(self.images[i].get("id", i))) not in held_groups],
+                         np.int64)
+        return train, held
 
     def check_files(self) -> None:
         """Read every shard once and compare its sha256 with the manifest."""

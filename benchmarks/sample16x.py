@@ -1,0 +1,58 @@
+"""Wall time of the real-data preset: ``branchlens run IMAGES --preset sample16x``.
+
+The shared 1000 ImageNet images plus mirrors, every position, 16× SAEs (k=32) on ≈3 M vectors
+for each of mixed4a–4e, then analysis and the report. The budget (baseline) is one hour on a
+2-core CPU, so ratio > 1 means it fits. Prints each stage's time and the analysis' share.
+
+    python benchmarks/sample16x.py [--images ../shared/data/imagenet-sample] [--out runs/sample16x]
+
+``--keep`` resumes an existing run folder: stages already done with the same config are not
+re-run, and the total is then the sum of the seconds each stage recorded in ``run.json`` when
+it ran (so a run split over several invocations is still measured stage by stage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+
+from branchlens.pipeline import run
+
+BUDGET_S = 3600.0
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", default=str(HERE.parent.parent / "shared/data/imagenet-sample"))
+    ap.add_argument("--out", default="runs/sample16x")
+    ap.add_argument("--weights", default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--stages", default=None, help="comma-separated subset (default: preset's)")
+    ap.add_argument("--keep", action="store_true", help="resume the run folder, do not wipe it")
+    args = ap.parse_args()
+    if not args.keep:
+        shutil.rmtree(args.out, ignore_errors=True)
+    t0 = time.perf_counter()
+    record = run(args.out, preset="sample16x", source=args.images, weights=args.weights,
+                 device=args.device, stages=args.stages.split(",") if args.stages else None)
+    wall = time.perf_counter() - t0
+    secs = {s: float(r.get("seconds", 0.0)) for s, r in record["stages"].items()
+            if r.get("status") == "done"}
+    total = sum(secs.values())
+    for stage, s in secs.items():
+        print(f"{stage:10s} {s:8.1f} s  ({s / total:.1%})")
+    print(f"sum of stages {total:.1f} s; this invocation {wall:.1f} s; "
+          f"analysis share {secs.get('analyze', 0.0) / total:.1%}")
+    missing = [s for s in ("harvest", "train", "analyze", "report") if s not in secs]
+    if missing:
+        print(f"stages not done yet: {missing}")
+        return
+    print(f"RESULT sample16x_wall ours={total:.1f} baseline={BUDGET_S:.0f} unit=s "
+          f"ratio={BUDGET_S / total:.2f}")
+
+
+if __name__ == "__main__":
+    main()
