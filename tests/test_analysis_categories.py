@@ -46,3 +46,29 @@ def test_fractions_and_category_test():
     res = cat.category_test(frac, dom, ["1x1", "3x3", "5x5", "pool"])
     assert res["5x5"]["p_value"] < 1e-6 and res["5x5"]["effect"] > 0.5
     assert res["1x1"]["effect"] < 0
+
+
+def test_category_bootstrap_against_the_images_base_rate():
+    rng = np.random.default_rng(1)
+    n_img = 400
+    animal = (rng.random(n_img) < 0.4).astype(float)  # base rate 0.4
+    animal[:20] = np.nan  # unlabelled images are ignored
+    groups = np.arange(n_img) // 2  # an image and its mirror
+    imgs = np.arange(n_img)
+    animals = np.flatnonzero(animal == 1)
+    others = np.flatnonzero(animal == 0)
+    dom = np.repeat([0, 1, 2, 3, NONE], 40)
+    tops = []
+    for lat in range(dom.size):
+        if dom[lat] == 2:  # 5x5 latents: 80 % animal top images
+            pick = np.concatenate([rng.choice(animals, 8), rng.choice(others, 2)])
+        else:  # the others: top images drawn like the images themselves
+            pick = rng.choice(imgs[20:], 10)
+        tops.append([int(i) for i in pick])
+    res = cat.category_bootstrap(tops, animal, groups, dom, ["1x1", "3x3", "5x5", "pool"],
+                                 images=imgs, n_boot=1000)
+    five = res["5x5"]
+    assert five["latents"] == 40 and abs(five["base_rate"] - 0.4) < 0.05
+    assert five["animal_fraction"] > 0.75 and five["ci_low"] > 0.2 and five["p_value"] < 0.01
+    for b in ("1x1", "3x3", "pool"):
+        assert res[b]["ci_low"] < 0 < res[b]["ci_high"], (b, res[b])

@@ -6,7 +6,12 @@ import numpy as np
 import scipy.sparse as sp
 
 from branchlens.analysis.branches import NONE
-from branchlens.analysis.crosslayer import align_rows, best_matches, consistency
+from branchlens.analysis.crosslayer import (
+    align_rows,
+    consistency,
+    mutual_best_matches,
+    shifted_rows,
+)
 
 BR = ["1x1", "3x3", "5x5", "pool"]
 
@@ -55,34 +60,64 @@ def distinct_images(z, img):
     return np.bincount(pairs[:, 0], minlength=z.shape[1])
 
 
-def test_best_matches_recovers_pairs_and_excludes_rare_latents():
+def test_mutual_best_matches_recover_pairs_one_to_one_and_exclude_rare_latents():
     za, zb, perm, img = planted_pairs()
-    best, corr = best_matches(za, zb, chunk=64)
-    assert np.mean(best[:120] == perm[:120]) > 0.98
-    assert np.all(corr[:120] > 0.6) and np.nanmax(corr[120:-1]) < 0.3
-    assert corr[-1] > 0.9  # the rare pair correlates strongly — by accident
+    ia, ib, corr = mutual_best_matches(za, zb, chunk=64)
+    got = dict(zip(ia.tolist(), ib.tolist(), strict=True))
+    assert sum(got.get(i) == perm[i] for i in range(120)) >= 118
+    assert len(set(ib.tolist())) == ib.size  # one-to-one
+    assert np.all(np.diff(corr) <= 0)  # sorted by correlation
+    assert got.get(za.shape[1] - 1) == perm[-1]  # the rare pair matches — by accident
     ea = distinct_images(za, img) >= 20
     eb = distinct_images(zb, img) >= 20
     assert not ea[-1] and not eb[perm[-1]]
-    best2, corr2 = best_matches(za, zb, ea, eb, chunk=64)
-    assert best2[-1] == -1 and np.isnan(corr2[-1])
-    np.testing.assert_array_equal(best2[:120], best[:120])
+    ia2, ib2, _ = mutual_best_matches(za, zb, ea, eb, chunk=64)
+    assert za.shape[1] - 1 not in ia2.tolist()
+
+
+def test_near_duplicates_do_not_all_match_one_partner():
+    za, zb, perm, _ = planted_pairs(n_pairs=50, n_extra=10)
+    dup = sp.hstack([za, za[:, :5] * 1.01]).tocsr()  # five near-duplicate A latents
+    ia, ib, _ = mutual_best_matches(dup, zb)
+    assert len(set(ib.tolist())) == ib.size
+    assert sum(int(b) in {int(perm[i]) for i in range(5)} for b in ib) <= 5
+
+
+def test_shifted_rows_pair_different_images_at_the_same_position():
+    grid = np.array([(i, y, x, 0) for i in range(6) for y in range(2) for x in range(2)])
+    groups = np.array([0, 0, 1, 1, 2, 2])  # images 2k and 2k+1 are views of one image
+    rows = np.arange(len(grid))
+    sa, sb = shifted_rows(grid, grid, rows, rows, groups, 1)
+    assert sa.size == len(grid)
+    assert np.all(grid[sa, 1:3] == grid[sb, 1:3])
+    assert np.all(groups[grid[sa, 0]] != groups[grid[sb, 0]])
+
+
+def test_shifted_image_null_breaks_the_matching():
+    za, zb, perm, img = planted_pairs()
+    order = np.argsort(img, kind="stable")
+    za, zb, img = za[order], zb[order], img[order]
+    # Shift B's rows to rows of other images: co-firing gone, firing rates kept.
+    shift = np.roll(np.arange(za.shape[0]), 997)
+    _, _, corr = mutual_best_matches(za, zb[shift])
+    assert np.quantile(corr, 0.99) < 0.3
 
 
 def test_consistency_significant_for_shared_branches_not_for_shuffled():
     za, zb, perm, img = planted_pairs(seed=1)
-    best, corr = best_matches(za, zb)
+    ia, ib, corr = mutual_best_matches(za, zb)
+    keep = corr >= 0.5
+    ia, ib = ia[keep], ib[keep]
     rng = np.random.default_rng(2)
     dom_a = rng.choice([0, 1, 2, 3, NONE], size=za.shape[1], p=[.3, .3, .2, .1, .1])
     dom_b = np.full(zb.shape[1], NONE)
     dom_b[perm] = dom_a  # matched partners share their dominant branch ...
     flip = rng.random(zb.shape[1]) < 0.3  # ... up to 30 % noise
     dom_b[flip] = rng.choice([0, 1, 2, 3, NONE], size=flip.sum())
-    res = consistency(dom_a, dom_b, best, corr, BR, threshold=0.5, n_perm=2000)
+    res = consistency(dom_a, dom_b, ia, ib, BR, n_perm=2000)
     assert res["matched_pairs"] >= 115
     assert res["p_value"] < 0.001 and res["kappa"] > 0.4
     assert res["agreement"] > res["null_q95"]
     assert np.trace(np.array(res["table"])) == round(res["agreement"] * res["pairs_both_dominant"])
-    null = consistency(dom_a, rng.permutation(dom_b), best, corr, BR, threshold=0.5,
-                       n_perm=2000)
+    null = consistency(dom_a, rng.permutation(dom_b), ia, ib, BR, n_perm=2000)
     assert null["p_value"] > 0.01 and abs(null["kappa"]) < 0.15

@@ -11,7 +11,9 @@ import torch
 
 from branchlens.analysis import NONE, AnalysisConfig, analyze, format_table
 from branchlens.analysis.categories import is_animal
+from branchlens.analysis.driver import AnalysisError
 from branchlens.analysis.synthetic import planted_decoder
+from branchlens.store import ActivationStore
 from branchlens.variants import branch_slices
 
 LAYERS = ("mixed4a", "mixed4b")  # both 512 channels on a 14×14 grid
@@ -42,6 +44,16 @@ class FakeStore:
     def layer_stats(self, layer):
         x = self.arrays[layer]
         return {"mean": x.mean(0).tolist(), "std": x.std(0).tolist()}
+
+    def content_hash(self):
+        return "fake-store"
+
+    split_images = ActivationStore.split_images  # the real split, by underlying image
+
+
+TRAINED = {"store_hash": "fake-store", "eval": {"heldout": {"fvu": 0.1}},
+           "train": {"step": 10, "total_steps": 10,
+                     "config": {"heldout_fraction": 0.5, "seed": 0}}}
 
 
 @pytest.fixture(scope="module")
@@ -92,10 +104,10 @@ def run(tmp_path_factory):
             w = torch.from_numpy(dec[layer]).float()
             sae.W_enc.copy_(w)
             sae.W_dec.copy_(w)
-        sae.save(root / "sae" / layer)
+        sae.save(root / "sae" / layer, TRAINED)
     store = FakeStore(arrays, prov, labels.tolist())
-    config = AnalysisConfig(n_perm=500, refine_to=2000, top=32, min_images=10,
-                            match_threshold=0.5, embed="pca", null_band_reps=5)
+    config = AnalysisConfig(n_perm=300, top=32, min_images=10, match_threshold=0.5,
+                            embed="pca", curve_reps=50, bootstrap=500)
     summary = analyze(root, store=store, config=config)
     truth = {"mixed4a": truth_a, "mixed4b": pb.truth[order_b]}
     return root, summary, truth, perm
@@ -114,8 +126,9 @@ def test_outputs_written(run):
     assert json.loads((out / "summary.json").read_text())["layers"] == list(LAYERS)
     rows = list(csv.DictReader(open(out / "latents.csv")))
     assert len(rows) == 2 * N_LAT
-    assert {"paper_ratio_5x5", "p_perm_5x5", "q_perm_5x5", "attribution_5x5", "top_category",
-            "firing_rate", "alive", "dominant", "p_isotropic_1x1"} <= set(rows[0])
+    assert {"paper_ratio_5x5", "p_raw_5x5", "q_raw_5x5", "p_scale_5x5", "attribution_5x5",
+            "top_category", "firing_rate", "alive", "dominant", "robust_dominant",
+            "p_isotropic_1x1"} <= set(rows[0])
     layers_rows = list(csv.DictReader(open(out / "layers.csv")))
     assert len(layers_rows) == 2 * 4
     assert "p-values" in summary["pvalue_note"]
@@ -141,16 +154,87 @@ def test_detection_and_attribution_on_planted_layers(run):
         own = att[planted, t[planted]]
         assert np.median(own) > 0.5
         s = summary["per_layer"][layer]
-        assert s["alive_in_store"] == N_LAT and s["permuted_channels_control"]["significant"] <= 3
+        assert s["tested"] == N_LAT and s["dead_in_training"] == 0
+        for name, c in s["null_controls"].items():
+            if not c.get("reference_only"):
+                assert c["significant"] <= c["bound_q_m"], name
         assert s["knn_branch_agreement"]["n_labelled"] > 0
+        # Data side on the SAE's held-out images only: half of the 120 images.
+        assert "held-out" in s["data_split"] and s["heldout_vectors"] == N_IMG // 2 * POS
+        pc = s["paper_curve"]["raw"]["5x5"]
+        assert pc["count_gt_0.5"] > pc["null_count_gt_0.5_q95"]
 
 
 def test_cross_layer_and_category_results(run):
     _, summary, _, _ = run
     cl = summary["cross_layer"][0]
-    assert cl["layers"] == list(LAYERS) and cl["aligned_samples"] == N_IMG * POS
+    assert cl["layers"] == list(LAYERS) and cl["aligned_samples"] == N_IMG // 2 * POS
     c = cl["consistency"]
     assert c["matched_pairs"] > 0.8 * N_LAT
     assert c["agreement"] > 0.8 and c["p_value"] < 0.01 and c["kappa"] > 0.6
-    cat = summary["per_layer"]["mixed4a"]["category_test"]["5x5"]
-    assert cat["effect"] > 0.3 and cat["p_value"] < 0.01
+    # The matching's own null (images shifted) finds almost no pairs above the threshold.
+    assert max(cl["shifted_image_null"]["pairs_above_threshold_per_replicate"]) < 0.05 * N_LAT
+    cat = summary["per_layer"]["mixed4a"]["category_test"]["dominant"]["5x5"]
+    assert cat["difference"] > 0.1 and cat["ci_low"] > 0 and cat["significant"]
+
+
+def test_claims_table(run):
+    _, summary, _, _ = run
+    claims = {c["id"]: c for c in summary["claims"]}
+    assert list(claims) == ["specialise", "five_by_five", "animals", "across_layers",
+                            "paper_curve"]
+    assert claims["specialise"]["verdict"] == "supported"
+    assert claims["animals"]["verdict"] in ("supported", "explained by channel scale")
+    assert claims["across_layers"]["verdict"] == "supported"
+    assert claims["paper_curve"]["verdict"] == "not testable"  # mixed4c was not analysed
+    for c in claims.values():
+        assert c["evidence"] and c["verdict"] in ("supported", "not supported",
+                                                  "explained by channel scale", "not testable")
+    assert "claims of the paper" in format_table(summary)
+
+
+def _tiny_run(root, store, dead_fraction=0.0, meta=TRAINED):
+    from branchlens.sae import SAEConfig, TopKSAE
+
+    sl = branch_slices("bvlc_googlenet", "mixed4a")
+    cfg = SAEConfig(d_in=512, n_latents=64, k=4, decoder="untied", layer="mixed4a",
+                    variant="bvlc_googlenet", dead_after=100,
+                    branch_slices={b: [s.start, s.stop] for b, s in sl.items()})
+    sae = TopKSAE(cfg, seed=1)
+    with torch.no_grad():
+        sae.since_fired[: int(dead_fraction * 64)] = 10**6
+    sae.save(root / "sae" / "mixed4a", meta)
+    return root
+
+
+def _tiny_store():
+    rng = np.random.default_rng(0)
+    prov = np.array([(i, p // 14, p % 14, 0) for i in range(20) for p in range(8)], np.int64)
+    x = np.abs(rng.standard_normal((len(prov), 512))).astype(np.float32)
+    return FakeStore({"mixed4a": x}, prov, list(range(20)))
+
+
+def test_bad_runs_give_one_line_errors_naming_the_layer(tmp_path):
+    store = _tiny_store()
+    fast = AnalysisConfig(n_perm=100, embed="none", curve_reps=10, bootstrap=50)
+    with pytest.raises(AnalysisError, match="no trained SAEs"):
+        analyze(tmp_path, store=store, config=fast)
+    with pytest.raises(AnalysisError, match="mixed4b: no trained SAE.*branchlens train"):
+        analyze(_tiny_run(tmp_path / "a", store), layers=["mixed4b"], store=store, config=fast)
+    half = {**TRAINED, "train": {**TRAINED["train"], "step": 3}}
+    with pytest.raises(AnalysisError, match="mixed4a: the SAE is half-trained"):
+        analyze(_tiny_run(tmp_path / "b", store, meta=half), store=store, config=fast)
+    other = {**TRAINED, "store_hash": "another-store"}
+    with pytest.raises(AnalysisError, match="mixed4a: the SAE was trained on another store"):
+        analyze(_tiny_run(tmp_path / "c", store, meta=other), store=store, config=fast)
+
+
+def test_layer_with_almost_every_latent_dead_is_analysed_with_a_warning(tmp_path):
+    store = _tiny_store()
+    fast = AnalysisConfig(n_perm=100, embed="none", curve_reps=10, bootstrap=50)
+    summary = analyze(_tiny_run(tmp_path, store, dead_fraction=0.95), store=store, config=fast)
+    s = summary["per_layer"]["mixed4a"]
+    assert s["dead_in_training"] == 60 and s["tested"] <= 4
+    assert s["warning"] and "dead" in s["warning"]
+    rows = list(csv.DictReader(open(tmp_path / "analysis" / "latents.csv")))
+    assert all(r["alive"] == "False" and r["dominant"] == "none" for r in rows[:60])

@@ -67,7 +67,7 @@ def test_bad_presets_and_overrides_are_clear_errors(tmp_path):
 def test_every_stage_through_the_report_from_the_cli(tmp_path):
     out = tmp_path / "run"
     sets = [f"{stage}.{k}={json.dumps(v)}" for stage, kv in TINY.items() for k, v in kv.items()]
-    sets += ["analyze.n_perm=50", "analyze.refine_to=100", "analyze.embed=\"pca\"",
+    sets += ["analyze.n_perm=50", "analyze.curve_reps=20", "analyze.embed=\"pca\"",
              "visualize.n_latents=2", "visualize.steps=2", "visualize.size=64",
              "examples.n_strips=2", "examples.n_top=2", "circuits.n_latents=1",
              "circuits.n_images=2", "circuits.flow_latents=4", "circuits.n_perm=20",

@@ -92,7 +92,7 @@ def real_run(tmp_path_factory) -> Path:
         batch_size=32, steps=12, log_every=4, warmup_steps=2, init_sample=256, progress=False),
         expansion=1)
     _plant_branches(run, "mixed3b")
-    analyze(run, config=AnalysisConfig(n_perm=200, refine_to=2000, embed="pca", null_band_reps=2,
+    analyze(run, config=AnalysisConfig(n_perm=200, embed="pca", curve_reps=20, bootstrap=100,
                                        min_images=2, top=8, top_images=4))
     _set_category(run, 3, EVIL)
     # run.json as `branchlens run` records it (config, versions, per-stage status)

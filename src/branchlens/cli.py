@@ -159,9 +159,13 @@ def analyze(
     layers: str | None = typer.Option(None, "--layers",
                                       help="comma-separated; default: every trained layer"),
     q: float = typer.Option(0.05, "--q", help="BH false discovery rate per branch"),
-    n_perm: int = typer.Option(2000, "--n-perm", help="channel permutations per latent"),
-    refine_to: int = typer.Option(20000, "--refine-to",
-                                  help="permutations for latents with tiny p-values"),
+    n_perm: int = typer.Option(1000, "--n-perm",
+                               help="first round of channel permutations per latent (then "
+                                    "refined adaptively until BH can decide)"),
+    max_perm: int | None = typer.Option(None, "--max-perm",
+                                        help="cap of the refinement (default ceil(20·m/q))"),
+    curve_reps: int = typer.Option(200, "--curve-reps",
+                                   help="null replicates of the sorted-ratio curve"),
     min_images: int = typer.Option(20, "--min-images",
                                    help="distinct firing images to take part in matching"),
     match_threshold: float = typer.Option(0.5, "--match-threshold",
@@ -175,7 +179,8 @@ def analyze(
     from branchlens.analysis import AnalysisConfig, format_table
     from branchlens.analysis import analyze as run_analyze
 
-    cfg = AnalysisConfig(q=q, n_perm=n_perm, refine_to=refine_to, min_images=min_images,
+    cfg = AnalysisConfig(q=q, n_perm=n_perm, max_perm=max_perm, curve_reps=curve_reps,
+                         min_images=min_images,
                          match_threshold=match_threshold, embed=embed, seed=seed,
                          device=device)
     try:
@@ -186,8 +191,12 @@ def analyze(
         raise typer.Exit(2) from None
     if as_json:
         _echo_json({"analysis": f"{run}/analysis", "layers": summary["layers"],
+                    "claims": [{k: c[k] for k in ("id", "claim", "verdict", "evidence")}
+                               for c in summary["claims"]],
                     "dominant": {k: v["dominant_counts"]
-                                 for k, v in summary["per_layer"].items()}})
+                                 for k, v in summary["per_layer"].items()},
+                    "robust_dominant": {k: v["robust_dominant_counts"]
+                                        for k, v in summary["per_layer"].items()}})
         return
     typer.echo(format_table(summary))
     typer.echo(f"written: {run}/analysis/ (summary.json, latents.csv, layers.csv, figures)")

@@ -32,7 +32,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sae": {"expansion": 4, "k": 32, "decoder": "untied"},
         "train": {"batch_size": 1024, "steps": 300, "lr": 1e-3, "warmup_steps": 20,
                   "log_every": 25, "ckpt_every": 100},
-        "analyze": {"n_perm": 500, "refine_to": 2000, "embed": "auto"},
+        "analyze": {"n_perm": 500, "curve_reps": 100, "bootstrap": 500, "embed": "auto"},
         "visualize": {"n_latents": 4, "steps": 96, "size": 128, "batch_size": 8},
         "examples": {"n_top": 8, "n_strips": 12, "batch_size": 16},
         "circuits": {"n_latents": 3, "n_images": 4, "flow_latents": 32, "n_perm": 500,

@@ -216,16 +216,17 @@ class TopKSAE(nn.Module):
         return self.since_fired >= limit
 
     # -- forward ------------------------------------------------------------------------------
-    def _center(self, x: Tensor) -> Tensor:
+    def center(self, x: Tensor) -> Tensor:
+        """The input as the encoder sees it: scaled, minus ``b_pre``."""
         return x * self.cfg.scale - self.b_pre
 
     def encode_pre(self, x: Tensor) -> Tensor:
         """Pre-activations [B, n] (before TopK/ReLU), dense."""
-        return F.linear(self._center(x), self.W_enc, self.b_latent)
+        return F.linear(self.center(x), self.W_enc, self.b_latent)
 
     def encode_sparse(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(values [B, k] ≥ 0, indices [B, k]); differentiable wrt the parameters, sparsely."""
-        xc = self._center(x)
+        xc = self.center(x)
         with torch.no_grad():
             pre = torch.addmm(self.b_latent, xc, self.W_enc.t())
             idx = pre.topk(self.cfg.k, dim=1, sorted=False).indices

@@ -17,18 +17,26 @@ from branchlens.analysis.branches import (
     enrichment,
     isotropic_pvalues,
     layer_table,
-    null_band,
+    null_controls,
     permutation_pvalues,
+    ratio_null,
+    scale_strata,
     std_normalise,
 )
 from branchlens.analysis.categories import (
     CATEGORIES,
     category,
+    category_bootstrap,
     category_fractions,
     category_test,
     is_animal,
 )
-from branchlens.analysis.crosslayer import align_rows, best_matches, consistency
+from branchlens.analysis.crosslayer import (
+    align_rows,
+    consistency,
+    mutual_best_matches,
+    shifted_rows,
+)
 from branchlens.analysis.driver import AnalysisConfig, analyze, format_table
 from branchlens.analysis.embedding import embed_latents, knn_branch_agreement
 from branchlens.analysis.stats import (
@@ -40,10 +48,12 @@ from branchlens.analysis.stats import (
 
 __all__ = [
     "NONE", "Activity", "AnalysisConfig", "BranchTest", "CATEGORIES", "agreement_permutation_test",
-    "align_rows", "analyze", "analyze_branches", "best_matches", "beta_approx_pvalues",
+    "align_rows", "analyze", "analyze_branches", "beta_approx_pvalues", "mutual_best_matches",
+    "shifted_rows",
     "bh_reject", "branch_attribution", "branch_shares", "category", "category_fractions",
-    "category_test", "cohen_kappa", "consistency", "dominant_branch", "effective_dimension",
+    "category_bootstrap", "category_test", "cohen_kappa", "consistency", "dominant_branch",
+    "effective_dimension",
     "embed_latents", "enrichment", "format_table", "is_animal", "isotropic_pvalues",
-    "knn_branch_agreement", "latent_activity", "layer_table", "mann_whitney", "null_band",
-    "permutation_pvalues", "std_normalise", "top_images",
+    "knn_branch_agreement", "latent_activity", "layer_table", "mann_whitney", "null_controls",
+    "permutation_pvalues", "ratio_null", "scale_strata", "std_normalise", "top_images",
 ]

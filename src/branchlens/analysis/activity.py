@@ -79,16 +79,23 @@ def latent_activity(encode: Callable[[torch.Tensor], torch.Tensor], array: np.nd
                     top_row=top_row.cpu().numpy(), n_images_fired=fired.sum(0))
 
 
-def top_images(top_row: np.ndarray, image_index: np.ndarray, max_images: int = 16) -> list[list]:
-    """Distinct images of each latent's top rows, in order of activation, at most max_images."""
+def top_images(top_row: np.ndarray, image_index: np.ndarray, max_images: int = 16,
+               groups: np.ndarray | None = None) -> list[list]:
+    """Distinct images of each latent's top rows, in order of activation, at most max_images.
+
+    With ``groups`` [n_images] an image group (an image and its mirror) counts once.
+    """
     out = []
     for rows in top_row:
         seen: list[int] = []
+        seen_g: set[int] = set()
         for r in rows:
             if r < 0:
                 break
             im = int(image_index[r])
-            if im not in seen:
+            g = im if groups is None else int(groups[im])
+            if g not in seen_g:
+                seen_g.add(g)
                 seen.append(im)
                 if len(seen) == max_images:
                     break

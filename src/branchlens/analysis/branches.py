@@ -4,24 +4,26 @@ A decoder direction v (one latent, length d = channels of the layer) is split by
 branch slices. Statistics are *shares of squared norm*: ``share_b = ‖v_b‖² / ‖v‖²`` (the full
 ratio is its square root) and, for the paper's ratio, the same on ``relu(v)``.
 
-Null models (see docs/reference statistics.md):
+Null models (see shared/reference/statistics.md):
 - isotropic: v a uniformly random direction → ``share_b ~ Beta(w_b/2, (d−w_b)/2)``. Real decoders
   are heavy-tailed, so this is badly miscalibrated; reported as a reference only.
-- channel permutation (the decision rule): keep v's values, assign them to channels at random.
-  Applied to the dictionary-normalised decoder (each channel divided by its RMS over latents),
-  because channel-level scale (loud or quiet channels in every latent) breaks exchangeability;
-  raw and activation-std-normalised decoders are reported as controls.
-  Exact Monte-Carlo over all latents × B permutations at once, plus a moment-matched Beta whose
-  effective dimension comes from the values' kurtosis (fast, checked against Monte-Carlo).
-  The positive-part (paper) statistic gets its own permutation null on ``relu(v)``.
+- channel permutation, raw decoder (the primary decision): keep v's values in activation units,
+  assign them to channels at random. Answers "beyond channel identity".
+- channel permutation within strata of equal activation std (the scale rule): answers "beyond
+  what the channels' activation scale alone gives a branch". Robust = both reject.
+- the positive-part (paper) statistic gets its own permutation null on ``relu(v)``.
+Monte-Carlo p-values are refined adaptively until Benjamini–Hochberg can decide, so there is no
+p-value floor; a moment-matched Beta (effective dimension from the kurtosis) is reported and
+checked against Monte-Carlo in the tail. Relative (dictionary-normalised) scales are only
+descriptive: they are zero-sum across latents and cannot decide specialization.
 
-Enrichment is ``share_b / (w_b / d)`` (1 under both nulls), so a wide branch (1x1 in several
+Enrichment is ``share_b / (w_b / d)`` (1 under the null), so a wide branch (1x1 in several
 layers) does not collect latents by size alone.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -124,19 +126,54 @@ def beta_approx_pvalues(decoder, slices: dict[str, slice], positive: bool = Fals
     return sps.beta.sf(shares, mu * half, (1 - mu) * half)
 
 
+def scale_strata(std, n_strata: int = 16) -> np.ndarray:
+    """Channel strata of near-equal activation scale (quantile bins of the std), int [d].
+
+    Permuting values only *within* a stratum keeps every value in a channel of the same
+    loudness: the null of "a branch's mass is what its channels' activation scale gives it".
+    """
+    s = _as_np(std)
+    d = s.size
+    order = np.argsort(s, kind="stable")
+    strata = np.empty(d, np.int64)
+    strata[order] = np.arange(d) * min(n_strata, d) // d
+    return strata
+
+
+def label_bank(labels: np.ndarray, n_perm: int, rng: np.random.Generator,
+               strata: np.ndarray | None = None) -> np.ndarray:
+    """[n_perm, d] int8 branch labels under independent random channel permutations
+    (within each stratum when ``strata`` is given)."""
+    lab = np.asarray(labels, np.int8)
+    if strata is None:
+        return rng.permuted(np.tile(lab, (n_perm, 1)), axis=1)
+    bank = np.empty((n_perm, lab.size), np.int8)
+    for st in np.unique(strata):
+        cols = np.flatnonzero(strata == st)
+        bank[:, cols] = rng.permuted(np.tile(lab[cols], (n_perm, 1)), axis=1)
+    return bank
+
+
+def permutation_bank(slices: dict[str, slice], n_perm: int, seed: int = 0) -> np.ndarray:
+    """[n_perm, d] int8: branch label of each channel under independent random permutations."""
+    lab = branch_labels(slices, sum(s.stop - s.start for s in slices.values()))
+    return label_bank(lab, n_perm, np.random.default_rng(seed))
+
+
 @dataclass
 class PermutationResult:
     """Monte-Carlo channel-permutation test: p = (1 + #{T_perm ≥ T_obs}) / (1 + B_i)."""
 
-    p: np.ndarray  # [n, B]
+    p: np.ndarray  # [n, B]; NaN for latents not tested
     exceed: np.ndarray  # [n, B] counts
-    n_perm: np.ndarray  # [n] permutations used per latent (refined latents get more)
+    n_perm: np.ndarray  # [n] permutations used per latent (adaptive)
+    threshold: np.ndarray  # [B] final BH threshold on p (0: nothing rejected)
 
 
 def _indicator(labels: torch.Tensor, n_branches: int) -> torch.Tensor:
     """[d, P·B] float from permuted labels [P, d]: channel j counts toward branch b in perm p."""
     p, d = labels.shape
-    ar = torch.arange(n_branches, dtype=labels.dtype)
+    ar = torch.arange(n_branches, dtype=labels.dtype, device=labels.device)
     return (labels.T[:, :, None] == ar).reshape(d, p * n_branches).float()
 
 
@@ -151,50 +188,87 @@ def _count_exceed(a: torch.Tensor, obs: torch.Tensor, bank: torch.Tensor, n_bran
     return counts
 
 
-def permutation_bank(slices: dict[str, slice], n_perm: int, seed: int = 0) -> np.ndarray:
-    """[n_perm, d] int8: branch label of each channel under independent random permutations."""
-    lab = branch_labels(slices, sum(s.stop - s.start for s in slices.values())).astype(np.int8)
-    return np.random.default_rng(seed).permuted(np.tile(lab, (n_perm, 1)), axis=1)
+def bh_threshold(p: np.ndarray, q: float) -> np.ndarray:
+    """Per column, the BH cut-off t* (reject p ≤ t*; 0 when nothing is rejected); NaN = untested."""
+    p = np.atleast_2d(np.asarray(p, np.float64).T).T
+    out = np.zeros(p.shape[1])
+    for c in range(p.shape[1]):
+        col = np.sort(p[~np.isnan(p[:, c]), c])
+        m = col.size
+        if m:
+            ok = np.flatnonzero(col <= q * np.arange(1, m + 1) / m)
+            out[c] = q * (ok[-1] + 1) / m if ok.size else 0.0
+    return out
+
+
+def _undecided(ex: np.ndarray, used: np.ndarray, t: np.ndarray, min_exceed: int) -> np.ndarray:
+    """Where the Monte-Carlo p could still fall on either side of the BH cut-off ``t``.
+
+    Rough Poisson bounds on the exceedance rate (±2√count, +2 at zero counts); a latent is
+    decided once its count reaches ``min_exceed`` or its bounds clear the cut-off.
+    """
+    u = used[:, None].astype(np.float64) + 1
+    lo = np.maximum(ex - 2 * np.sqrt(ex), 0) / u
+    hi = (ex + 2 + 2 * np.sqrt(ex + 1)) / u
+    return (ex < min_exceed) & (lo <= t[None, :]) & (hi >= t[None, :])
 
 
 def permutation_pvalues(decoder, slices: dict[str, slice], positive: bool = False, *,
-                        n_perm: int = 2000, refine_to: int = 20000, refine_below: int = 5,
-                        seed: int = 0, latent_chunk: int = 2048, perm_chunk: int = 250,
+                        strata: np.ndarray | None = None, include: np.ndarray | None = None,
+                        q: float = 0.05, n_perm: int = 1000, max_perm: int | None = None,
+                        min_exceed: int = 10, seed: int = 0, latent_chunk: int = 2048,
+                        perm_chunk: int = 512, bank_block: int = 16384,
                         device: str = "cpu") -> PermutationResult:
-    """Channel-permutation p-values for every latent and branch, vectorised.
+    """Channel-permutation p-values for every latent and branch, refined until BH can decide.
 
-    All latents share one bank of random permutations (one matrix product per chunk).
-    Latents whose smallest exceedance count is below ``refine_below`` get more permutations,
-    up to ``refine_to`` in total, so small p-values are resolved well enough for BH across
-    thousands of latents (floor 1/(1+refine_to)). Extending only the extreme latents keeps
-    each estimate (1+count)/(1+B) close to its exact permutation p-value.
+    Statistic: the branch's share of ‖v‖² (``positive``: of ‖relu(v)‖²). Null: v's values
+    assigned to channels at random (within ``strata`` when given). Every tested latent gets
+    ``n_perm`` permutations; then, round after round, latents whose p could still land on
+    either side of the current BH cut-off (per branch, at ``q`` over the tested latents) get
+    as many again, until they have ``min_exceed`` exceedances, clear the cut-off, or reach
+    ``max_perm`` (default ⌈20·m/q⌉, enough to resolve the smallest BH cut-off q/m). So small
+    true counts are not lost to a p-value floor, and clearly null latents cost n_perm only.
+    ``include`` [n] bool limits the test to those latents (dead ones are left out: NaN).
     """
     e = energy(decoder, positive)
+    n, d = e.shape
     tot = e.sum(1, keepdims=True)
     valid = tot[:, 0] > 0
+    if include is not None:
+        valid &= np.asarray(include, bool)
     a_all = torch.from_numpy(np.where(tot > 0, e / np.where(tot > 0, tot, 1), 0.0)).float()
     a_all = a_all.to(device)
-    lab = torch.from_numpy(branch_labels(slices, e.shape[1])).to(device)
+    labels = branch_labels(slices, d)
     nb = len(slices)
-    obs_all = a_all @ torch.nn.functional.one_hot(lab, nb).float()
-    bank = torch.from_numpy(permutation_bank(slices, max(n_perm, refine_to), seed)).to(device)
-    n = e.shape[0]
-    exceed = torch.zeros(n, nb, dtype=torch.int64, device=device)
-    used = np.full(n, n_perm, dtype=np.int64)
-    for s in range(0, n, latent_chunk):
-        sl = slice(s, min(n, s + latent_chunk))
-        exceed[sl] = _count_exceed(a_all[sl], obs_all[sl], bank[:n_perm], nb, perm_chunk)
-    if refine_to > n_perm:
-        todo = np.flatnonzero(valid & (exceed.min(1).values.cpu().numpy() < refine_below))
-        for s in range(0, todo.size, latent_chunk):
-            idx = torch.from_numpy(todo[s:s + latent_chunk]).to(device)
-            exceed[idx] += _count_exceed(a_all[idx], obs_all[idx], bank[n_perm:], nb,
-                                         perm_chunk)
-        used[todo] = refine_to
-    ex = exceed.cpu().numpy()
-    p = (1.0 + ex) / (1.0 + used[:, None])
-    p[~valid] = np.nan
-    return PermutationResult(p=p, exceed=ex, n_perm=used)
+    obs_all = a_all @ torch.nn.functional.one_hot(torch.from_numpy(labels).to(device), nb).float()
+    m = int(valid.sum())
+    max_perm = max(n_perm, max_perm or int(np.ceil(20 * max(m, 1) / q)))
+    rng = np.random.default_rng(seed)
+    ex = np.zeros((n, nb), np.int64)
+    used = np.zeros(n, np.int64)
+    todo, add = np.flatnonzero(valid), n_perm
+    t = np.zeros(nb)
+    while todo.size:
+        # All latents of a round share the same fresh permutations, made block by block.
+        for s in range(0, add, bank_block):
+            bank = torch.from_numpy(label_bank(labels, min(bank_block, add - s), rng, strata))
+            bank = bank.to(device)
+            for c in range(0, todo.size, latent_chunk):
+                idx = todo[c:c + latent_chunk]
+                it = torch.from_numpy(idx).to(device)
+                ex[idx] += _count_exceed(a_all[it], obs_all[it], bank, nb,
+                                         perm_chunk).cpu().numpy()
+        used[todo] += add
+        with np.errstate(invalid="ignore"):
+            p = np.where(valid[:, None], (1.0 + ex) / (1.0 + used[:, None]), np.nan)
+        t = bh_threshold(p, q)
+        und = _undecided(ex, used, np.maximum(t, q / max(m, 1)), min_exceed)
+        todo = np.flatnonzero(valid & (used < max_perm) & und.any(1))
+        if todo.size:
+            add = int(min(used[todo].max(), max_perm - used[todo].min()))
+    with np.errstate(invalid="ignore"):
+        p = np.where(valid[:, None], (1.0 + ex) / (1.0 + used[:, None]), np.nan)
+    return PermutationResult(p=p, exceed=ex, n_perm=used, threshold=bh_threshold(p, q))
 
 
 def enrichment(shares: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -209,159 +283,279 @@ def dominant_branch(reject: np.ndarray, enrich: np.ndarray) -> np.ndarray:
     return np.where(reject.any(1), dom, NONE)
 
 
-def dictionary_normalise(decoder) -> np.ndarray:
-    """Decoder with every channel divided by its RMS over all latents (``v_ij / rms_i v_ij``).
+def dictionary_normalise(decoder, include: np.ndarray | None = None) -> np.ndarray:
+    """Decoder with every channel divided by its RMS over the (included) latents.
 
-    Data-free scale control: whatever channel-level scale the dictionary itself carries (loud
-    channels get large entries in every latent; quiet ones small) is removed, so a latent is
-    specialised only relative to how the whole dictionary uses those channels. Unlike dividing
-    by the activation std, it creates no enrichment for random directions.
+    Descriptive only, never a decision scale: it fixes each branch's total over the dictionary
+    (Σ_latents Σ_{c∈b} u² = n·w_b), so a branch many latents use can never come out enriched
+    and a branch the dictionary uses little is "enriched" for ordinary directions. It answers
+    "more concentrated than the average latent", not "specialised".
     """
     v = _as_np(decoder)
-    rms = np.sqrt(np.mean(v * v, axis=0))
+    ref = v if include is None else v[np.asarray(include, bool)]
+    rms = np.sqrt(np.mean(ref * ref, axis=0)) if ref.size else np.ones(v.shape[1])
     pos = rms[rms > 0]
     rms = np.where(rms > 0, rms, np.median(pos) if pos.size else 1.0)
     return v / rms[None, :]
 
 
-SCALES = ("dict", "std", "raw")
-
-
 @dataclass
 class BranchTest:
-    """All per-latent branch statistics of one layer; arrays are [n] or [n, B]."""
+    """All per-latent branch statistics of one layer; arrays are [n] or [n, B].
+
+    Two decision rules, both channel-permutation tests with BH at ``q`` per branch over the
+    tested latents:
+    - ``raw``: the decoder in activation units (the paper's definition) against a permutation
+      of its values over all channels — "does the latent write to branch b beyond channel
+      identity?" This is the primary decision (``reject``, ``dominant``).
+    - ``scale``: the same values permuted only within strata of equal activation std — "beyond
+      what the channels' activation scale alone gives the branch?" (``None`` without std).
+    A latent is *robustly* specialised in b when both reject; raw-only is "explained by
+    channel scale". Dead/never-firing latents are not tested (``tested`` False, NaN p).
+    """
 
     branches: list[str]
     widths: np.ndarray
-    scale: str  # decoder scale the decision used: "dict", "std" or "raw"
     q: float
-    paper_ratio: np.ndarray  # raw decoder, the paper's definition
+    tested: np.ndarray  # [n] bool
+    paper_ratio: np.ndarray  # raw decoder, ‖relu(v_b)‖/‖relu(v)‖ (the paper's definition)
     full_ratio: np.ndarray
-    paper_ratio_std: np.ndarray | None  # on the std-normalised decoder (None without std)
+    paper_ratio_std: np.ndarray | None  # on the std-normalised decoder (descriptive)
     full_ratio_std: np.ndarray | None
-    enrichment: np.ndarray  # on the decision scale, full statistic
-    p_perm: np.ndarray  # decision p-values (full share, decision scale)
-    q_perm: np.ndarray  # their BH-adjusted values (per branch, across latents)
-    p_perm_paper: np.ndarray  # positive-part statistic, its own permutation null
-    p_beta: np.ndarray  # moment-matched Beta approximation of p_perm
-    p_iso: np.ndarray  # isotropic reference (raw decoder); do not use for decisions
-    p_perm_scales: dict[str, np.ndarray]  # permutation p on the other scales (controls)
-    d_eff: np.ndarray
-    n_perm: np.ndarray
-    reject: np.ndarray
+    enrichment: np.ndarray  # raw share of ‖v‖² over channel share (1 = by width alone)
+    enrichment_dict: np.ndarray  # the same on the dictionary-normalised decoder (descriptive)
+    p_raw: np.ndarray
+    q_raw: np.ndarray
+    reject: np.ndarray  # raw rule
+    p_scale: np.ndarray | None
+    q_scale: np.ndarray | None
+    reject_scale: np.ndarray | None
+    p_paper: np.ndarray  # positive-part statistic, raw decoder, its own permutation null
     reject_paper: np.ndarray
-    dominant: np.ndarray
-    extra: dict = field(default_factory=dict)
+    p_beta: np.ndarray  # moment-matched Beta approximation of p_raw (checked in the tail)
+    p_iso: np.ndarray  # isotropic reference (raw decoder); never used for decisions
+    d_eff: np.ndarray
+    n_perm: np.ndarray  # permutations spent per latent, raw rule
+    dominant: np.ndarray  # raw rule: significant branch with the largest enrichment, or NONE
 
     @property
     def n(self) -> int:
         return int(self.paper_ratio.shape[0])
 
-    def dominant_names(self) -> list[str]:
-        return ["none" if i == NONE else self.branches[i] for i in self.dominant]
+    @property
+    def robust(self) -> np.ndarray:
+        """[n, B] significant under both rules (raw only when there is no scale rule)."""
+        return self.reject if self.reject_scale is None else self.reject & self.reject_scale
+
+    @property
+    def robust_dominant(self) -> np.ndarray:
+        """The dominant branch where it is also significant on the scale rule, else NONE."""
+        ok = self.dominant != NONE
+        keep = np.zeros(self.n, bool)
+        keep[ok] = self.robust[np.flatnonzero(ok), self.dominant[ok]]
+        return np.where(keep, self.dominant, NONE)
+
+    def dominant_names(self, robust: bool = False) -> list[str]:
+        dom = self.robust_dominant if robust else self.dominant
+        return ["none" if i == NONE else self.branches[i] for i in dom]
 
 
-def scaled_decoder(decoder, scale: str, std=None) -> np.ndarray:
-    """The decoder on one of the SCALES (``std`` needs the channels' activation std)."""
-    if scale == "dict":
-        return dictionary_normalise(decoder)
-    if scale == "std":
-        if std is None:
-            raise ValueError("scale 'std' needs the channels' activation std")
-        return std_normalise(decoder, std)
-    if scale == "raw":
-        return _as_np(decoder)
-    raise ValueError(f"scale must be one of {SCALES}, not {scale!r}")
-
-
-def analyze_branches(decoder, slices: dict[str, slice], *, std=None, scale: str = "dict",
-                     q: float = 0.05, n_perm: int = 2000, refine_to: int = 20000,
-                     seed: int = 0, other_scales: bool = True,
+def analyze_branches(decoder, slices: dict[str, slice], *, std=None,
+                     include: np.ndarray | None = None, q: float = 0.05, n_perm: int = 1000,
+                     max_perm: int | None = None, n_strata: int = 16, seed: int = 0,
                      device: str = "cpu") -> BranchTest:
-    """Run every branch statistic for one layer's decoder [n_latents, d].
+    """Every branch statistic of one layer's decoder [n_latents, d] (see :class:`BranchTest`).
 
-    The decision (BH at ``q`` per branch across latents, then dominant branch) uses the
-    channel-permutation null on the decoder at ``scale`` (default: dictionary-normalised);
-    with ``other_scales`` the same test on the other scales (raw, and std when given) is
-    reported as a control. Latents are not independent (they share images and directions);
-    BH's guarantee assumes independence or positive dependence, so read counts as approximate.
+    ``std`` [d] is each channel's activation std (store statistics): it defines the scale
+    rule's strata and the std-normalised ratios. ``include`` [n] marks the latents to test
+    (alive ones); the others get NaN statistics and are not in BH's m.
+    Latents are not independent (they share images and directions); BH's guarantee assumes
+    independence or positive dependence, so read counts as approximate.
     """
     raw = _as_np(decoder)
+    n = raw.shape[0]
+    tested = np.ones(n, bool) if include is None else np.asarray(include, bool).copy()
+    tested &= np.square(raw).sum(1) > 0
     w = widths(slices)
-    dec = scaled_decoder(raw, scale, std)
-    share_raw, share_raw_pos = branch_shares(raw, slices), branch_shares(raw, slices, True)
-    share = branch_shares(dec, slices)
-    kw = dict(n_perm=n_perm, refine_to=refine_to, seed=seed, device=device)
-    perm = permutation_pvalues(dec, slices, **kw)
-    perm_pos = permutation_pvalues(dec, slices, positive=True, **kw)
-    others = {}
-    if other_scales:
-        for sc in SCALES:
-            if sc != scale and (sc != "std" or std is not None):
-                others[sc] = permutation_pvalues(scaled_decoder(raw, sc, std), slices, **kw).p
+    kw = dict(include=tested, q=q, n_perm=n_perm, max_perm=max_perm, device=device)
+    perm = permutation_pvalues(raw, slices, seed=seed, **kw)
+    perm_pos = permutation_pvalues(raw, slices, positive=True, seed=seed + 1, **kw)
     reject, qval = bh_reject(perm.p, q)
     reject_pos, _ = bh_reject(perm_pos.p, q)
-    enr = enrichment(share, w)
-    dstd = std_normalise(raw, std) if std is not None else None
+    p_scale = q_scale = reject_scale = None
+    dstd = None
+    if std is not None:
+        sc = permutation_pvalues(raw, slices, strata=scale_strata(std, n_strata), seed=seed + 2,
+                                 **kw)
+        p_scale = sc.p
+        reject_scale, q_scale = bh_reject(p_scale, q)
+        dstd = std_normalise(raw, std)
+
+    def masked(x: np.ndarray) -> np.ndarray:
+        return np.where(tested[:, None], x, np.nan)
+
+    share_raw = branch_shares(raw, slices)
+    enr = masked(enrichment(share_raw, w))
     return BranchTest(
-        branches=list(slices), widths=w, scale=scale, q=q,
-        paper_ratio=np.sqrt(share_raw_pos), full_ratio=np.sqrt(share_raw),
-        paper_ratio_std=np.sqrt(branch_shares(dstd, slices, True)) if std is not None else None,
-        full_ratio_std=np.sqrt(branch_shares(dstd, slices)) if std is not None else None,
-        enrichment=enr, p_perm=perm.p, q_perm=qval, p_perm_paper=perm_pos.p,
-        p_beta=beta_approx_pvalues(dec, slices, shares=share),
-        p_iso=isotropic_pvalues(share_raw, w), p_perm_scales=others,
-        d_eff=effective_dimension(dec), n_perm=perm.n_perm, reject=reject,
-        reject_paper=reject_pos, dominant=dominant_branch(reject, enr))
+        branches=list(slices), widths=w, q=q, tested=tested,
+        paper_ratio=np.sqrt(branch_shares(raw, slices, True)), full_ratio=np.sqrt(share_raw),
+        paper_ratio_std=np.sqrt(branch_shares(dstd, slices, True)) if dstd is not None else None,
+        full_ratio_std=np.sqrt(branch_shares(dstd, slices)) if dstd is not None else None,
+        enrichment=enr,
+        enrichment_dict=masked(enrichment(branch_shares(dictionary_normalise(raw, tested),
+                                                        slices), w)),
+        p_raw=perm.p, q_raw=qval, reject=reject,
+        p_scale=p_scale, q_scale=q_scale, reject_scale=reject_scale,
+        p_paper=perm_pos.p, reject_paper=reject_pos,
+        p_beta=masked(beta_approx_pvalues(raw, slices, shares=share_raw)),
+        p_iso=masked(isotropic_pvalues(share_raw, w)),
+        d_eff=np.where(tested, effective_dimension(raw), np.nan), n_perm=perm.n_perm,
+        dominant=dominant_branch(reject, enr))
 
 
-def null_band(decoder, slices: dict[str, slice], positive: bool = True, n_rep: int = 20,
-              seed: int = 0, qs: tuple[float, float] = (0.05, 0.95)) -> np.ndarray:
-    """5–95 % band of the *sorted* ratio curve under the channel-permutation null.
+def null_controls(decoder, slices: dict[str, slice], *, std=None,
+                  include: np.ndarray | None = None, q: float = 0.05, n_perm: int = 1000,
+                  n_strata: int = 16, seed: int = 0, device: str = "cpu") -> dict[str, dict]:
+    """Discoveries of each decision rule on directions drawn from its own null (≤ q·m expected).
 
-    Each replicate permutes every latent's values independently, recomputes the ratio per
-    branch and sorts it; returns [2, B, n] (low, high) across replicates.
+    - ``raw_rule_null_draws``: every latent's values put into channels by an independent random
+      permutation (exactly the raw rule's null), tested with the raw rule.
+    - ``raw_rule_same_permutation``: one channel permutation for all latents (keeps everything
+      but the branch structure), raw rule.
+    - ``scale_rule_null_draws``: independent permutations within the std strata, scale rule.
+    - ``scale_rule_scaled_gaussian``: random directions with each channel's activation std
+      (σ_j·g_j), scale rule: what channel scale alone produces must not pass it.
+    - ``raw_rule_scaled_gaussian`` (a reference, not a control): the same directions through
+      the raw rule: how much pure channel scale the raw rule calls specialised.
     """
-    v = _as_np(decoder)
+    raw = _as_np(decoder)
+    keep = np.ones(raw.shape[0], bool) if include is None else np.asarray(include, bool)
+    raw = raw[keep]
+    n, d = raw.shape
     rng = np.random.default_rng(seed)
-    curves = []
-    for _ in range(n_rep):
-        vp = rng.permuted(v, axis=1)
-        r = np.sqrt(branch_shares(vp, slices, positive))
-        curves.append(np.sort(np.nan_to_num(r, nan=0.0), axis=0).T)
-    c = np.stack(curves)  # [rep, B, n]
-    return np.quantile(c, qs, axis=0)
+    kw = dict(q=q, n_perm=n_perm, device=device)
+    def run(name: str, v: np.ndarray, strata=None, k: int = 0) -> None:
+        res = permutation_pvalues(v, slices, strata=strata, seed=seed + 10 + k, **kw)
+        rej, _ = bh_reject(res.p, q)
+        out[name] = {"tested": n, "bound_q_m": q * n, "significant": int(rej.any(1).sum()),
+                     "per_branch": {b: int(rej[:, i].sum()) for i, b in enumerate(slices)}}
+
+    out: dict[str, dict] = {}
+    if n == 0:
+        return out
+    run("raw_rule_null_draws", rng.permuted(raw, axis=1), k=0)
+    run("raw_rule_same_permutation", raw[:, rng.permutation(d)], k=1)
+    if std is not None:
+        strata = scale_strata(std, n_strata)
+        drawn = np.empty_like(raw)
+        for st in np.unique(strata):
+            cols = np.flatnonzero(strata == st)
+            drawn[:, cols] = rng.permuted(raw[:, cols], axis=1)
+        run("scale_rule_null_draws", drawn, strata, k=2)
+        s = _as_np(std)
+        gauss = rng.standard_normal((n, d)) * s[None, :]
+        run("scale_rule_scaled_gaussian", gauss, strata, k=3)
+        run("raw_rule_scaled_gaussian", gauss, k=4)
+        out["raw_rule_scaled_gaussian"]["reference_only"] = True
+    return out
 
 
-def layer_table(bt: BranchTest, alive: np.ndarray | None = None) -> list[dict]:
-    """One row per branch: counts, expected false positives, enrichment, paper-curve numbers."""
-    alive = np.ones(bt.n, bool) if alive is None else np.asarray(alive, bool)
+def ratio_null(decoder, slices: dict[str, slice], *, positive: bool = True,
+               include: np.ndarray | None = None, n_rep: int = 200, bank: int = 512,
+               seed: int = 0, thresholds: tuple[float, ...] = (0.5, 0.9),
+               qs: tuple[float, float] = (0.05, 0.95), device: str = "cpu") -> dict:
+    """The paper's sorted-ratio curve against its channel-permutation null, per branch.
+
+    Each of ``n_rep`` replicates draws, for every latent independently, one of ``bank`` random
+    channel permutations and recomputes the ratio ``‖relu(v_b)‖/‖relu(v)‖`` (``positive``) or
+    ``‖v_b‖/‖v‖``. Returns observed and null medians and counts above each threshold
+    (null mean, 5–95 % interval, one-sided p = share of replicates ≥ observed) and the
+    5–95 % band of the sorted curve, [2, B, n_tested].
+    """
+    e = energy(decoder, positive)
+    keep = e.sum(1) > 0
+    if include is not None:
+        keep &= np.asarray(include, bool)
+    e = e[keep]
+    n, d = e.shape
+    nb = len(slices)
+    names = list(slices)
+    labels = branch_labels(slices, d)
+    obs = np.sqrt(branch_shares(np.sqrt(e), slices))  # e ≥ 0: shares of e itself
+    rng = np.random.default_rng(seed)
+    a = torch.from_numpy(e / e.sum(1, keepdims=True)).float().to(device)
+    lb = torch.from_numpy(label_bank(labels, bank, rng)).to(device)
+    shares = (a @ _indicator(lb, nb)).view(n, bank, nb).cpu().numpy()  # [n, bank, B]
+    curves = np.empty((n_rep, nb, n), np.float32)
+    med = np.empty((n_rep, nb))
+    above = {t: np.empty((n_rep, nb)) for t in thresholds}
+    rows = np.arange(n)
+    for r in range(n_rep):
+        ratio = np.sqrt(np.clip(shares[rows, rng.integers(0, bank, n)], 0, 1))  # [n, B]
+        curves[r] = np.sort(ratio, axis=0).T
+        med[r] = np.median(ratio, axis=0)
+        for t in thresholds:
+            above[t][r] = (ratio > t).sum(0)
+    out: dict = {"n_latents": int(n), "n_replicates": n_rep, "positive": positive,
+                 "band": np.quantile(curves, qs, axis=0) if n else np.zeros((2, nb, 0)),
+                 "branches": {}}
+    for i, b in enumerate(names):
+        row = {"median": float(np.median(obs[:, i])) if n else None,
+               "null_median_mean": float(med[:, i].mean()),
+               "null_median_q05": float(np.quantile(med[:, i], 0.05)),
+               "null_median_q95": float(np.quantile(med[:, i], 0.95)),
+               "p_median": float((1 + np.sum(med[:, i] >= np.median(obs[:, i]))) / (1 + n_rep))
+               if n else None,
+               "isotropic_ratio": float(np.sqrt((labels == i).sum() / d))}
+        for t in thresholds:
+            k = int(np.sum(obs[:, i] > t))
+            row |= {f"count_gt_{t}": k, f"null_count_gt_{t}_mean": float(above[t][:, i].mean()),
+                    f"null_count_gt_{t}_q05": float(np.quantile(above[t][:, i], 0.05)),
+                    f"null_count_gt_{t}_q95": float(np.quantile(above[t][:, i], 0.95)),
+                    f"p_count_gt_{t}": float((1 + np.sum(above[t][:, i] >= k)) / (1 + n_rep))}
+        out["branches"][b] = row
+    return out
+
+
+def _count(mask: np.ndarray) -> int:
+    return int(np.asarray(mask).sum())
+
+
+def layer_table(bt: BranchTest) -> list[dict]:
+    """One row per branch: discoveries per rule, robust/scale-explained counts, dominance."""
     d = int(bt.widths.sum())
+    m = _count(bt.tested)
     rows = []
     naive = np.nanargmax(np.nan_to_num(bt.paper_ratio, nan=-1.0), 1)
+    robust, rdom = bt.robust, bt.robust_dominant
     for i, b in enumerate(bt.branches):
         sig = bt.reject[:, i]
         dom = bt.dominant == i
-        pr = bt.paper_ratio[:, i]
-        rows.append({
+        pr = bt.paper_ratio[bt.tested, i]
+        row = {
             "branch": b, "width": int(bt.widths[i]), "channel_share": bt.widths[i] / d,
-            "latents": bt.n, "alive": int(alive.sum()),
-            "significant": int(sig.sum()), "significant_alive": int((sig & alive).sum()),
+            "latents": bt.n, "tested": m,
+            "significant": _count(sig),  # raw rule, the primary decision
             # BH bounds E[false / discoveries] by q, so q·R bounds the expected false ones.
-            "expected_false_positives": bt.q * int(sig.sum()),
-            "significant_paper_ratio": int(bt.reject_paper[:, i].sum()),
-            **{f"significant_{sc}_scale": int(bh_reject(p, bt.q)[0][:, i].sum())
-               for sc, p in bt.p_perm_scales.items()},
-            "significant_isotropic_reference": int(bh_reject(bt.p_iso, bt.q)[0][:, i].sum()),
-            "dominant": int(dom.sum()), "dominant_fraction": float(dom.mean()),
-            "dominant_enrichment_vs_channel_share": float(dom.mean() / (bt.widths[i] / d)),
-            "naive_argmax_paper_ratio": int((naive == i).sum()),
-            "mean_enrichment": float(np.nanmean(bt.enrichment[:, i])),
+            "expected_false_positives": bt.q * _count(sig),
+            "significant_scale": (_count(bt.reject_scale[:, i])
+                                  if bt.reject_scale is not None else None),
+            "robust": _count(robust[:, i]),
+            "explained_by_scale": (_count(sig & ~bt.reject_scale[:, i])
+                                   if bt.reject_scale is not None else None),
+            "significant_paper_ratio": _count(bt.reject_paper[:, i]),
+            "significant_isotropic_reference": _count(bh_reject(bt.p_iso, bt.q)[0][:, i]),
+            "dominant": _count(dom), "robust_dominant": _count(rdom == i),
+            "dominant_fraction": _count(dom) / max(m, 1),
+            "dominant_enrichment_vs_channel_share": _count(dom) / max(m, 1) / (bt.widths[i] / d),
+            "naive_argmax_paper_ratio": _count((naive == i) & bt.tested),
+            "mean_enrichment": float(np.nanmean(bt.enrichment[:, i])) if m else None,
+            "mean_enrichment_dict": float(np.nanmean(bt.enrichment_dict[:, i])) if m else None,
             "median_enrichment_of_dominant": (float(np.nanmedian(bt.enrichment[dom, i]))
                                               if dom.any() else None),
-            "median_paper_ratio": float(np.nanmedian(pr)),
-            "paper_ratio_gt_0.5": int(np.sum(pr > 0.5)),
-            "paper_ratio_gt_0.9": int(np.sum(pr > 0.9)),
+            "median_paper_ratio": float(np.median(pr)) if m else None,
+            "paper_ratio_gt_0.5": _count(pr > 0.5), "paper_ratio_gt_0.9": _count(pr > 0.9),
             "isotropic_null_ratio": float(np.sqrt(bt.widths[i] / d)),
-        })
+        }
+        rows.append(row)
     return rows

@@ -1,10 +1,12 @@
 """Cross-layer consistency: do co-activating latents of two layers sit in the same branch?
 
-Latents of layers A and B are matched by the correlation of their activations on the same
-(image, y, x) samples (rows aligned by store provenance; needs equal grid sizes). Rare latents
-correlate by accident, so only latents firing on at least ``min_images`` distinct images take
-part. For matched pairs above a threshold, the dominant branches are compared: contingency
-table, agreement rate against a null that shuffles the matching, and Cohen's kappa.
+Latents of layers A and B are matched one-to-one (mutual best partners) by the correlation of
+their activations on the same held-out (image, y, x) samples (rows aligned by store provenance;
+needs equal grid sizes). Rare latents correlate by accident, so only latents firing on at least
+``min_images`` distinct images take part. The matching itself has a null: the same procedure on
+codes whose images are shifted (A on image i against B on another image), which calibrates the
+correlation threshold. For matched pairs the dominant branches are compared: contingency table,
+agreement rate against a null that shuffles the matching, Cohen's kappa.
 """
 
 from __future__ import annotations
@@ -35,60 +37,97 @@ def align_rows(prov_a: np.ndarray, prov_b: np.ndarray) -> tuple[np.ndarray, np.n
     return ia[ja].astype(np.int64), ib[jb].astype(np.int64)
 
 
-def best_matches(za: sp.csr_matrix, zb: sp.csr_matrix, eligible_a: np.ndarray | None = None,
-                 eligible_b: np.ndarray | None = None,
-                 chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """For each latent of A, the B latent with the highest Pearson correlation of activations.
+def _moments(z: sp.spmatrix, m: int) -> tuple[np.ndarray, np.ndarray]:
+    s1 = np.asarray(z.sum(0)).ravel()
+    s2 = np.asarray(z.multiply(z).sum(0)).ravel()
+    mu = s1 / max(m, 1)
+    return mu, np.sqrt(np.maximum(s2 / max(m, 1) - mu * mu, 0.0))
+
+
+def mutual_best_matches(za: sp.csr_matrix, zb: sp.csr_matrix,
+                        eligible_a: np.ndarray | None = None,
+                        eligible_b: np.ndarray | None = None,
+                        chunk: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One-to-one matches: A latent a and B latent b where each is the other's best partner.
 
     ``za`` [M, nA] and ``zb`` [M, nB] are sparse codes on the same M aligned samples (zeros
-    count). Returns (best_b [nA] with −1 for ineligible/constant latents, corr [nA], NaN there).
+    count), correlation is Pearson. Mutual best (rather than argmax per A latent) keeps
+    near-duplicate latents of one layer from all matching one partner and counting as
+    replicates. Returns (ia, ib, corr) sorted by decreasing correlation.
     """
     za, zb = sp.csc_matrix(za, dtype=np.float64), sp.csr_matrix(zb, dtype=np.float64)
     m = za.shape[0]
     na, nb = za.shape[1], zb.shape[1]
     ea = np.ones(na, bool) if eligible_a is None else np.asarray(eligible_a, bool)
     eb = np.ones(nb, bool) if eligible_b is None else np.asarray(eligible_b, bool)
-
-    def moments(z):
-        s1 = np.asarray(z.sum(0)).ravel()
-        s2 = np.asarray(z.multiply(z).sum(0)).ravel()
-        mu = s1 / max(m, 1)
-        sd = np.sqrt(np.maximum(s2 / max(m, 1) - mu * mu, 0.0))
-        return mu, sd
-
-    mu_a, sd_a = moments(za)
-    mu_b, sd_b = moments(zb)
-    eb = eb & (sd_b > 0)
-    best = np.full(na, -1, np.int64)
-    corr = np.full(na, np.nan)
+    mu_a, sd_a = _moments(za, m)
+    mu_b, sd_b = _moments(zb, m)
+    ea, eb = ea & (sd_a > 0), eb & (sd_b > 0)
+    best_b = np.full(na, -1, np.int64)
+    corr_a = np.full(na, -np.inf)
+    best_a = np.full(nb, -1, np.int64)
+    corr_b = np.full(nb, -np.inf)
     zbt = zb.T.tocsr()
-    for s in range(0, na, chunk):
-        cols = np.arange(s, min(na, s + chunk))
-        cols = cols[ea[cols] & (sd_a[cols] > 0)]
-        if cols.size == 0 or not eb.any():
-            continue
-        cross = (zbt @ za[:, cols]).toarray().T  # [c, nB] = Σ_rows za·zb
-        cov = cross / m - mu_a[cols, None] * mu_b[None, :]
-        r = cov / (sd_a[cols, None] * np.where(sd_b > 0, sd_b, 1.0)[None, :])
-        r[:, ~eb] = -np.inf
-        j = np.argmax(r, 1)
-        best[cols] = j
-        corr[cols] = r[np.arange(cols.size), j]
-    return best, corr
+    cols_all = np.flatnonzero(ea)
+    if cols_all.size and eb.any():
+        for s in range(0, cols_all.size, chunk):
+            cols = cols_all[s:s + chunk]
+            cross = (zbt @ za[:, cols]).toarray().T  # [c, nB] = Σ_rows za·zb
+            r = (cross / m - mu_a[cols, None] * mu_b[None, :]) / (
+                sd_a[cols, None] * np.where(sd_b > 0, sd_b, 1.0)[None, :])
+            r[:, ~eb] = -np.inf
+            j = np.argmax(r, 1)
+            best_b[cols], corr_a[cols] = j, r[np.arange(cols.size), j]
+            i = np.argmax(r, 0)
+            better = r[i, np.arange(nb)] > corr_b
+            best_a[better], corr_b[better] = cols[i[better]], r[i[better], np.arange(nb)[better]]
+    ia = np.flatnonzero((best_b >= 0) & np.isfinite(corr_a))
+    ia = ia[best_a[best_b[ia]] == ia]
+    ib, corr = best_b[ia], corr_a[ia]
+    order = np.argsort(-corr, kind="stable")
+    return ia[order], ib[order], corr[order]
 
 
-def consistency(dom_a: np.ndarray, dom_b: np.ndarray, best_b: np.ndarray, corr: np.ndarray,
-                branches: list[str], *, threshold: float = 0.5, n_perm: int = 10000,
-                seed: int = 0) -> dict:
-    """Dominant-branch agreement of matched pairs (corr ≥ threshold), with its null.
+def shifted_rows(prov_a: np.ndarray, prov_b: np.ndarray, ia: np.ndarray, ib: np.ndarray,
+                 groups: np.ndarray, shift: int) -> tuple[np.ndarray, np.ndarray]:
+    """Null alignment: A's sample at (image, y, x) paired with B's at (image', y, x), where
+    image' is the image ``shift`` places further in the list of image groups (mirror views
+    stay with their image, so a view is never paired with its own mirror).
+
+    Keeps each layer's codes, firing rates and spatial structure; destroys only the co-firing
+    on the same image. ``groups`` [n_images] is each image's group index.
+    """
+    pa, pb = np.asarray(prov_a)[ia, :3], np.asarray(prov_b)[ib, :3]
+    imgs = np.unique(pa[:, 0])
+    g = np.asarray(groups)[imgs]
+    ug = np.unique(g)
+    if ug.size < 2:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    # image → the image with the same rank inside the group ``shift`` groups further on
+    target = {}
+    by_group = {k: imgs[g == k] for k in ug}
+    for gi, k in enumerate(ug):
+        other = by_group[ug[(gi + shift) % ug.size]]
+        for r, im in enumerate(by_group[k]):
+            target[int(im)] = int(other[r % other.size])
+    hi = np.maximum(pa.max(0), pb.max(0)) + 1
+    key_b = (pb[:, 0] * hi[1] + pb[:, 1]) * hi[2] + pb[:, 2]
+    order = np.argsort(key_b)
+    want = (np.array([target[int(i)] for i in pa[:, 0]]) * hi[1] + pa[:, 1]) * hi[2] + pa[:, 2]
+    pos = np.clip(np.searchsorted(key_b[order], want), 0, max(key_b.size - 1, 0))
+    ok = key_b[order][pos] == want
+    return ia[ok], ib[order][pos][ok]
+
+
+def consistency(dom_a: np.ndarray, dom_b: np.ndarray, ia: np.ndarray, ib: np.ndarray,
+                branches: list[str], *, n_perm: int = 10000, seed: int = 0) -> dict:
+    """Dominant-branch agreement of matched pairs (ia[k], ib[k]) against a label-shuffle null.
 
     Main test on pairs where both latents have a dominant branch; a second table keeps
     "none" as a fifth label. The null shuffles which B latent goes with which A latent,
     keeping both layers' branch distributions and the dependence between latents.
     """
-    ok = (best_b >= 0) & (np.nan_to_num(corr, nan=-np.inf) >= threshold)
-    ia = np.flatnonzero(ok)
-    la, lb = dom_a[ia], dom_b[best_b[ia]]
+    la, lb = np.asarray(dom_a)[ia], np.asarray(dom_b)[ib]
     both = (la != NONE) & (lb != NONE)
     nb = len(branches)
     table = contingency(la[both], lb[both], nb)
@@ -98,8 +137,7 @@ def consistency(dom_a: np.ndarray, dom_b: np.ndarray, best_b: np.ndarray, corr: 
     table5 = contingency(la5, lb5, nb + 1)
     test5 = agreement_permutation_test(la5, lb5, n_perm=n_perm, seed=seed)
     return {
-        "threshold": threshold, "matched_pairs": int(ia.size),
-        "pairs_both_dominant": int(both.sum()),
+        "matched_pairs": int(ia.size), "pairs_both_dominant": int(both.sum()),
         "labels": list(branches), "table": table.tolist(),
         "kappa": cohen_kappa(table), **{k: v for k, v in test.items() if k != "n_pairs"},
         "with_none": {"labels": [*branches, "none"], "table": table5.tolist(),
@@ -108,6 +146,4 @@ def consistency(dom_a: np.ndarray, dom_b: np.ndarray, best_b: np.ndarray, corr: 
         "per_branch_agreement": {
             b: (float(np.mean(lb[both][la[both] == i] == i)) if np.any(la[both] == i) else None)
             for i, b in enumerate(branches)},
-        "note": "pairs share images; the shuffle null keeps that dependence, BH-style "
-                "independence is not assumed",
     }

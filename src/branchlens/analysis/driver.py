@@ -1,8 +1,12 @@
 """``analyze(run_dir)``: every statistic for every trained layer, written to ``RUN/analysis/``.
 
-Consumes the store (``RUN/store``) and SAEs (``RUN/sae/<layer>``) through the CONTRACTS API and
-writes ``summary.json`` (every number), ``latents.csv`` (one row per latent of every layer),
-``layers.csv`` (layer × branch) and PNG/SVG figures.
+Consumes the store (``RUN/store``) and SAEs (``RUN/sae/<layer>``) and writes ``summary.json``
+(every number, with the claims table first), ``latents.csv`` (one row per latent of every
+layer), ``layers.csv`` (layer × branch) and PNG/SVG figures.
+
+Data-side numbers (firing, top images, categories, cross-layer matching) use the SAE's own
+held-out images only; ``summary.json`` says so per layer (``data_split``), and falls back to all
+stored images — saying that too — when an SAE was trained without a held-out split.
 """
 
 from __future__ import annotations
@@ -25,11 +29,16 @@ from branchlens.analysis.branches import (
     BranchTest,
     analyze_branches,
     layer_table,
-    null_band,
-    permutation_pvalues,
-    scaled_decoder,
+    null_controls,
+    ratio_null,
 )
-from branchlens.analysis.crosslayer import align_rows, best_matches, consistency
+from branchlens.analysis.claims import paper_claims
+from branchlens.analysis.crosslayer import (
+    align_rows,
+    consistency,
+    mutual_best_matches,
+    shifted_rows,
+)
 from branchlens.analysis.embedding import embed_latents, knn_branch_agreement
 from branchlens.analysis.figures import embedding_plot, sorted_ratio_curves
 from branchlens.analysis.stats import bh_reject
@@ -37,24 +46,32 @@ from branchlens.artifacts import atomic_path, provenance, write_json
 from branchlens.variants import BLOCK_NAMES, branch_slices
 
 PVALUE_NOTE = ("p-values are per latent; latents are not independent (they share images and "
-               "directions), so BH counts and per-latent p-values are approximate. Permutation "
-               "tests that shuffle the matching or branch labels keep that dependence.")
+               "directions), so BH counts and per-latent p-values are approximate. The "
+               "cross-layer and category tests use nulls that keep that dependence (shuffled "
+               "matching, shifted images, image-cluster bootstrap).")
+ALMOST_ALL_DEAD = 0.9  # a layer with more dead latents than this gets a warning in the report
+
+
+class AnalysisError(ValueError):
+    """A run cannot be analysed as it is; the message names the layer and what to run."""
 
 
 @dataclass
 class AnalysisConfig:
-    q: float = 0.05  # BH false discovery rate, per branch across latents
-    scale: str = "dict"  # decision scale: dict (channel RMS over latents) | std | raw
-    n_perm: int = 2000  # channel permutations per latent
-    refine_to: int = 20000  # permutations for latents with tiny p (resolution for BH)
-    top: int = 64  # top-activating vectors kept per latent
+    q: float = 0.05  # BH false discovery rate, per branch across tested latents
+    n_perm: int = 1000  # first round of channel permutations per latent (then adaptive)
+    max_perm: int | None = None  # cap of the adaptive refinement (default ⌈20·m/q⌉)
+    n_strata: int = 16  # activation-std strata of the scale rule
+    curve_reps: int = 200  # permutation replicates for the paper's sorted-ratio curve
+    top: int = 64  # top-activating held-out vectors kept per latent
     top_images: int = 16  # distinct top images per latent for categories
     attribution_top: int = 16  # top vectors for the data-side branch attribution
-    min_images: int = 20  # distinct firing images needed to take part in matching
-    match_threshold: float = 0.5  # correlation for a cross-layer pair
+    min_images: int = 20  # distinct firing image groups needed to take part in matching
+    match_threshold: float = 0.5  # floor of the correlation for a cross-layer pair
+    match_shifts: int = 3  # shifted-image replicates of the matching null
+    bootstrap: int = 2000  # image-cluster bootstrap replicates (category test)
     knn_k: int = 10
     embed: str = "auto"  # auto | umap | pca | none
-    null_band_reps: int = 20
     animal_group_min: float = 0.5  # highlighted group: ≥ this animal fraction of top images
     batch_size: int = 4096
     seed: int = 0
@@ -75,11 +92,6 @@ def find_layers(run_dir: Path) -> list[str]:
     return sorted(names, key=_layer_order)
 
 
-def _labels(store) -> np.ndarray:
-    return np.array([(-1 if im.get("label") is None else int(im["label"]))
-                     for im in store.images], dtype=np.int64)
-
-
 def _fmt(x: Any) -> Any:
     if isinstance(x, float | np.floating):
         return "" if np.isnan(x) else f"{float(x):.6g}"
@@ -97,18 +109,104 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
             w.writerow({k: _fmt(v) for k, v in r.items()})
 
 
-def _beta_vs_mc(bt: BranchTest, n_perm: int) -> dict:
-    """How well the moment-matched Beta tracks Monte-Carlo where MC resolves p (p ≥ 20/B)."""
-    ok = np.isfinite(bt.p_perm) & (bt.p_perm >= 20 / n_perm) & np.isfinite(bt.p_beta)
+# -- inputs ---------------------------------------------------------------------------------------
+
+def load_layer_sae(run_dir: Path, layer: str, store, device: str = "cpu"):
+    """The trained SAE of ``layer``, checked: present, finished, trained on this store."""
+    from branchlens.sae import TopKSAE
+
+    where = run_dir / "sae" / layer
+    if not (where / "weights.safetensors").is_file():
+        raise AnalysisError(f"{layer}: no trained SAE in {where}; run "
+                            f"`branchlens train {run_dir} --layers {layer}` first")
+    try:
+        sae = TopKSAE.load(where, device=device)
+    except Exception as e:
+        raise AnalysisError(f"{layer}: cannot read the SAE in {where} ({type(e).__name__}: "
+                            f"{e}); re-run `branchlens train {run_dir} --layers {layer}`") from e
+    meta = getattr(sae, "meta", {}) or {}
+    tr = meta.get("train") or {}
+    if tr and (tr.get("step", 0) < tr.get("total_steps", 0) or "eval" not in meta):
+        raise AnalysisError(f"{layer}: the SAE is half-trained (step {tr.get('step')} of "
+                            f"{tr.get('total_steps')}); finish it with `branchlens train "
+                            f"{run_dir} --layers {layer}`")
+    want = meta.get("store_hash")
+    if want and want != store.content_hash():
+        raise AnalysisError(f"{layer}: the SAE was trained on another store (hash "
+                            f"{want[:12]}…, this store {store.content_hash()[:12]}…); "
+                            f"re-train it with `branchlens train {run_dir} --layers {layer}`")
+    if layer not in store.layers:
+        raise AnalysisError(f"{layer}: not in the store (it has {store.layers}); re-run harvest")
+    sae.eval()
+    return sae
+
+
+def heldout_images(sae, store) -> tuple[np.ndarray, str]:
+    """The SAE's own held-out image indices, and a note on which images the data side uses."""
+    meta = getattr(sae, "meta", {}) or {}
+    cfg = (meta.get("train") or {}).get("config") or {}
+    frac = float(cfg.get("heldout_fraction", 0.0) or 0.0)
+    seed = int(cfg.get("seed", meta.get("seed", 0)) or 0)
+    if frac > 0:
+        _, held = store.split_images(frac, seed)
+        if held.size:
+            return held, f"held-out images of the SAE ({held.size}; fraction {frac}, seed {seed})"
+    stored = np.array([i for i, r in enumerate(store.images) if "skipped" not in r], np.int64)
+    return stored, ("ALL stored images, including the SAE's training images (it was trained "
+                    "without a held-out split)")
+
+
+class RowView:
+    """Rows ``rows`` of a store array as an array-like (slices and index arrays)."""
+
+    def __init__(self, array, rows: np.ndarray):
+        self.array, self.rows = array, np.asarray(rows, np.int64)
+        self.shape = (self.rows.size, int(array.shape[1]))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key) -> np.ndarray:
+        return np.asarray(self.array[self.rows[key]])
+
+
+def image_groups(store) -> np.ndarray:
+    """[n_images] group index: an image and its mirror/crop views share one."""
+    from branchlens.data import view_group
+
+    names = [view_group(str(r.get("id", i))) for i, r in enumerate(store.images)]
+    _, inv = np.unique(names, return_inverse=True)
+    return inv.astype(np.int64)
+
+
+def _labels(store) -> np.ndarray:
+    return np.array([(-1 if im.get("label") is None else int(im["label"]))
+                     for im in store.images], dtype=np.int64)
+
+
+# -- one layer ------------------------------------------------------------------------------------
+
+def _beta_vs_mc_tail(bt: BranchTest) -> dict:
+    """Beta approximation vs Monte-Carlo in the tail (MC p < 0.01 with ≥ 10 exceedances)."""
+    ok = (np.isfinite(bt.p_raw) & np.isfinite(bt.p_beta) & (bt.p_raw < 0.01)
+          & (bt.p_raw * (bt.n_perm[:, None] + 1) - 1 >= 10))
     if not ok.any():
-        return {"n": 0}
-    d = np.abs(np.log10(np.maximum(bt.p_beta[ok], 1e-300)) - np.log10(bt.p_perm[ok]))
-    return {"n": int(ok.sum()), "median_abs_log10_diff": float(np.median(d)),
-            "q90_abs_log10_diff": float(np.quantile(d, 0.9))}
+        return {"n": 0, "region": "MC p < 0.01 with >= 10 exceedances"}
+    d = np.abs(np.log10(np.maximum(bt.p_beta[ok], 1e-300)) - np.log10(bt.p_raw[ok]))
+    agree = np.mean((bt.p_beta[ok] < 1e-3) == (bt.p_raw[ok] < 1e-3))
+    return {"n": int(ok.sum()), "region": "MC p < 0.01 with >= 10 exceedances",
+            "median_abs_log10_diff": float(np.median(d)),
+            "q90_abs_log10_diff": float(np.quantile(d, 0.9)),
+            "agreement_at_1e-3": float(agree)}
+
+
+def _curve_rows(rn: dict) -> dict:
+    return {b: {k: v for k, v in r.items()} for b, r in rn["branches"].items()}
 
 
 def analyze_layer(layer: str, sae, store, cfg: AnalysisConfig, out_dir: Path,
-                  log: Callable[[str], None]) -> dict:
+                  log: Callable[[str], None], held: np.ndarray, split_note: str,
+                  groups: np.ndarray) -> dict:
     """All per-latent and per-layer statistics of one layer; returns summary + columns."""
     t0 = time.time()
     variant = sae.cfg.variant or store.manifest.get("variant")
@@ -116,129 +214,164 @@ def analyze_layer(layer: str, sae, store, cfg: AnalysisConfig, out_dir: Path,
     if sae.cfg.branch_slices:
         given = {b: [s.start, s.stop] for b, s in slices.items()}
         if {b: list(v) for b, v in sae.cfg.branch_slices.items()} != given:
-            raise ValueError(f"{layer}: SAE branch slices {sae.cfg.branch_slices} != variant "
-                             f"{given}")
+            raise AnalysisError(f"{layer}: SAE branch slices {sae.cfg.branch_slices} != "
+                                f"variant {given}")
     branches = list(slices)
     dec = sae.decoder_directions().float().cpu().numpy()
     n, d = dec.shape
     std = np.asarray(store.layer_stats(layer)["std"], dtype=np.float64)
-    log(f"{layer}: {n} latents × {d} channels — branch tests")
-    bt = analyze_branches(dec, slices, std=std, scale=cfg.scale, q=cfg.q, n_perm=cfg.n_perm,
-                          refine_to=cfg.refine_to, seed=cfg.seed, device=cfg.device)
-    # Sanity control: one channel permutation for all latents destroys branch structure.
-    rng = np.random.default_rng(cfg.seed + 1)
-    perm = rng.permutation(d)
-    ctrl = permutation_pvalues(scaled_decoder(dec, cfg.scale, std)[:, perm], slices,
-                               n_perm=cfg.n_perm, refine_to=cfg.refine_to, seed=cfg.seed + 2,
-                               device=cfg.device)
-    ctrl_rej, _ = bh_reject(ctrl.p, cfg.q)
-    # Scale control of the scale control: random raw directions divided by the same std show
-    # how many discoveries the normalisation alone creates (quiet branches get inflated).
-    iso = rng.standard_normal(dec.shape) / np.where(std > 0, std, 1.0)
-    iso_ctrl = permutation_pvalues(iso, slices, n_perm=cfg.n_perm, refine_to=cfg.refine_to,
-                                   seed=cfg.seed + 3, device=cfg.device)
-    iso_rej, _ = bh_reject(iso_ctrl.p, cfg.q)
 
-    log(f"{layer}: activity pass over {store.count(layer)} stored vectors")
-    arr = store.array(layer)
     prov = np.asarray(store.provenance(layer))
-    img = prov[:, 0].astype(np.int64)
+    img_all = prov[:, 0].astype(np.int64)
+    rows = np.flatnonzero(np.isin(img_all, held))
+    log(f"{layer}: activity on {rows.size} held-out vectors")
+    arr = RowView(store.array(layer), rows)
+    img = img_all[rows]
     with torch.no_grad():
-        a = act.latent_activity(sae.encode, arr, img, n, top=cfg.top,
-                                batch_size=cfg.batch_size, n_images=len(store.images),
+        a = act.latent_activity(sae.encode, arr, groups[img], n, top=cfg.top,
+                                batch_size=cfg.batch_size, n_images=int(groups.max()) + 1,
                                 device=cfg.device)
-        attr = act.branch_attribution(sae._center, sae.W_enc.detach().float(), arr, a.top_row,
+        attr = act.branch_attribution(sae.center, sae.W_enc.detach().float(), arr, a.top_row,
                                       slices, n_top=cfg.attribution_top)
-    alive = a.fire_count > 0
-    dead_train = (sae.dead_mask().cpu().numpy() if hasattr(sae, "dead_mask")
-                  else np.zeros(n, bool))
+    dead_train = sae.dead_mask().cpu().numpy()
+    fired = a.fire_count > 0
+    tested = ~dead_train & fired
+    if tested.sum() < 3:
+        log(f"{layer}: WARNING only {int(tested.sum())} of {n} latents alive; nothing to test")
+
+    log(f"{layer}: {int(tested.sum())} of {n} latents × {d} channels — branch tests")
+    tb = time.time()
+    bt = analyze_branches(dec, slices, std=std, include=tested, q=cfg.q, n_perm=cfg.n_perm,
+                          max_perm=cfg.max_perm, n_strata=cfg.n_strata, seed=cfg.seed,
+                          device=cfg.device)
+    controls = null_controls(dec, slices, std=std, include=tested, q=cfg.q, n_perm=cfg.n_perm,
+                             n_strata=cfg.n_strata, seed=cfg.seed + 100, device=cfg.device)
+    curve_raw = ratio_null(dec, slices, include=tested, n_rep=cfg.curve_reps, seed=cfg.seed,
+                           device=cfg.device)
+    dstd = dec / np.where(std > 0, std, 1.0)[None, :]
+    curve_std = ratio_null(dstd, slices, include=tested, n_rep=cfg.curve_reps,
+                           seed=cfg.seed + 1, device=cfg.device)
+    t_tests = time.time() - tb
+
     labels = _labels(store)
-    tops = act.top_images(a.top_row, img, cfg.top_images)
+    animal_img = np.array([np.nan if lab < 0 or cat.is_animal(lab) is None
+                           else float(cat.is_animal(lab)) for lab in labels])
+    tops = act.top_images(a.top_row, img, cfg.top_images, groups)  # store image indices
     fracs = [cat.category_fractions([labels[i] for i in t if labels[i] >= 0]) for t in tops]
     animal = np.array([f.get("animal", np.nan) for f in fracs])
     dog = np.array([f.get("dog", np.nan) for f in fracs])
     top_cat = [max(cat.CATEGORIES, key=lambda c, f=f: f[c]) if f else "" for f in fracs]
+    categories = cat.category_bootstrap(tops, animal_img, groups, bt.dominant, branches,
+                                        images=held, n_boot=cfg.bootstrap, seed=cfg.seed)
+    categories_robust = cat.category_bootstrap(tops, animal_img, groups, bt.robust_dominant,
+                                               branches, images=held, n_boot=cfg.bootstrap,
+                                               seed=cfg.seed)
 
     log(f"{layer}: figures, kNN, embedding")
-    band = null_band(dec, slices, positive=True, n_rep=cfg.null_band_reps, seed=cfg.seed)
-    groups = {"animal top images": np.nan_to_num(animal) >= cfg.animal_group_min,
-              "dog top images": np.nan_to_num(dog) >= cfg.animal_group_min}
-    figs = sorted_ratio_curves(bt.paper_ratio, band, branches, bt.widths,
+    pr_tested = bt.paper_ratio[tested]
+    groups_fig = {"animal top images": np.nan_to_num(animal[tested]) >= cfg.animal_group_min}
+    figs = sorted_ratio_curves(pr_tested, curve_raw["band"], branches, bt.widths,
                                out_dir / f"ratio_curves_{layer}",
-                               f"{layer}: sorted paper ratio per branch, channel-permutation "
-                               f"null 5–95 % (grey)", groups)
-    knn = knn_branch_agreement(dec, bt.dominant, k=cfg.knn_k, seed=cfg.seed, device=cfg.device)
+                               f"{layer}: sorted paper ratio per branch ({int(tested.sum())} "
+                               f"alive latents), channel-permutation null 5–95 % (grey, "
+                               f"{cfg.curve_reps} replicates)", groups_fig)
+    knn = knn_branch_agreement(dec[tested], bt.dominant[tested], k=cfg.knn_k, seed=cfg.seed,
+                               device=cfg.device)
     emb = {"method": "none"}
-    if cfg.embed != "none":
-        coords, method, note = embed_latents(dec, cfg.embed, seed=cfg.seed)
-        figs += embedding_plot(coords, bt.dominant, branches, out_dir / f"embedding_{layer}",
-                               f"{layer}: {n} latents ({method}, cosine on unit decoder rows), "
-                               "coloured by dominant branch")
+    if cfg.embed != "none" and tested.sum() >= 3:
+        coords, method, note = embed_latents(dec[tested], cfg.embed, seed=cfg.seed)
+        figs += embedding_plot(coords, bt.dominant[tested], branches,
+                               out_dir / f"embedding_{layer}",
+                               f"{layer}: {int(tested.sum())} alive latents ({method}, cosine "
+                               "on unit decoder rows), coloured by dominant branch")
+        full = np.full((n, 2), np.nan, np.float32)
+        full[tested] = coords
         emb = {"method": method, "note": note, "n_points": int(coords.shape[0])}
-        np.save(out_dir / f"embedding_{layer}.npy", coords)
+        np.save(out_dir / f"embedding_{layer}.npy", full)
 
-    table = layer_table(bt, alive)
+    table = layer_table(bt)
     for row, b in zip(table, range(len(branches)), strict=True):
         row["layer"] = layer
-        row["permuted_channels_control_significant"] = int(ctrl_rej[:, b].sum())
-        row["std_normalised_random_control_significant"] = int(iso_rej[:, b].sum())
+        for name, c in controls.items():
+            row[f"control_{name}"] = c["per_branch"][branches[b]]
         m = bt.dominant == b
         row["mean_attribution_of_dominant"] = (float(np.nanmean(attr[m, b]))
                                                if m.any() else None)
+    n_dead = int(dead_train.sum())
     summary = {
         "layer": layer, "variant": variant, "latents": n, "channels": d,
         "branch_slices": {b: [s.start, s.stop] for b, s in slices.items()},
-        "alive_in_store": int(alive.sum()), "dead_in_store": int((~alive).sum()),
-        "dead_in_training": int(dead_train.sum()), "stored_vectors": a.n_vectors,
-        "decision_scale": bt.scale, "q": cfg.q,
+        "data_split": split_note, "heldout_vectors": int(rows.size),
+        "dead_in_training": n_dead, "never_fired_heldout": int((~fired & ~dead_train).sum()),
+        "tested": int(tested.sum()),
+        "warning": (f"{n - int(tested.sum())} of {n} latents are dead or never fire on "
+                    "held-out images" if tested.sum() < (1 - ALMOST_ALL_DEAD) * n else None),
+        "sae_eval": (getattr(sae, "meta", {}) or {}).get("eval"),
+        "decision": "raw decoder, channel-permutation null (primary); robust = also "
+                    "significant within activation-std strata (scale rule)",
+        "q": cfg.q,
         "dominant_counts": {b: int((bt.dominant == i).sum()) for i, b in enumerate(branches)}
-        | {"none": int((bt.dominant == NONE).sum())},
+        | {"none": int(((bt.dominant == NONE) & tested).sum())},
+        "robust_dominant_counts": {b: int((bt.robust_dominant == i).sum())
+                                   for i, b in enumerate(branches)},
         "branches": table,
-        "permuted_channels_control": {
-            "significant": int(ctrl_rej.any(1).sum()),
-            "expected_under_null": "≈0 latents (BH at q under the global null)",
-            "per_branch": {b: int(ctrl_rej[:, i].sum()) for i, b in enumerate(branches)}},
-        "beta_approximation_vs_monte_carlo": _beta_vs_mc(bt, cfg.n_perm),
-        "median_effective_dimension": float(np.nanmedian(bt.d_eff)),
+        "null_controls": controls,
+        "paper_curve": {"raw": _curve_rows(curve_raw), "std": _curve_rows(curve_std),
+                        "replicates": cfg.curve_reps},
+        "permutations": {"mean": float(np.mean(bt.n_perm[tested])) if tested.any() else 0,
+                         "max": int(bt.n_perm.max()) if n else 0},
+        "beta_approximation_vs_monte_carlo_tail": _beta_vs_mc_tail(bt),
+        "median_effective_dimension": (float(np.nanmedian(bt.d_eff)) if tested.any()
+                                       else None),
         "knn_branch_agreement": knn,
-        "category_test": cat.category_test(animal, bt.dominant, branches),
+        "category_test": {"dominant": categories, "robust_dominant": categories_robust,
+                          "reference": "animal fraction of the same held-out images"},
         "embedding": emb, "figures": figs, "pvalue_note": PVALUE_NOTE,
-        "seconds": round(time.time() - t0, 1),
+        "seconds": round(time.time() - t0, 1), "seconds_branch_tests": round(t_tests, 1),
     }
-    rows = []
     names = bt.dominant_names()
+    robust_names = bt.dominant_names(robust=True)
+    out_rows = []
     for i in range(n):
         r: dict[str, Any] = {
-            "layer": layer, "latent": i, "alive": bool(alive[i]),
+            "layer": layer, "latent": i, "alive": bool(tested[i]),
             "dead_in_training": bool(dead_train[i]),
             "firing_rate": float(a.firing_rate[i]), "mean_activation": float(a.mean_activation[i]),
             "mean_when_active": float(a.mean_when_active[i]),
             "n_images_fired": int(a.n_images_fired[i]), "dominant": names[i],
-            "d_eff": float(bt.d_eff[i])}
+            "robust_dominant": robust_names[i], "d_eff": float(bt.d_eff[i])}
         for j, b in enumerate(branches):
             r |= {f"paper_ratio_{b}": bt.paper_ratio[i, j], f"full_ratio_{b}": bt.full_ratio[i, j],
                   f"paper_ratio_std_{b}": bt.paper_ratio_std[i, j],
                   f"full_ratio_std_{b}": bt.full_ratio_std[i, j],
-                  f"enrichment_{b}": bt.enrichment[i, j], f"p_perm_{b}": bt.p_perm[i, j],
-                  f"q_perm_{b}": bt.q_perm[i, j], f"p_perm_paper_{b}": bt.p_perm_paper[i, j],
-                  f"p_beta_{b}": bt.p_beta[i, j], f"p_isotropic_{b}": bt.p_iso[i, j],
-                  f"attribution_{b}": attr[i, j]}
+                  f"enrichment_{b}": bt.enrichment[i, j],
+                  f"enrichment_dict_{b}": bt.enrichment_dict[i, j],
+                  f"p_raw_{b}": bt.p_raw[i, j], f"q_raw_{b}": bt.q_raw[i, j],
+                  f"p_scale_{b}": bt.p_scale[i, j], f"q_scale_{b}": bt.q_scale[i, j],
+                  f"p_paper_{b}": bt.p_paper[i, j], f"p_beta_{b}": bt.p_beta[i, j],
+                  f"p_isotropic_{b}": bt.p_iso[i, j], f"attribution_{b}": attr[i, j]}
         r |= {"top_category": top_cat[i], "animal_fraction": animal[i], "dog_fraction": dog[i],
               "top_images": ";".join(str(store.images[t].get("id", t)) for t in tops[i]),
               "top_labels": ";".join(str(labels[t]) for t in tops[i])}
-        rows.append(r)
-    log(f"{layer}: done in {summary['seconds']} s")
-    return {"summary": summary, "rows": rows, "table": table, "dominant": bt.dominant,
-            "n_images_fired": a.n_images_fired, "branches": branches}
+        out_rows.append(r)
+    log(f"{layer}: done in {summary['seconds']} s (branch tests {t_tests:.1f} s)")
+    return {"summary": summary, "rows": out_rows, "table": table, "dominant": bt.dominant,
+            "n_images_fired": a.n_images_fired, "branches": branches, "held_rows": rows}
 
+
+# -- across layers --------------------------------------------------------------------------------
 
 def _codes(sae, arr, rows: np.ndarray, batch: int) -> sp.csr_matrix:
     parts = []
+    dev = next(sae.parameters()).device
     with torch.no_grad():
         for s in range(0, rows.size, batch):
             x = torch.from_numpy(np.ascontiguousarray(arr[rows[s:s + batch]], np.float32))
-            dev = next(sae.parameters()).device
-            parts.append(sp.csr_matrix(sae.encode(x.to(dev)).cpu().numpy()))
+            vals, idx = sae.encode_sparse(x.to(dev))
+            r = np.repeat(np.arange(x.shape[0]), idx.shape[1])
+            parts.append(sp.csr_matrix((vals.cpu().numpy().ravel(),
+                                        (r, idx.cpu().numpy().ravel())),
+                                       shape=(x.shape[0], sae.cfg.n_latents)))
     return sp.vstack(parts).tocsr() if parts else sp.csr_matrix((0, sae.cfg.n_latents))
 
 
@@ -256,113 +389,167 @@ def _grid(store, layer: str, variant: str) -> tuple[int, int] | None:
 
 
 def cross_layer(a: str, b: str, res: dict, saes: dict, store, cfg: AnalysisConfig,
-                log: Callable[[str], None]) -> dict:
-    """Match latents of layers a and b by co-activation and test dominant-branch agreement."""
+                groups: np.ndarray, log: Callable[[str], None]) -> dict:
+    """One-to-one matching of latents of layers a and b on held-out samples, its shifted-image
+    null, and the dominant-branch agreement of the matched pairs against both nulls."""
     variant = saes[a].cfg.variant or store.manifest.get("variant")
     ga, gb = _grid(store, a, variant), _grid(store, b, variant)
     out: dict[str, Any] = {"layers": [a, b], "grid": [ga, gb]}
     if ga != gb:
         return {**out, "skipped": "different spatial grids; positions cannot be aligned"}
-    ia, ib = align_rows(np.asarray(store.provenance(a)), np.asarray(store.provenance(b)))
+    pa, pb = np.asarray(store.provenance(a)), np.asarray(store.provenance(b))
+    ha, hb = res[a]["held_rows"], res[b]["held_rows"]
+    ia, ib = align_rows(pa[ha], pb[hb])
+    ia, ib = ha[ia], hb[ib]
     out["aligned_samples"] = int(ia.size)
     if ia.size == 0:
-        return {**out, "skipped": "no shared (image, y, x) samples in the store"}
-    log(f"cross-layer {a} ↔ {b}: {ia.size} aligned samples")
+        return {**out, "skipped": "no shared held-out (image, y, x) samples in the store"}
+    log(f"cross-layer {a} ↔ {b}: {ia.size} aligned held-out samples")
     za = _codes(saes[a], store.array(a), ia, cfg.batch_size)
-    zb = _codes(saes[b], store.array(b), ib, cfg.batch_size)
+    arr_b = store.array(b)
+    zb = _codes(saes[b], arr_b, ib, cfg.batch_size)
     ea = res[a]["n_images_fired"] >= cfg.min_images
     eb = res[b]["n_images_fired"] >= cfg.min_images
-    best, corr = best_matches(za, zb, ea, eb)
-    finite = corr[np.isfinite(corr)]
+    ma, mb, corr = mutual_best_matches(za, zb, ea, eb)
+    null_corr = []
+    for s in range(1, cfg.match_shifts + 1):
+        sa, sb = shifted_rows(pa, pb, ia, ib, groups, s)
+        if sa.size == 0:
+            continue
+        pos = {int(r): k for k, r in enumerate(ia)}
+        zs_a = za[[pos[int(r)] for r in sa]]
+        zs_b = _codes(saes[b], arr_b, sb, cfg.batch_size)
+        null_corr.append(mutual_best_matches(zs_a, zs_b, ea, eb)[2])
+    nc = np.concatenate(null_corr) if null_corr else np.zeros(0)
+    q99 = float(np.quantile(nc, 0.99)) if nc.size else None
+    threshold = max(cfg.match_threshold, q99 if q99 is not None else cfg.match_threshold)
+    keep = corr >= threshold
+    null_per_shift = [int(np.sum(c >= threshold)) for c in null_corr]
     out |= {
         "min_images": cfg.min_images,
         "excluded_a_few_images": int((~ea).sum()), "excluded_b_few_images": int((~eb).sum()),
         "eligible_a": int(ea.sum()), "eligible_b": int(eb.sum()),
-        "match_corr_quantiles": ({str(q): float(np.quantile(finite, q))
-                                  for q in (0.1, 0.5, 0.9, 0.99)} if finite.size else {}),
+        "mutual_best_pairs": int(corr.size),
+        "threshold": threshold, "threshold_floor": cfg.match_threshold,
+        "shifted_image_null": {
+            "replicates": len(null_corr), "mutual_best_pairs_mean":
+                float(np.mean([c.size for c in null_corr])) if null_corr else None,
+            "corr_q99": q99, "pairs_above_threshold_per_replicate": null_per_shift},
+        "match_corr_quantiles": ({str(q): float(np.quantile(corr, q))
+                                  for q in (0.1, 0.5, 0.9, 0.99)} if corr.size else {}),
+        "matches": [[int(x), int(y), float(c)] for x, y, c in
+                    zip(ma[keep], mb[keep], corr[keep], strict=True)],
     }
-    out["consistency"] = consistency(res[a]["dominant"], res[b]["dominant"], best, corr,
-                                     res[a]["branches"], threshold=cfg.match_threshold,
-                                     seed=cfg.seed)
+    out["consistency"] = consistency(res[a]["dominant"], res[b]["dominant"], ma[keep], mb[keep],
+                                     res[a]["branches"], seed=cfg.seed)
     return out
 
+
+# -- driver ---------------------------------------------------------------------------------------
 
 def analyze(run_dir: str | Path, *, layers: list[str] | None = None, store=None,
             config: AnalysisConfig | None = None,
             log: Callable[[str], None] | None = None) -> dict:
     """Analyse every trained layer of a run; writes ``RUN/analysis/`` and returns the summary.
 
-    ``store`` may be given (any object with the CONTRACTS store API); else ``RUN/store``.
+    ``store`` may be given (any object with the store API); else ``RUN/store``.
     """
-    from branchlens.sae import TopKSAE
-
     run_dir = Path(run_dir)
     cfg = config or AnalysisConfig()
     if cfg.device == "auto":
         cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
     log = log or (lambda s: None)
-    out_dir = run_dir / "analysis"
-    out_dir.mkdir(parents=True, exist_ok=True)
     if store is None:
         from branchlens.store import ActivationStore
 
+        if not (run_dir / "store").is_dir():
+            raise AnalysisError(f"no activation store in {run_dir / 'store'}; run "
+                                f"`branchlens harvest SOURCE --out {run_dir / 'store'}` first")
         store = ActivationStore.open(run_dir / "store")
     layers = layers or find_layers(run_dir)
     if not layers:
-        raise FileNotFoundError(f"no trained SAEs under {run_dir / 'sae'}")
+        raise AnalysisError(f"no trained SAEs under {run_dir / 'sae'}; run "
+                            f"`branchlens train {run_dir}` first")
     layers = sorted(layers, key=_layer_order)
+    saes = {layer: load_layer_sae(run_dir, layer, store, cfg.device) for layer in layers}
+    out_dir = run_dir / "analysis"
+    out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    saes, res = {}, {}
+    groups = image_groups(store)
+    t0 = time.time()
+    res = {}
     for layer in layers:
-        sae = TopKSAE.load(run_dir / "sae" / layer, device=cfg.device)
-        sae.eval()
-        saes[layer] = sae
-        res[layer] = analyze_layer(layer, sae, store, cfg, out_dir, log)
+        held, note = heldout_images(saes[layer], store)
+        res[layer] = analyze_layer(layer, saes[layer], store, cfg, out_dir, log, held, note,
+                                   groups)
     pairs = list(zip(layers[:-1], layers[1:], strict=False))
     if len(layers) > 2:
         pairs.append((layers[0], layers[-1]))
-    cross = [cross_layer(a, b, res, saes, store, cfg, log) for a, b in pairs]
+    tc = time.time()
+    cross = [cross_layer(a, b, res, saes, store, cfg, groups, log) for a, b in pairs]
+    t_cross = time.time() - tc
+    _correct_categories(res, layers)
     rows = [r for layer in layers for r in res[layer]["rows"]]
     table = [{"layer": t.pop("layer"), **t} for layer in layers for t in res[layer]["table"]]
     _write_csv(out_dir / "latents.csv", rows)
     _write_csv(out_dir / "layers.csv", table)
+    per_layer = {layer: res[layer]["summary"] for layer in layers}
     summary = {
+        "claims": paper_claims(per_layer, cross, q=cfg.q),
         "run_dir": str(run_dir), "config": asdict(cfg), "layers": layers,
-        "per_layer": {layer: res[layer]["summary"] for layer in layers},
-        "cross_layer": cross, "pvalue_note": PVALUE_NOTE,
+        "per_layer": per_layer, "cross_layer": cross, "pvalue_note": PVALUE_NOTE,
+        "seconds": {"total": round(time.time() - t0, 1), "cross_layer": round(t_cross, 1)},
         "provenance": provenance(store_manifest_variant=store.manifest.get("variant")),
     }
     write_json(out_dir / "summary.json", summary)
     return summary
 
 
+def _correct_categories(res: dict, layers: list[str]) -> None:
+    """BH across every layer × branch of the category test (dominant and robust-dominant)."""
+    for key in ("dominant", "robust_dominant"):
+        cells = [(layer, b) for layer in layers
+                 for b, r in res[layer]["summary"]["category_test"][key].items()
+                 if r.get("p_value") is not None]
+        if not cells:
+            continue
+        p = np.array([[res[layer]["summary"]["category_test"][key][b]["p_value"]]
+                      for layer, b in cells])
+        rej, qv = bh_reject(p, 0.05)
+        for (layer, b), r, qq in zip(cells, rej[:, 0], qv[:, 0], strict=True):
+            cell = res[layer]["summary"]["category_test"][key][b]
+            cell["q_value_layers_x_branches"] = float(qq)
+            cell["significant"] = bool(r)
+
+
 def format_table(summary: dict) -> str:
-    """Plain-text layer × branch table for the CLI."""
-    head = (f"{'layer':<9}{'branch':<6}{'w':>5}{'share':>7}{'sig':>6}{'E[FP]':>7}{'dom':>6}"
-            f"{'dom/share':>10}{'naive':>7}{'ctrl':>6}{'iso-ref':>8}{'raw-sig':>8}{'std-sig':>8}"
-            f"{'rnd/std':>8}")
-    lines = [head, "-" * len(head)]
+    """Plain-text claims and layer × branch table for the CLI."""
+    lines = ["claims of the paper:"]
+    for c in summary.get("claims", []):
+        lines.append(f"  [{c['verdict']}] {c['claim']} — {c['evidence']}")
+    head = (f"{'layer':<9}{'branch':<6}{'w':>5}{'share':>7}{'tested':>7}{'raw':>6}{'scale':>6}"
+            f"{'robust':>7}{'byscale':>8}{'dom':>6}{'rdom':>6}{'dom/share':>10}{'naive':>7}"
+            f"{'ctl-raw':>8}{'ctl-scl':>8}{'iso-ref':>8}")
+    lines += ["", head, "-" * len(head)]
     for layer, s in summary["per_layer"].items():
         for r in s["branches"]:
-            raw = r.get("significant_raw_scale", "-")
-            sd = r.get("significant_std_scale", "-")
             lines.append(
                 f"{layer:<9}{r['branch']:<6}{r['width']:>5}{r['channel_share']:>7.3f}"
-                f"{r['significant']:>6}{r['expected_false_positives']:>7.1f}{r['dominant']:>6}"
-                f"{r['dominant_enrichment_vs_channel_share']:>10.2f}"
+                f"{r['tested']:>7}{r['significant']:>6}{_dash(r['significant_scale']):>6}"
+                f"{r['robust']:>7}{_dash(r['explained_by_scale']):>8}{r['dominant']:>6}"
+                f"{r['robust_dominant']:>6}{r['dominant_enrichment_vs_channel_share']:>10.2f}"
                 f"{r['naive_argmax_paper_ratio']:>7}"
-                f"{r['permuted_channels_control_significant']:>6}"
-                f"{r['significant_isotropic_reference']:>8}"
-                f"{raw:>8}{sd:>8}"
-                f"{r.get('std_normalised_random_control_significant', '-'):>8}")
-    scales = {s["decision_scale"] for s in summary["per_layer"].values()}
-    lines.append(f"sig: BH-significant ({'/'.join(sorted(scales))}-normalised decoder, "
-                 "channel-permutation null); E[FP] = q·sig; dom: dominant latents; "
-                 "naive: argmax paper ratio; ctrl: sig after one "
-                 "channel permutation of all latents; iso-ref: isotropic Beta (reference only); "
-                 "raw-sig / std-sig: same test on the raw / activation-std-normalised decoder; "
-                 "rnd/std: random raw directions divided by the same std (what that "
-                 "normalisation alone creates)")
+                f"{_dash(r.get('control_raw_rule_null_draws')):>8}"
+                f"{_dash(r.get('control_scale_rule_scaled_gaussian')):>8}"
+                f"{r['significant_isotropic_reference']:>8}")
+        if s.get("warning"):
+            lines.append(f"  WARNING {layer}: {s['warning']}")
+    lines.append("raw: BH-significant (q per branch) on the raw decoder vs channel permutation; "
+                 "scale: vs permutation within activation-std strata; robust: both; byscale: "
+                 "raw only (explained by channel scale); dom/rdom: dominant / robust-dominant "
+                 "latents; naive: argmax paper ratio; ctl-raw: raw rule on draws from its own "
+                 "null; ctl-scl: scale rule on σ-scaled random directions; iso-ref: isotropic "
+                 "Beta (reference only). Dead and never-firing latents are not tested.")
     lines.append(PVALUE_NOTE)
     for c in summary["cross_layer"]:
         cc = c.get("consistency")
@@ -370,9 +557,17 @@ def format_table(summary: dict) -> str:
             lines.append(f"{c['layers'][0]}↔{c['layers'][1]}: skipped ({c.get('skipped')})")
             continue
         lines.append(
-            f"{c['layers'][0]}↔{c['layers'][1]}: pairs={cc['matched_pairs']} "
-            f"both-dominant={cc['pairs_both_dominant']} agreement={cc['agreement']:.3f} "
-            f"null={cc['null_mean']:.3f} kappa={cc['kappa']:.3f} p={cc['p_value']:.3g} "
-            f"(excluded <{c['min_images']} images: {c['excluded_a_few_images']}/"
-            f"{c['excluded_b_few_images']})")
+            f"{c['layers'][0]}↔{c['layers'][1]}: mutual pairs≥{c['threshold']:.2f}="
+            f"{cc['matched_pairs']} (shifted-image null: "
+            f"{c['shifted_image_null']['pairs_above_threshold_per_replicate']}) "
+            f"both-dominant={cc['pairs_both_dominant']} agreement={_num(cc['agreement'])} "
+            f"null={_num(cc['null_mean'])} kappa={_num(cc['kappa'])} p={_num(cc['p_value'])}")
     return "\n".join(lines)
+
+
+def _dash(x: Any) -> str:
+    return "-" if x is None else str(x)
+
+
+def _num(x: Any) -> str:
+    return "nan" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.3g}"

@@ -32,12 +32,14 @@ def _values(rng: np.random.Generator, n: int, d: int, heavy: bool) -> np.ndarray
 
 def planted_decoder(slices: dict[str, slice], n_null: int, n_planted: int, *,
                     heavy: bool = False, boost: float = 4.0, channel_sigma: float = 0.0,
-                    branch_gain: dict[str, float] | None = None, seed: int = 0) -> Planted:
+                    branch_gain: dict[str, float] | None = None,
+                    planted_branches: list[str] | None = None, seed: int = 0) -> Planted:
     """Null latents plus latents whose planted branch's values are multiplied by ``boost``.
 
     ``channel_sigma`` > 0 gives every channel a fixed log-normal scale (shared by all latents,
     non-isotropic); ``branch_gain`` makes whole branches louder (the scale-control confound).
-    Planted latents cycle over the branches. Rows are unit-normalised.
+    Planted latents cycle over the branches (or over ``planted_branches``, names that may repeat,
+    to plant unbalanced). Rows are unit-normalised.
     """
     rng = np.random.default_rng(seed)
     names = list(slices)
@@ -45,8 +47,10 @@ def planted_decoder(slices: dict[str, slice], n_null: int, n_planted: int, *,
     n = n_null + n_planted
     v = _values(rng, n, d, heavy)
     truth = np.full(n, NONE, dtype=np.int64)
+    cycle = [names.index(b) for b in planted_branches] if planted_branches else list(
+        range(len(names)))
     for k in range(n_planted):
-        b = k % len(names)
+        b = cycle[k % len(cycle)]
         i = n_null + k
         v[i, slices[names[b]]] *= boost
         truth[i] = b

@@ -19,6 +19,7 @@ from branchlens.report.gallery import gallery
 __all__ = ["ReportContext", "build_report", "gather", "render"]
 
 SECTIONS = (
+    ("claims", "The paper's claims"),
     ("data", "Data"),
     ("sae", "SAE quality"),
     ("specialization", "Branch specialization"),
@@ -39,7 +40,7 @@ def render(ctx: ReportContext, cards_per_layer: int = 48) -> str:
     """The whole page as a string (no file I/O besides reading artifacts and assets)."""
     generated = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     bodies = {
-        "data": S.data_section, "sae": S.sae_section,
+        "claims": S.claims_section, "data": S.data_section, "sae": S.sae_section,
         "specialization": S.specialization_section, "curves": S.curves_section,
         "crosslayer": S.crosslayer_section, "categories": S.category_section,
         "embedding": S.embedding_section, "circuits": S.circuits_section,

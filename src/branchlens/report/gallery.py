@@ -81,7 +81,7 @@ def _bars(row: dict[str, Any], branches: list[str], null: dict[str, float], q: f
         r = row.get(f"paper_ratio_{b}")
         if not isinstance(r, int | float):
             continue
-        qv = row.get(f"q_perm_{b}")
+        qv = row.get(f"q_raw_{b}")
         sig = isinstance(qv, int | float) and qv <= q
         n = null.get(b)
         mark = (f'<i class="null" style="left:{100 * min(max(n, 0), 1):.1f}%" '

@@ -198,59 +198,88 @@ def sae_section(ctx: ReportContext) -> str:
     return table(head, rows) + note + '<div class="figs">' + "".join(curves) + "</div>"
 
 
+VERDICT_CLASS = {"supported": "ok", "not supported": "bad", "explained by channel scale": "warn",
+                 "not testable": "na"}
+
+
+def claims_section(ctx: ReportContext) -> str:
+    """The paper's claims, each with our number and a verdict (analysis/summary.json claims)."""
+    claims = (ctx.summary or {}).get("claims")
+    if ctx.summary is None:
+        return na("claims table", "analyze", ctx)
+    if not claims:
+        return ('<p class="na">no claims in the analysis (re-run '
+                '<code>branchlens analyze</code>)</p>')
+    rows = [(esc(c.get("claim")),
+             f'<span class="verdict {VERDICT_CLASS.get(c.get("verdict"), "")}">'
+             f'{esc(c.get("verdict"))}</span>',
+             esc(c.get("evidence")), f'<small>{esc(c.get("rule"))}</small>') for c in claims]
+    return (table(["claim (Bozoukov 2025)", "verdict", "our numbers", "rule"], rows, "claims")
+            + '<p class="note">“explained by channel scale”: holds on the raw decoder (activation '
+              "units, the paper's definition) but not once values are only permuted among "
+              "channels of equal activation std.</p>")
+
+
 def specialization_section(ctx: ReportContext) -> str:
-    """Layer × branch table: significant and dominant latents against the nulls."""
+    """Layer × branch table: discoveries per decision rule against the null controls."""
     per = (ctx.summary or {}).get("per_layer")
     if not per:
         return na("branch analysis", "analyze", ctx)
-    # significance on the other decoder scales (controls); keys like significant_raw_scale
-    scale_keys = sorted({k for s in per.values() for r in s.get("branches") or []
-                         for k in r if k.startswith("significant_") and k.endswith("_scale")})
-    head = ["layer", "branch", "width", "channel share", "significant", "E[false +]",
-            "permuted-channel control", "random / std control",
-            *(f"significant on {k[12:-6]} scale" for k in scale_keys),
-            "dominant", "dominant / share", "naive argmax", "isotropic ref.",
-            "median paper ratio", "null √(w/d)", "ratio > 0.5", "ratio > 0.9"]
-    rows, facts = [], []
+    head = ["layer", "branch", "width", "channel share", "tested", "significant (raw)",
+            "E[false +]", "significant (scale)", "robust", "explained by scale",
+            "control: raw null draws", "control: same permutation", "control: scale null draws",
+            "control: σ-scaled random (scale rule)", "σ-scaled random through raw (ref.)",
+            "dominant", "robust dominant", "dominant / share", "naive argmax", "isotropic ref.",
+            "paper-ratio test"]
+    rows, facts, warnings = [], [], []
     for layer, s in per.items():
         for r in s.get("branches") or []:
             rows.append((esc(layer), branch_tag(r.get("branch")), fmt(r.get("width")),
-                         fmt(r.get("channel_share")), fmt(r.get("significant")),
-                         fmt(r.get("expected_false_positives")),
-                         fmt(r.get("permuted_channels_control_significant")),
-                         fmt(r.get("std_normalised_random_control_significant")),
-                         *(fmt(r.get(k)) for k in scale_keys),
-                         fmt(r.get("dominant")), fmt(r.get("dominant_enrichment_vs_channel_share")),
+                         fmt(r.get("channel_share")), fmt(r.get("tested")),
+                         fmt(r.get("significant")), fmt(r.get("expected_false_positives")),
+                         fmt(r.get("significant_scale")), fmt(r.get("robust")),
+                         fmt(r.get("explained_by_scale")),
+                         fmt(r.get("control_raw_rule_null_draws")),
+                         fmt(r.get("control_raw_rule_same_permutation")),
+                         fmt(r.get("control_scale_rule_null_draws")),
+                         fmt(r.get("control_scale_rule_scaled_gaussian")),
+                         fmt(r.get("control_raw_rule_scaled_gaussian")),
+                         fmt(r.get("dominant")), fmt(r.get("robust_dominant")),
+                         fmt(r.get("dominant_enrichment_vs_channel_share")),
                          fmt(r.get("naive_argmax_paper_ratio")),
                          fmt(r.get("significant_isotropic_reference")),
-                         fmt(r.get("median_paper_ratio")), fmt(r.get("isotropic_null_ratio")),
-                         fmt(r.get("paper_ratio_gt_0.5")), fmt(r.get("paper_ratio_gt_0.9"))))
-        ctrl = s.get("permuted_channels_control") or {}
+                         fmt(r.get("significant_paper_ratio"))))
         knn = s.get("knn_branch_agreement") or {}
-        facts.append((esc(layer), fmt(s.get("latents")), fmt(s.get("alive_in_store")),
-                      fmt(s.get("dead_in_training")), fmt((s.get("dominant_counts") or {})
-                                                          .get("none")),
-                      esc(s.get("decision_scale")), fmt(s.get("q")),
-                      fmt(ctrl.get("significant")), fmt(s.get("median_effective_dimension")),
-                      fmt(knn.get("ratio"))))
+        beta = s.get("beta_approximation_vs_monte_carlo_tail") or {}
+        perm = s.get("permutations") or {}
+        facts.append((esc(layer), fmt(s.get("latents")), fmt(s.get("dead_in_training")),
+                      fmt(s.get("never_fired_heldout")), fmt(s.get("tested")), fmt(s.get("q")),
+                      f"{fmt(perm.get('mean'))} / {fmt(perm.get('max'))}",
+                      f"{fmt(beta.get('median_abs_log10_diff'))} (n={fmt(beta.get('n'))})",
+                      fmt(s.get("median_effective_dimension")), fmt(knn.get("ratio")),
+                      esc(s.get("data_split"))))
+        if s.get("warning"):
+            warnings.append(f'<p class="warn">{esc(layer)}: {esc(s["warning"])}</p>')
     note = (ctx.summary or {}).get("pvalue_note")
-    return (table(head, rows, "spec") + f'<p class="note">{esc(SPEC_NOTE)}</p>'
-            + "<h3>Per layer</h3>" +
-            table(["layer", "latents", "alive in store", "dead in training", "no dominant branch",
-                   "decision scale", "q", "control significant", "median d_eff",
-                   "kNN branch agreement / chance"], facts)
+    return ("".join(warnings) + table(head, rows, "spec")
+            + f'<p class="note">{esc(SPEC_NOTE)}</p>' + "<h3>Per layer</h3>" +
+            table(["layer", "latents", "dead in training", "never fire on held-out", "tested",
+                   "q", "permutations mean / max", "Beta vs MC in the tail (median |Δlog10 p|)",
+                   "median d_eff", "kNN branch agreement / chance", "data side uses"], facts)
             + (f'<p class="note">{esc(note)}</p>' if note else ""))
 
 
 SPEC_NOTE = (
-    "significant: BH at q over latents, channel-permutation null on the decoder at the decision "
-    "scale; E[false +] = q × significant; permuted-channel control: the same test after one "
-    "channel permutation of all latents (should be ≈ 0); random / std control: random raw "
-    "directions divided by the same channel std (discoveries the normalisation alone creates); "
-    "significant on another scale: the same test on the decoder at that scale (the decision "
-    "scale is in the per-layer table); isotropic ref.: the miscalibrated Beta null, for "
-    "reference only; dominant / share: dominant latents as a fraction of all, divided by the "
-    "branch's channel share.")
+    "Dead and never-firing latents are not tested. significant (raw): BH at q per branch over "
+    "tested latents, channel-permutation null on the decoder in activation units (the paper's "
+    "definition; the primary decision); significant (scale): values permuted only among "
+    "channels of equal activation std, i.e. beyond what channel scale alone gives a branch; "
+    "robust: both; explained by scale: raw only. Monte-Carlo p-values are refined until BH can "
+    "decide (no p-value floor). Controls run each rule on directions drawn from its own null "
+    "(discoveries should stay ≤ q × tested); the σ-scaled random directions through the raw "
+    "rule show how much pure channel scale the raw rule calls specialised. dominant / share: "
+    "dominant latents as a fraction of tested ones, divided by the branch's channel share. "
+    "isotropic ref.: the miscalibrated Beta null, for reference only.")
 
 
 def _analysis_figure(ctx: ReportContext, layer: str, prefix: str) -> str | None:
@@ -274,7 +303,28 @@ def curves_section(ctx: ReportContext) -> str:
                    f"{layer}: sorted paper ratio ‖relu(v_b)‖/‖relu(v)‖ per branch; grey band: "
                    "channel-permutation null (5–95 %)")
             for layer in ctx.summary.get("layers") or []]
-    return '<div class="figs wide">' + "".join(figs) + "</div>"
+    rows = []
+    for layer, s in (ctx.summary.get("per_layer") or {}).items():
+        pc = s.get("paper_curve") or {}
+        for scale in ("raw", "std"):
+            for b, r in (pc.get(scale) or {}).items():
+                rows.append((esc(layer), esc(scale), branch_tag(b), fmt(r.get("median")),
+                             f"{fmt(r.get('null_median_mean'))} [{fmt(r.get('null_median_q05'))},"
+                             f" {fmt(r.get('null_median_q95'))}]", fmt(r.get("isotropic_ratio")),
+                             fmt(r.get("count_gt_0.5")),
+                             f"{fmt(r.get('null_count_gt_0.5_mean'))} "
+                             f"(p {fmt(r.get('p_count_gt_0.5'), 2)})",
+                             fmt(r.get("count_gt_0.9")),
+                             f"{fmt(r.get('null_count_gt_0.9_mean'))} [≤ "
+                             f"{fmt(r.get('null_count_gt_0.9_q95'))}] "
+                             f"(p {fmt(r.get('p_count_gt_0.9'), 2)})"))
+    tab = (table(["layer", "decoder", "branch", "median ratio", "null median [5 %, 95 %]",
+                  "√(w/d)", "ratio > 0.5", "null (p)", "ratio > 0.9", "null [95 %] (p)"], rows)
+           + '<p class="note">The paper\'s metric on its own terms: the positive-part ratio of '
+             "alive latents against its channel-permutation null (replicates permute every "
+             "latent independently); std: the decoder divided by each channel's activation "
+             "std.</p>") if rows else ""
+    return tab + '<div class="figs wide">' + "".join(figs) + "</div>"
 
 
 def crosslayer_section(ctx: ReportContext) -> str:
@@ -291,9 +341,15 @@ def crosslayer_section(ctx: ReportContext) -> str:
         if not isinstance(cc, dict):
             out.append(f"<h3>{esc(pair)}</h3><p class='na'>skipped: {esc(c.get('skipped'))}</p>")
             continue
-        stats = [("aligned samples", fmt(c.get("aligned_samples"))),
+        null = c.get("shifted_image_null") or {}
+        stats = [("aligned held-out samples", fmt(c.get("aligned_samples"))),
+                 ("mutual-best pairs (all)", fmt(c.get("mutual_best_pairs"))),
                  ("matched pairs (corr ≥ threshold)",
-                  f"{fmt(cc.get('matched_pairs'))} (threshold {fmt(cc.get('threshold'))})"),
+                  f"{fmt(cc.get('matched_pairs'))} (threshold {fmt(c.get('threshold'))}: "
+                  f"max of {fmt(c.get('threshold_floor'))} and the shifted-image null's 99th "
+                  "percentile)"),
+                 ("same procedure on shifted images (pairs ≥ threshold)",
+                  esc(null.get("pairs_above_threshold_per_replicate"))),
                  ("pairs with both dominant", fmt(cc.get("pairs_both_dominant"))),
                  ("agreement", fmt(cc.get("agreement"))),
                  ("shuffle null mean [5 %, 95 %]",
@@ -333,25 +389,30 @@ def contingency(labels: list[str], tab: list[list[Any]], c: dict) -> str:
 
 
 def category_section(ctx: ReportContext) -> str:
-    """The paper's "5x5 ⇒ animals" claim, tested per branch (Mann–Whitney U)."""
+    """The paper's "5x5 ⇒ animals" claim per layer × branch, against the images' base rate."""
     per = (ctx.summary or {}).get("per_layer")
     if not per:
         return na("category test", "analyze", ctx)
     rows = []
     for layer, s in per.items():
-        for b, t in (s.get("category_test") or {}).items():
-            if isinstance(t, dict):
-                rows.append((esc(layer), branch_tag(b), fmt(t.get("n_x")), fmt(t.get("n_y")),
-                             fmt(t.get("mean_x")), fmt(t.get("mean_y")), fmt(t.get("effect")),
-                             fmt(t.get("p_value"))))
+        ct = s.get("category_test") or {}
+        for key in ("robust_dominant", "dominant"):
+            for b, t in (ct.get(key) or {}).items():
+                if isinstance(t, dict) and "latents" in t:
+                    rows.append((esc(layer), esc(key.replace("_", " ")), branch_tag(b),
+                                 fmt(t.get("latents")), fmt(t.get("animal_fraction")),
+                                 fmt(t.get("base_rate")), fmt(t.get("difference")),
+                                 f"[{fmt(t.get('ci_low'))}, {fmt(t.get('ci_high'))}]",
+                                 fmt(t.get("p_value")), fmt(t.get("q_value_layers_x_branches"))))
     if not rows:
         return '<p class="na">no category test in the analysis (no labelled images?)</p>'
-    return (table(["layer", "branch", "latents dominant here", "other latents",
-                   "animal fraction (dominant)", "animal fraction (others)",
-                   "effect (rank-biserial)", "p-value"], rows)
-            + '<p class="note">Animal fraction of each latent\'s top images (ImageNet labels); '
-              "two-sided Mann–Whitney U of latents dominant in the branch vs all others. Latents "
-              "share images, so the p-value is optimistic.</p>")
+    return (table(["layer", "latents", "branch", "n", "animal fraction of top images",
+                   "base rate (held-out images)", "difference", "95 % CI", "p", "q (BH, "
+                   "layers × branches)"], rows)
+            + '<p class="note">Mean over the branch\'s dominant latents of the animal fraction '
+              "of their held-out top images (ImageNet labels), against the animal fraction of "
+              "the held-out images themselves. Latents share images, so the interval and p come "
+              "from an image-cluster bootstrap (an image and its mirror resampled together).</p>")
 
 
 def embedding_section(ctx: ReportContext) -> str:
