@@ -40,10 +40,46 @@ def run_source(run_dir: str | Path, source: str | None = None) -> tuple[ImageSou
     return src, info.get("n_images")
 
 
-def _model(variant: str, weights: str | None, device: str):
+class ProvenanceError(ValueError):
+    """A stage would combine artifacts of different networks, variants or sources."""
+
+
+def store_provenance(run_dir: str | Path) -> dict | None:
+    """Variant and weights (source, sha256, seed) the run's store was harvested with."""
+    manifest = Path(run_dir) / "store" / "manifest.json"
+    if not manifest.is_file():
+        return None
+    m = read_json(manifest)
+    return {"variant": m.get("variant"), "weights": m.get("weights") or {}}
+
+
+def _model(variant: str, weights: str | None, device: str, run_dir: str | Path | None = None):
+    """The network the run's store was harvested with, or a refusal: by default the store's
+    weights (random ones with the store's seed); explicit weights must have the store's hash."""
     from branchlens.weights import load_model, resolve_device
 
-    model, info = load_model(variant, weights, resolve_device(device))
+    prov = store_provenance(run_dir) if run_dir is not None else None
+    seed = 0
+    if prov is not None:
+        stored = prov["weights"]
+        if prov["variant"] and prov["variant"] != variant:
+            raise ProvenanceError(f"the SAE is for variant {variant!r} but the store of "
+                                  f"{run_dir} was harvested with {prov['variant']!r}")
+        is_random = weights is not None and str(weights) == "random"
+        if stored.get("source") == "random":
+            if weights is not None and not is_random:
+                raise ProvenanceError(f"the store of {run_dir} was harvested with RANDOM "
+                                      f"weights; refusing to mix in {weights}")
+            weights, seed = "random", int(stored.get("seed") or 0)
+        elif is_random and stored.get("sha256"):
+            raise ProvenanceError(f"the store of {run_dir} was harvested with real weights "
+                                  f"(sha256 {stored['sha256'][:12]}…); refusing random ones")
+    model, info = load_model(variant, weights, resolve_device(device), seed=seed)
+    want = (prov or {}).get("weights", {}).get("sha256")
+    if want and info.sha256 != want:
+        raise ProvenanceError(f"weights {info.path} have sha256 {info.sha256[:12]}… but the "
+                              f"store of {run_dir} was harvested with {want[:12]}…; pass "
+                              "--weights with the file the store was harvested with")
     return model, info
 
 
@@ -72,7 +108,7 @@ def visualize_stage(
     from branchlens.viz.render import RenderConfig
 
     sae = load_sae(run_dir, layer)
-    model, winfo = _model(_variant_of(sae), weights, device)
+    model, winfo = _model(_variant_of(sae), weights, device, run_dir)
     sae = sae.to(next(model.parameters()).device)
     lats = list(latents) if latents else pick_latents(sae, n_latents, seed)
     cfg = RenderConfig(size=size, steps=steps, lr=lr, seed=seed)
@@ -92,7 +128,7 @@ def examples_stage(
     from branchlens.viz.examples import example_maps, save_examples, save_top_table, top_examples
 
     sae = load_sae(run_dir, layer)
-    model, winfo = _model(_variant_of(sae), weights, device)
+    model, winfo = _model(_variant_of(sae), weights, device, run_dir)
     sae = sae.to(next(model.parameters()).device)
     src, n_used = run_source(run_dir, source)
     n = min(len(src), limit or n_used or len(src))
@@ -140,7 +176,7 @@ def circuits_stage(
 
     sae_up, sae_down = load_sae(run_dir, up), load_sae(run_dir, down)
     variant = _variant_of(sae_down)
-    model, winfo = _model(variant, weights, device)
+    model, winfo = _model(variant, weights, device, run_dir)
     dev = next(model.parameters()).device
     sae_up, sae_down = sae_up.to(dev), sae_down.to(dev)
     table = Path(run_dir) / "viz" / "examples" / down / "top.safetensors"
