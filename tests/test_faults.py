@@ -104,7 +104,7 @@ def test_1_sae_expansion_change_retrains(run_copy):
     logs: list[str] = []
     run(run_copy, overrides=_with("sae", expansion=2), log=logs.append, **KW)
     assert "[train] running" in logs
-    assert _weights(run_copy)["W_enc"].shape[0] == 2 * 508
+    assert _weights(run_copy)["W_enc"].shape[0] == 2 * 512
     assert any("discarded" in m for m in logs), logs
 
 
@@ -163,7 +163,7 @@ def test_3_flipped_optimizer_checkpoint_is_detected_on_resume(run_copy):
 
     optim = next((run_copy / "sae" / "mixed4a").glob("optim-step*.safetensors"))
     _flip(optim, -3, 6)  # a high bit of the last float: an exponent bit
-    tcfg = TrainConfig(**TINY["train"], seed=0)
+    tcfg = TrainConfig(**make_config("demo", overrides=TINY)["train"], seed=0)
     with pytest.raises(ArtifactError, match="sha256"):  # same settings: it would resume
         train_layers(run_copy, ["mixed4a"], {"k": 8}, tcfg, expansion=1)
 
@@ -537,6 +537,7 @@ KILL_CFG = {**TINY, "harvest": {**TINY["harvest"], "shard_size": 1},
             "analyze": {"n_perm": 20, "refine_to": 40, "embed": "none"},
             "report": {"cards_per_layer": 2}}
 KILL_STAGES = "harvest,train,analyze,report"
+N_KILLS = 3  # stages (drawn at random) in which a run is killed, each at a random moment
 
 
 def _artifacts(out: Path) -> dict:
@@ -544,6 +545,19 @@ def _artifacts(out: Path) -> dict:
     w = _weights(out)
     return {"store": store.content_hash(), "sae": {k: v.tolist() for k, v in w.items()},
             "latents": (out / "analysis" / "latents.csv").read_text()}
+
+
+def _wait_running(p: subprocess.Popen, record: Path, stage: str, timeout: float) -> bool:
+    """Wait until ``run.json`` says ``stage`` is running (False if the process ended first)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and p.poll() is None:
+        try:
+            if read_json(record)["stages"].get(stage, {}).get("status") == "running":
+                return True
+        except (FileNotFoundError, ArtifactError, KeyError):
+            pass
+        time.sleep(0.02)
+    return False
 
 
 @pytest.mark.slow
@@ -555,19 +569,23 @@ def test_kill_9_at_random_points_then_resume_equals_an_uninterrupted_run(tmp_pat
     cmd = [sys.executable, "-m", "branchlens", "run", "embedded:4", "--out", str(out),
            "--weights", "random", "--device", "cpu", "--stages", KILL_STAGES, *_sets(KILL_CFG)]
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
-    rng = np.random.default_rng(int(os.environ.get("BRANCHLENS_KILL_SEED", "0")))
-    kills = 0
-    for _ in range(3):
+    rng = np.random.default_rng(int(os.environ.get("BRANCHLENS_KILL_SEED", time.time_ns() % 997)))
+    order = KILL_STAGES.split(",")
+    targets = sorted(rng.choice(order, N_KILLS, replace=False).tolist(), key=order.index)
+    killed = []
+    for stage in targets:
         p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(float(rng.uniform(4.0, 12.0)))
+        if _wait_running(p, out / "run.json", stage, timeout=60):
+            time.sleep(float(rng.uniform(0.0, 0.5)))
         if p.poll() is None:
             p.send_signal(signal.SIGKILL)
-            kills += 1
+            killed.append(stage)
         p.wait()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert kills >= 1
+    sys.stderr.write(f"\nkill -9 landed in {killed} (targets {targets})\n")
+    assert killed, f"no kill landed (targets {targets})"
     assert _artifacts(out) == _artifacts(ref)
     assert (out / "report" / "index.html").is_file()
