@@ -141,6 +141,13 @@ def test_2_force_retrains_rather_than_resuming(run_copy):
     assert any("--force: discarded" in m for m in logs), logs
 
 
+def test_2_changed_harvest_settings_reharvest_into_a_clean_store(run_copy):
+    logs: list[str] = []
+    run(run_copy, overrides=_with("harvest", samples_per_image=16), log=logs.append, **KW)
+    assert any("harvest settings changed: discarded" in m for m in logs), logs
+    assert ActivationStore.open(run_copy / "store").count("mixed4a") == 4 * 16
+
+
 def test_2_cli_train_refuses_other_settings_without_restart(run_copy):
     args = ["train", str(run_copy), "--layers", "mixed4a", "--expansion", "1", "--k", "8",
             "--batch-size", "32", "--steps", "4", "--no-progress"]
@@ -236,6 +243,18 @@ def test_5_viz_stages_use_the_store_weights_or_refuse(run_copy, tmp_path):
     (run_copy / "store" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ProvenanceError, match="real weights"):
         _model("bvlc_googlenet", "random", "cpu", run_copy)
+
+
+def test_5_an_sae_of_another_store_is_refused(run_copy):
+    from types import SimpleNamespace
+
+    from branchlens.viz.latents import load_sae
+    from branchlens.viz.stages import ProvenanceError, check_sae_store
+
+    check_sae_store(run_copy, load_sae(run_copy, "mixed4a"))  # its own store: fine
+    other = SimpleNamespace(meta={"store_hash": "0" * 64}, cfg=SimpleNamespace(layer="mixed4a"))
+    with pytest.raises(ProvenanceError, match="another store"):
+        check_sae_store(run_copy, other)
 
 
 def test_5_real_weights_with_another_hash_are_refused(run_copy, bvlc_weights):

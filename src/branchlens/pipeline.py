@@ -94,6 +94,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 STAGE_BLOCKS: dict[str, tuple[str, ...]] = {s: (s,) for s in STAGES} | {"train": ("sae", "train")}
 RUN_KEYS = ("source", "variant", "seed", "paper_compat")  # top-level keys every stage depends on
 NON_ARTIFACT = {"train": ("progress",)}  # settings that change no artifact
+# Folders a stage rewrites from scratch; removed first when its inputs changed, so no file made
+# under the old settings (a latent, a layer no longer run) survives into the new result.
+STAGE_DIRS = {"analyze": ("analysis",), "visualize": ("viz/featurevis",),
+              "examples": ("viz/examples",), "circuits": ("viz/circuits",),
+              "report": ("report",)}
 
 
 @dataclass
@@ -182,14 +187,23 @@ def stage_outputs(ctx: RunContext, stage: str) -> list[Path]:
 
 def _harvest(ctx: RunContext) -> dict:
     from branchlens.harvest import harvest
+    from branchlens.store import StoreConfigMismatch
 
     h = ctx.harvest
-    res = harvest(ctx.config["source"], ctx.out / "store", h.layers,
-                  variant=ctx.config["variant"], weights=ctx.weights, device=ctx.device,
-                  sampling=h.sampling, samples_per_image=h.samples_per_image,
-                  aligned=h.aligned, dtype=h.dtype, batch_size=h.batch_size,
-                  seed=ctx.config["seed"], paper_compat=ctx.config["paper_compat"],
-                  flip=h.flip, shard_size=h.shard_size, limit=h.limit, show_progress=False)
+
+    def go() -> Any:
+        return harvest(ctx.config["source"], ctx.out / "store", h.layers,
+                       variant=ctx.config["variant"], weights=ctx.weights, device=ctx.device,
+                       sampling=h.sampling, samples_per_image=h.samples_per_image,
+                       aligned=h.aligned, dtype=h.dtype, batch_size=h.batch_size,
+                       seed=ctx.config["seed"], paper_compat=ctx.config["paper_compat"],
+                       flip=h.flip, shard_size=h.shard_size, limit=h.limit,
+                       show_progress=False)
+    try:
+        res = go()
+    except StoreConfigMismatch:  # harvested under other settings: never mixed into the new one
+        discard_dir(ctx.out / "store", ctx.log, "harvest settings changed")
+        res = go()
     return {"images": res.images, "vectors": res.vectors, "skipped": res.skips.total}
 
 
@@ -336,6 +350,10 @@ def _run_locked(out: Path, cfg: dict[str, Any], weights: str | None, device: str
         if not force and _up_to_date(ctx, prev, stage, h):
             log(f"[{stage}] up to date, skipped")
             continue
+        if force or prev.get("config_hash") not in (None, h):
+            for sub in STAGE_DIRS.get(stage, ()):
+                discard_dir(out / sub, log, f"{stage} settings changed" if not force
+                            else "--force")
         log(f"[{stage}] running")
         record["stages"][stage] = {"status": "running", "config_hash": h,
                                    "started": time.strftime("%Y-%m-%dT%H:%M:%S")}

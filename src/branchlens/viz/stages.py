@@ -53,6 +53,19 @@ def store_provenance(run_dir: str | Path) -> dict | None:
     return {"variant": m.get("variant"), "weights": m.get("weights") or {}}
 
 
+def check_sae_store(run_dir: str | Path, sae) -> None:
+    """Refuse an SAE trained on another harvest than the run's current store."""
+    want = getattr(sae, "meta", {}).get("store_hash")
+    if not want or not (Path(run_dir) / "store" / "manifest.json").is_file():
+        return
+    from branchlens.store import ActivationStore
+
+    have = ActivationStore.open(Path(run_dir) / "store", verify=False).content_hash()
+    if have != want:
+        raise ProvenanceError(f"the SAE of {sae.cfg.layer} in {run_dir} was trained on another "
+                              "store than the run's current one; train it again")
+
+
 def _model(variant: str, weights: str | None, device: str, run_dir: str | Path | None = None):
     """The network the run's store was harvested with, or a refusal: by default the store's
     weights (random ones with the store's seed); explicit weights must have the store's hash."""
@@ -108,6 +121,7 @@ def visualize_stage(
     from branchlens.viz.render import RenderConfig
 
     sae = load_sae(run_dir, layer)
+    check_sae_store(run_dir, sae)
     model, winfo = _model(_variant_of(sae), weights, device, run_dir)
     sae = sae.to(next(model.parameters()).device)
     lats = list(latents) if latents else pick_latents(sae, n_latents, seed)
@@ -128,6 +142,7 @@ def examples_stage(
     from branchlens.viz.examples import example_maps, save_examples, save_top_table, top_examples
 
     sae = load_sae(run_dir, layer)
+    check_sae_store(run_dir, sae)
     model, winfo = _model(_variant_of(sae), weights, device, run_dir)
     sae = sae.to(next(model.parameters()).device)
     src, n_used = run_source(run_dir, source)
@@ -175,6 +190,8 @@ def circuits_stage(
     from branchlens.viz.examples import load_top_table, top_examples
 
     sae_up, sae_down = load_sae(run_dir, up), load_sae(run_dir, down)
+    check_sae_store(run_dir, sae_up)
+    check_sae_store(run_dir, sae_down)
     variant = _variant_of(sae_down)
     model, winfo = _model(variant, weights, device, run_dir)
     dev = next(model.parameters()).device
