@@ -133,6 +133,7 @@ def test_2_changed_lr_trains_from_scratch(run_copy, tmp_path):
     run(fresh, overrides=_with("train", lr=0.01), log=lambda m: None, **KW)
     assert all(torch.equal(after[k], v) for k, v in _weights(fresh).items())
     assert load_meta(run_copy / "sae" / "mixed4a")["train"]["config"]["lr"] == 0.01
+    assert read_json(run_copy / "run.json")["stages"]["train"]["settings"]["train"]["lr"] == 0.01
 
 
 def test_2_force_retrains_rather_than_resuming(run_copy):
@@ -460,6 +461,32 @@ def test_property_random_set_strings_never_traceback(item):
         make_config("demo", overrides={block: {name: value}})
     except ConfigError:
         pass
+
+
+_TRAIN_OPTS = {  # option -> whether a (numeric) value is in range
+    "--lr": lambda v: math.isfinite(v) and v > 0, "--steps": lambda v: v >= 1,
+    "--batch-size": lambda v: v >= 1, "--ckpt-every": lambda v: v >= 1,
+    "--log-every": lambda v: v >= 1, "--warmup-steps": lambda v: v >= 0,
+    "--epochs": lambda v: math.isfinite(v) and v > 0, "--expansion": lambda v: v >= 1,
+    "--k": lambda v: v >= 1, "--heldout-fraction": lambda v: 0 <= v < 1,
+}
+_CLI_VALUES = st.one_of(st.integers(-3, 3), st.sampled_from([math.inf, -math.inf, math.nan, 0.5]),
+                        st.just("abc"))
+
+
+@settings(max_examples=N_EXAMPLES * 2, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(opt=st.sampled_from(sorted(_TRAIN_OPTS)), value=_CLI_VALUES)
+def test_property_cli_train_values_are_refused_before_any_data_is_read(tmp_path, opt, value):
+    """Any value: exit code 2 and one message, never a traceback; an out-of-range value is
+    refused for itself, before the (missing) store is even opened."""
+    CASES["n"] += 1
+    r = _cli("train", str(tmp_path / "no-run"), "--layers", "mixed4a", "--no-progress", opt,
+             str(value))
+    assert r.exit_code == 2, r.output
+    assert "Traceback" not in r.output
+    if not isinstance(value, str) and not _TRAIN_OPTS[opt](value):
+        assert "activation store" not in r.output, r.output
 
 
 # -- property-based: corrupted artifacts ----------------------------------------------------------

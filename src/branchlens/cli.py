@@ -358,17 +358,17 @@ def train(
 
     import numpy as np
 
+    from branchlens.config import SAEOptions
     from branchlens.train import ArrayBatches, TrainConfig, train_layers, train_sae
 
     sae_kw = {"k": k, "decoder": decoder, "aux": aux, "k_aux": k_aux, "dead_after": dead_after,
               "loss": loss, "b_pre_init": b_pre_init}
-    if expansion < 1:
-        raise ValueError(f"--expansion must be >= 1 (latents per input channel), got "
-                         f"{expansion}")
     if paper:
         sae_kw |= {"decoder": "tied", "loss": "paper", "b_pre_init": "zeros", "aux": False}
         warmup_steps, decay = 0, "none"
-    cfg = TrainConfig(batch_size=batch_size, lr=lr or (1e-3 if paper else 4e-4), epochs=epochs,
+    SAEOptions(expansion=expansion, **sae_kw)  # refuse bad values before reading any data
+    default_lr = 1e-3 if paper else 4e-4
+    cfg = TrainConfig(batch_size=batch_size, lr=default_lr if lr is None else lr, epochs=epochs,
                       steps=steps, warmup_steps=warmup_steps, decay=decay, seed=seed,
                       log_every=log_every, ckpt_every=ckpt_every,
                       heldout_fraction=heldout_fraction, progress=not no_progress,

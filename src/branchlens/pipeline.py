@@ -109,8 +109,7 @@ class RunContext:
     device: str
     log: Callable[[str], None] = print
     state: dict[str, Any] = field(default_factory=dict)
-
-    force: bool = False
+    force: bool = False  # --force: stages that run start from scratch
 
     @property
     def layers(self) -> list[str]:
@@ -285,7 +284,7 @@ def discard_dir(path: Path, log: Callable[[str], None], why: str) -> None:
     shutil.rmtree(trash, ignore_errors=True)
     path.rename(trash)
     shutil.rmtree(trash, ignore_errors=True)
-    log(f"[{path.parent.name}] {why}: discarded {path} and starting clean")
+    log(f"[discard] {why}: discarded {path} and starting clean")
 
 
 # -- driver ---------------------------------------------------------------------------------------
@@ -356,6 +355,7 @@ def _run_locked(out: Path, cfg: dict[str, Any], weights: str | None, device: str
                             else "--force")
         log(f"[{stage}] running")
         record["stages"][stage] = {"status": "running", "config_hash": h,
+                                   "settings": {b: cfg.get(b) for b in STAGE_BLOCKS[stage]},
                                    "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
         write_json(record_path, record)
         t0 = time.perf_counter()

@@ -591,9 +591,10 @@ def _train_sae(data: Any, sae_cfg: SAEConfig, cfg: TrainConfig, out: Path, heldo
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total, cfg)
             loss, st = sae.loss(x, B, sae.dead_mask(), dist.sum)
-            if not math.isfinite(float(dist.sum(loss.detach().clone()))):
+            global_loss = float(dist.sum(loss.detach().clone()))
+            if not math.isfinite(global_loss):
                 raise NonFiniteLossError(
-                    f"loss is {float(loss)} at step {step + 1} of {total}: training diverged "
+                    f"loss is {global_loss} at step {step + 1} of {total}: training diverged "
                     f"(lower lr?); the last good checkpoint (step {last_good}) in {out} is kept")
             opt.zero_grad(set_to_none=False)
             loss.backward()
