@@ -408,6 +408,18 @@ def test_harvest_zero_sizes_are_refused(tmp_path, opt):
     assert r.exit_code == 2 and opt[0] in r.output
 
 
+@pytest.mark.parametrize("args", [
+    ["visualize", "RUN", "--layer", "mixed4a", "--steps", "0"],
+    ["examples", "RUN", "--layer", "mixed4a", "--limit", "0"],
+    ["circuits", "RUN", "--up", "mixed4a", "--down", "mixed4b", "--n-images", "0"],
+    ["analyze", "RUN", "--n-perm", "0"],
+    ["report", "RUN", "--cards-per-layer", "0"],
+])
+def test_stage_commands_refuse_zero_counts(run_copy, args):
+    r = _cli(*[str(run_copy) if a == "RUN" else a for a in args])
+    assert r.exit_code == 2 and "must be >= 1" in r.output, r.output
+
+
 def test_artifacts_follow_the_umask(tmp_path):
     from branchlens.artifacts import write_json
 

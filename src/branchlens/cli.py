@@ -214,10 +214,12 @@ def analyze(
     """Branch specialization statistics of every trained layer into RUN/analysis/."""
     from branchlens.analysis import AnalysisConfig, format_table
     from branchlens.analysis import analyze as run_analyze
+    from branchlens.config import check_block
 
-    cfg = AnalysisConfig(q=q, n_perm=n_perm, refine_to=refine_to, min_images=min_images,
-                         match_threshold=match_threshold, embed=embed, seed=seed,
-                         device=device)
+    settings = dict(q=q, n_perm=n_perm, refine_to=refine_to, min_images=min_images,
+                    match_threshold=match_threshold, embed=embed)
+    check_block("analyze", settings)
+    cfg = AnalysisConfig(**settings, seed=seed, device=device)
     try:
         summary = run_analyze(run, layers=layers.split(",") if layers else None, config=cfg,
                               log=lambda s: typer.echo(s, err=True))
@@ -424,8 +426,10 @@ def report(
                                         help="gallery cards per layer (plus rendered latents)"),
 ) -> None:
     """One self-contained HTML report of a run (works on partial runs)."""
+    from branchlens.config import check_block
     from branchlens.report import build_report
 
+    check_block("report", {"cards_per_layer": cards_per_layer})
     path = build_report(run_dir, out, cards_per_layer=cards_per_layer)
     typer.echo(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB)")
 

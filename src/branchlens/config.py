@@ -26,7 +26,8 @@ RUN_OWNED = ("seed", "device", "weights", "run_dir", "layer", "up", "down", "out
              "latents", "show_progress")
 # Counts that must be at least 1 in the blocks whose schema is a function signature.
 POSITIVE_COUNTS = ("batch_size", "steps", "size", "n_latents", "n_top", "n_strips", "n_images",
-                   "n_perm", "refine_to", "cards_per_layer", "top", "top_images", "knn_k")
+                   "n_perm", "refine_to", "cards_per_layer", "top", "top_images", "knn_k",
+                   "limit", "top_k")
 
 
 class ConfigError(ValueError):

@@ -40,6 +40,14 @@ def run_source(run_dir: str | Path, source: str | None = None) -> tuple[ImageSou
     return src, info.get("n_images")
 
 
+def _validate(block: str, values: dict) -> None:
+    """The run schema's checks (types, counts >= 1) for a direct call or CLI command too."""
+    from branchlens.config import block_fields, check_block
+
+    fields = block_fields(block)
+    check_block(block, {k: v for k, v in values.items() if k in fields})
+
+
 class ProvenanceError(ValueError):
     """A stage would combine artifacts of different networks, variants or sources."""
 
@@ -120,6 +128,7 @@ def visualize_stage(
     from branchlens.viz.featurevis import save_featurevis, visualize_latents
     from branchlens.viz.render import RenderConfig
 
+    _validate("visualize", locals())
     sae = load_sae(run_dir, layer)
     check_sae_store(run_dir, sae)
     model, winfo = _model(_variant_of(sae), weights, device, run_dir)
@@ -141,6 +150,7 @@ def examples_stage(
 ) -> dict:
     from branchlens.viz.examples import example_maps, save_examples, save_top_table, top_examples
 
+    _validate("examples", locals())
     sae = load_sae(run_dir, layer)
     check_sae_store(run_dir, sae)
     model, winfo = _model(_variant_of(sae), weights, device, run_dir)
@@ -189,6 +199,7 @@ def circuits_stage(
     from branchlens import circuits as C
     from branchlens.viz.examples import load_top_table, top_examples
 
+    _validate("circuits", locals())
     sae_up, sae_down = load_sae(run_dir, up), load_sae(run_dir, down)
     check_sae_store(run_dir, sae_up)
     check_sae_store(run_dir, sae_down)
