@@ -149,9 +149,38 @@ def test_2_changed_harvest_settings_reharvest_into_a_clean_store(run_copy):
     assert ActivationStore.open(run_copy / "store").count("mixed4a") == 4 * 16
 
 
+def _make_legacy(folder: Path) -> None:
+    """Rewrite an SAE folder as an older branchlens left it: no resume key, no checksums."""
+    from safetensors.torch import save_file
+
+    for f in [folder / "weights.safetensors", *folder.glob("optim-step*.safetensors")]:
+        tensors, meta = load_tensors(f)
+        meta.get("cfg", {}).get("train", {}).pop("resume_key", None)
+        save_file(tensors, str(f), metadata={k: json.dumps(v) for k, v in meta.items()})
+
+
+def test_2_an_older_branchlens_sae_with_the_same_settings_is_kept(run_copy):
+    from branchlens.train import train_layers
+
+    folder = run_copy / "sae" / "mixed4a"
+    _make_legacy(folder)
+    before = _weights(run_copy)
+    logs: list[str] = []
+    tcfg = TrainConfig(**make_config("demo", overrides=TINY)["train"], seed=0)
+    train_layers(run_copy, ["mixed4a"], {"k": 8}, tcfg, expansion=1, restart=True,
+                 log=logs.append)
+    assert any("older branchlens" in m for m in logs), logs
+    assert all(torch.equal(before[k], v) for k, v in _weights(run_copy).items())
+    _make_legacy(folder)
+    tcfg.lr = 0.02
+    train_layers(run_copy, ["mixed4a"], {"k": 8}, tcfg, expansion=1, restart=True,
+                 log=logs.append)
+    assert any("settings changed (train.lr)" in m for m in logs), logs
+
+
 def test_2_cli_train_refuses_other_settings_without_restart(run_copy):
     args = ["train", str(run_copy), "--layers", "mixed4a", "--expansion", "1", "--k", "8",
-            "--batch-size", "32", "--steps", "4", "--no-progress"]
+            "--batch-size", "32", "--steps", "4", "--warmup-steps", "1", "--no-progress"]
     r = _cli(*args, "--lr", "0.02")
     assert r.exit_code == 2 and "other settings" in r.output and "--restart" in r.output
     r = _cli(*args, "--lr", "0.02", "--restart")

@@ -308,13 +308,14 @@ def save_checkpoint(out: Path, sae: TopKSAE, opt: torch.optim.Optimizer, meta: d
             f.unlink(missing_ok=True)
 
 
-def load_optimizer_state(out: Path, step: int, sae: TopKSAE, opt: torch.optim.Optimizer) -> None:
+def load_optimizer_state(out: Path, step: int, sae: TopKSAE, opt: torch.optim.Optimizer,
+                         require_checksum: bool = True) -> None:
     """Adam state of ``step``, checksum-verified and finite, into ``opt``."""
     path = _optim_path(out, step)
     if not path.exists():
         raise ArtifactError(f"{out}: weights of step {step} but no {path.name}; delete {out} to "
                             "train from scratch")
-    tensors, meta = load_tensors(path, require_checksum=True)
+    tensors, meta = load_tensors(path, require_checksum=require_checksum)
     bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise ArtifactError(f"{path}: non-finite optimizer state {bad}")
@@ -440,20 +441,24 @@ def resume_key(sae_cfg: SAEConfig, cfg: TrainConfig, meta: dict[str, Any] | None
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _settings_diff(out: Path, sae_cfg: SAEConfig, cfg: TrainConfig) -> list[str]:
-    """Names of the settings in which the SAE in ``out`` differs from the requested ones."""
-    try:
-        old = load_meta(out)
-    except Exception:  # noqa: BLE001 - unreadable: the caller reports the mismatch itself
-        return ["(unreadable checkpoint)"]
-    new_sae, new_train = sae_cfg.to_dict(), asdict(cfg)
-    old_train = old.get("train", {}).get("config", {})
-    diff = [f"sae.{k}" for k in ("d_in", "n_latents", "k", "decoder", "aux", "loss",
-                                 "b_pre_init", "k_aux", "aux_coef")
-            if old.get("sae", {}).get(k) != new_sae.get(k)]
-    diff += [f"train.{k}" for k, v in new_train.items()
-             if k not in NON_ARTIFACT_KEYS and json.loads(json.dumps(v)) != old_train.get(k)]
-    return diff or ["data or store"]
+SAE_DERIVED = ("scale", "var_total")  # fixed from the data at init, not chosen
+
+
+def _settings_diff(old: dict[str, Any], sae_cfg: SAEConfig, cfg: TrainConfig,
+                   meta: dict[str, Any] | None) -> list[str]:
+    """Settings (``sae.*``, ``train.*``, data) in which a saved SAE's document ``old`` differs
+    from the requested ones; empty when it was trained exactly so."""
+    def norm(v: Any) -> Any:
+        return json.loads(json.dumps(v, default=str))
+
+    old_sae, old_train = old.get("sae", {}), old.get("train", {}).get("config", {})
+    diff = [f"sae.{k}" for k, v in sae_cfg.to_dict().items()
+            if k not in SAE_DERIVED and norm(v) != old_sae.get(k)]
+    diff += [f"train.{k}" for k, v in asdict(cfg).items()
+             if k not in NON_ARTIFACT_KEYS and norm(v) != old_train.get(k)]
+    diff += [f"data.{k}" for k, v in (meta or {}).items()
+             if k != "store" and norm(v) != old.get(k)]
+    return diff
 
 
 def _check_finite(sae: TopKSAE, step: int, what: str) -> None:
@@ -462,25 +467,32 @@ def _check_finite(sae: TopKSAE, step: int, what: str) -> None:
         raise NonFiniteLossError(f"{what} at step {step}: parameters {bad} are not finite")
 
 
-def _open_resume(out: Path, key: str, sae_cfg: SAEConfig, cfg: TrainConfig, restart: bool,
-                 log: Callable[[str], None]) -> bool:
+def _open_resume(out: Path, key: str, sae_cfg: SAEConfig, cfg: TrainConfig,
+                 meta: dict[str, Any] | None, restart: bool, log: Callable[[str], None]
+                 ) -> bool:
     """Whether ``out`` holds a checkpoint of these exact settings to resume; a checkpoint of
-    other settings is discarded (``restart``) or refused, never resumed."""
+    other settings is discarded (``restart``) or refused, never resumed. A checkpoint of an
+    older branchlens (no resume key) is kept when every recorded setting matches."""
     if not (out / "weights.safetensors").exists():
         return False
     try:
-        old_key = load_meta(out).get("train", {}).get("resume_key")
+        old = load_meta(out)
     except Exception as e:  # a corrupt checkpoint is reported, never silently replaced
         raise type(e)(f"{e}; delete {out} to train from scratch") from e
+    old_key = old.get("train", {}).get("resume_key")
     if old_key == key:
         return True
-    diff = ", ".join(_settings_diff(out, sae_cfg, cfg))
+    diff = _settings_diff(old, sae_cfg, cfg, meta)
+    if old_key is None and not diff:
+        log(f"[train] {out}: written by an older branchlens with the same settings; resuming")
+        return True
+    why = ", ".join(diff) or "settings"
     if not restart:
-        raise ValueError(f"{out} holds an SAE trained with other settings ({diff}); pass "
+        raise ValueError(f"{out} holds an SAE trained with other settings ({why}); pass "
                          "--restart to discard it, or use another output folder")
     from branchlens.pipeline import discard_dir
 
-    discard_dir(out, log, f"settings changed ({diff})")
+    discard_dir(out, log, f"settings changed ({why})")
     return False
 
 
@@ -535,7 +547,7 @@ def _train_sae(data: Any, sae_cfg: SAEConfig, cfg: TrainConfig, out: Path, heldo
     sae_cfg.dead_after = sae_cfg.dead_after or default_dead_after(batches.n_vectors)
     key = resume_key(sae_cfg, cfg, meta)
 
-    resume = dist.rank == 0 and _open_resume(out, key, sae_cfg, cfg, restart, log)
+    resume = dist.rank == 0 and _open_resume(out, key, sae_cfg, cfg, meta, restart, log)
     resume = bool(dist.sum(torch.tensor(int(resume))).item()) if dist.on else resume
     if resume:
         sae = TopKSAE.load(out)
@@ -550,7 +562,7 @@ def _train_sae(data: Any, sae_cfg: SAEConfig, cfg: TrainConfig, out: Path, heldo
     params = list(sae.parameters())
     opt = make_adam(params, cfg)
     if resume:
-        load_optimizer_state(out, step, sae, opt)
+        load_optimizer_state(out, step, sae, opt, require_checksum="resume_key" in tmeta)
     base_meta = {**(meta or {}), "seed": cfg.seed}
     last_good = step
     metrics_path = out / "metrics.jsonl"
