@@ -115,6 +115,9 @@ def classify(
     from branchlens.classify import format_prediction
     from branchlens.weights import load_model, resolve_device
 
+    if batch_size < 1 or workers < 0:
+        raise ValueError(f"need --batch-size >= 1 and --workers >= 0, got {batch_size}, "
+                         f"{workers}")
     model, winfo = load_model(variant, weights, resolve_device(device))
     res = run_classify(model, source, batch_size=batch_size, workers=workers,
                        paper_compat=paper_compat)
