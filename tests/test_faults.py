@@ -54,7 +54,8 @@ TINY: dict = {
 }
 KW = dict(source="embedded:4", weights="random", device="cpu", stages=["harvest", "train"])
 CASES = {"n": 0}  # hypothesis examples run in this module (printed at teardown)
-N_EXAMPLES = 12  # per property test: the whole file stays well under a minute
+# Examples per property test: small so the file runs in well under a minute; raise for a soak.
+N_EXAMPLES = int(os.environ.get("BRANCHLENS_FAULT_EXAMPLES", "12"))
 
 
 def _with(block: str, **kv) -> dict:
@@ -528,6 +529,38 @@ def test_property_cli_train_values_are_refused_before_any_data_is_read(tmp_path,
     assert "Traceback" not in r.output
     if not isinstance(value, str) and not _TRAIN_OPTS[opt](value):
         assert "activation store" not in r.output, r.output
+
+
+_RUN_SETS = st.sampled_from([
+    ("train", "lr", 1e-4), ("train", "lr", 5e-3), ("train", "steps", 3), ("train", "steps", 0),
+    ("train", "decay", "cosine"), ("train", "decay", "bogus"), ("train", "stepz", 2),
+    ("sae", "k", 4), ("sae", "k", 0), ("sae", "expansion", 2), ("sae", "decoder", "tied"),
+    ("sae", "loss", "paper"), ("sae", "aux", False), ("trian", "steps", 2)])
+
+
+@settings(max_examples=5, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(setting=_RUN_SETS)
+def test_property_run_set_reaches_the_artifact_or_fails(done_run, tmp_path, setting):
+    """End to end: ``branchlens run --set`` either exits 2 (one line) or the trained SAE on
+    disk was made with exactly that value."""
+    CASES["n"] += 1
+    block, key, value = setting
+    out = tmp_path / f"r{CASES['n']}"
+    shutil.copytree(done_run, out)
+    r = _cli("run", "embedded:4", "--out", str(out), "--weights", "random", "--device", "cpu",
+             "--stages", "harvest,train", *_sets(TINY), "--set",
+             f"{block}.{key}={json.dumps(value)}")
+    if r.exit_code != 0:
+        assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+        return
+    meta = load_meta(out / "sae" / "mixed4a")
+    if block == "train":
+        assert meta["train"]["config"][key] == value
+    elif key == "expansion":
+        assert meta["sae"]["n_latents"] == value * meta["sae"]["d_in"]
+    else:
+        assert meta["sae"][key] == value
 
 
 # -- property-based: corrupted artifacts ----------------------------------------------------------

@@ -132,13 +132,13 @@ class ShardFile:
                 if not 0 < n < 1 << 30:
                     raise ValueError(f"bad header length {n}")
                 header = json.loads(f.read(n))
-        except (OSError, ValueError) as e:
+            meta = header.pop("__metadata__", {})
+            self.meta: dict[str, Any] = json.loads(meta.get("branchlens", "{}"))
+            self.hashes: dict[str, str] = json.loads(meta.get("sha256", "{}"))
+        except (OSError, ValueError, TypeError, AttributeError) as e:
             raise CorruptShardError(f"shard {self.path} has an unreadable header: {e}") from e
         self.data_start = 8 + n
-        meta = header.pop("__metadata__", {})
         self.tensors: dict[str, dict] = header
-        self.meta: dict[str, Any] = json.loads(meta.get("branchlens", "{}"))
-        self.hashes: dict[str, str] = json.loads(meta.get("sha256", "{}"))
         m = _SHARD_RE.match(self.path.name)
         self.file_sha256 = m.group(3) if m else None
 
