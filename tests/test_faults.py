@@ -709,3 +709,17 @@ def test_kill_9_at_random_points_then_resume_equals_an_uninterrupted_run(tmp_pat
     assert killed, f"no kill landed (targets {targets})"
     assert _artifacts(out) == _artifacts(ref)
     assert (out / "report" / "index.html").is_file()
+
+
+def test_5_examples_reopen_the_store_source_with_flips_or_refuse_another(tmp_path, run_copy):
+    from branchlens.harvest import harvest
+    from branchlens.viz.stages import ProvenanceError, run_source
+
+    flipped = tmp_path / "flip"
+    harvest("embedded:2", flipped / "store", ["mixed4a"], weights="random", device="cpu",
+            sampling="uniform", samples_per_image=2, workers=0, flip=True, show_progress=False)
+    src, n = run_source(flipped)
+    assert n == 4 and len(src) == 4 and src.description.endswith("+flip")
+    with pytest.raises(ProvenanceError, match="not the source"):
+        run_source(run_copy, "embedded:3")
+    assert run_source(run_copy, "embedded:4")[1] == 4

@@ -17,26 +17,41 @@ from branchlens.artifacts import provenance, read_json, write_json
 from branchlens.data import ImageSource, open_source
 from branchlens.viz.latents import dominant_branches, load_sae
 
+FLIP_SUFFIX = "+flip"  # what FlipViews appends to its source's description
+
 
 def run_source(run_dir: str | Path, source: str | None = None) -> tuple[ImageSource, int | None]:
-    """The image source of the run's store (or ``source``), and how many images it used."""
+    """The image source of the run's store (or ``source``), and how many images it used.
+
+    The store's source is reopened exactly (``+flip`` views included); an explicit ``source``
+    that is not the store's is refused, since image indices would point at other pictures."""
     manifest = Path(run_dir) / "store" / "manifest.json"
-    info = read_json(manifest).get("source", {}) if manifest.is_file() else {}
-    variant = read_json(manifest).get("variant", "bvlc_googlenet") if manifest.is_file() \
-        else "bvlc_googlenet"
-    if source is not None:
-        return open_source(source, variant), None
+    doc = read_json(manifest) if manifest.is_file() else {}
+    info, variant = doc.get("source", {}), doc.get("variant", "bvlc_googlenet")
     desc = info.get("description")
+    if source is not None:
+        src = open_source(source, variant)
+        if desc and src.description != desc.removesuffix(FLIP_SUFFIX):
+            raise ProvenanceError(f"--source {source} ({src.description}) is not the source the "
+                                  f"store of {run_dir} was harvested from ({desc})")
+        if desc and desc.endswith(FLIP_SUFFIX):
+            src = open_source(source, variant, flip=True)
+        return src, None if not desc else info.get("n_images")
     if not desc:
         raise FileNotFoundError(f"no store manifest with a source in {manifest}; pass --source")
-    kind, _, rest = desc.partition(":")
+    flip = desc.endswith(FLIP_SUFFIX)
+    base = desc.removesuffix(FLIP_SUFFIX)
+    kind, _, rest = base.partition(":")
     if kind in ("folder", "filelist"):
-        src = open_source(rest, variant)
+        src = open_source(rest, variant, flip=flip)
     elif kind == "embedded":
         n, _, seed = rest.partition(":")
-        src = open_source(f"embedded:{n}", variant, seed=int(seed.removeprefix("seed") or 0))
+        src = open_source(f"embedded:{n}", variant, seed=int(seed.removeprefix("seed") or 0),
+                          flip=flip)
     else:
-        src = open_source(desc, variant)
+        src = open_source(base, variant, flip=flip)
+    if src.description != desc:
+        raise ProvenanceError(f"cannot reopen the store's source {desc} (got {src.description})")
     return src, info.get("n_images")
 
 
