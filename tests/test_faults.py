@@ -388,6 +388,10 @@ def test_8_no_usable_image_is_an_error(tmp_path, source_kind):
     assert "Traceback" not in r.output
     assert any(w in r.output for w in ("no images", "no usable image", "single image",
                                        "--limit")), r.output
+    if source_kind == "all_broken":  # train afterwards: the same clear reason, not "re-run"
+        shutil.copytree(tmp_path / "store", tmp_path / "run" / "store")
+        r = _cli("train", str(tmp_path / "run"), "--layers", "mixed4a", "--no-progress")
+        assert r.exit_code == 2 and "no usable image" in r.output, r.output
 
 
 def test_8_classify_on_an_empty_folder_fails(tmp_path):

@@ -298,6 +298,18 @@ def done_images(path: str | Path) -> set[int]:
     return done
 
 
+def _all_skipped(path: Path) -> bool:
+    """Whether a harvest covered every image of its source and kept none (so re-running the
+    same harvest can never finish the store)."""
+    n = read_json(path / "config.json").get("source", {}).get("n_images")
+    stored = skipped = 0
+    for p in list_shards(path):
+        meta = ShardFile(p, verify=False).meta
+        stored += len(meta["images"])
+        skipped += len(meta["skipped"])
+    return stored == 0 and skipped == n
+
+
 def next_seq(path: str | Path, rank: int) -> int:
     seqs = [int(m.group(2)) for p in list_shards(path)
             if (m := _SHARD_RE.match(p.name)) and int(m.group(1)) == rank]
@@ -630,6 +642,9 @@ class ActivationStore:
         mf = path / "manifest.json"
         if not mf.is_file():
             if (path / "config.json").is_file():
+                if _all_skipped(path):
+                    raise StoreError(f"store {path} holds no usable image: every image of its "
+                                     "source was skipped; harvest other images")
                 raise StoreIncompleteError(
                     f"store {path} is incomplete (a harvest is running or was interrupted); "
                     "re-run the same harvest command to finish it")
