@@ -6,6 +6,7 @@ then rename over the target (atomic on POSIX), and fsync the folder.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -19,6 +20,22 @@ import torch
 
 import branchlens
 
+CHECKSUM_KEY = "sha256"  # safetensors metadata key of the digest over metadata and tensors
+
+
+class ArtifactError(RuntimeError):
+    """An artifact is unreadable, corrupt or from another configuration; the message names it."""
+
+
+def _current_umask() -> int:
+    """The process umask (os.umask can only be read by setting it)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_current_umask()  # what open() would give: shared lab folders need it
+
 
 @contextmanager
 def atomic_path(path: str | Path):
@@ -31,6 +48,7 @@ def atomic_path(path: str | Path):
         yield Path(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600; artifacts follow the user's umask
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
@@ -64,7 +82,11 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text())
+    """Parsed JSON; a truncated or corrupt file raises :class:`ArtifactError` naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{path} is not valid JSON (truncated or corrupt?): {e}") from e
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor],
@@ -74,19 +96,48 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor],
 
     meta = {k: json.dumps(v, default=_json_default) for k, v in (metadata or {}).items()}
     tensors = {k: t.detach().contiguous().cpu() for k, t in tensors.items()}
+    meta[CHECKSUM_KEY] = json.dumps(_digest(meta, tensors))
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
 
 
-def load_tensors(path: str | Path, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
+def _digest(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the encoded metadata (minus the digest) and every tensor's name and bytes."""
+    h = hashlib.sha256()
+    for k in sorted(meta):
+        if k != CHECKSUM_KEY:
+            h.update(json.dumps([k, meta[k]]).encode())
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        h.update(json.dumps([k, str(t.dtype), list(t.shape)]).encode())
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
+def load_tensors(path: str | Path, device: str = "cpu", require_checksum: bool = False
+                 ) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and decoded metadata, verified against the stored sha256 (when the file has one,
+    which every file written by :func:`save_tensors` does). Corruption raises
+    :class:`ArtifactError` naming the file, never returns silently different numbers."""
     from safetensors import safe_open
 
     out = {}
-    with safe_open(str(path), "pt", device=device) as f:
-        meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-        for k in f.keys():
-            out[k] = f.get_tensor(k)
-    return out, meta
+    try:
+        with safe_open(str(path), "pt", device="cpu") as f:
+            raw = dict(f.metadata() or {})
+            for k in f.keys():
+                out[k] = f.get_tensor(k)
+        meta = {k: json.loads(v) for k, v in raw.items()}
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for bad headers
+        raise ArtifactError(f"{path} is unreadable (truncated or corrupt?): {e}") from e
+    stored = meta.pop(CHECKSUM_KEY, None)
+    if stored is None and require_checksum:
+        raise ArtifactError(f"{path} has no checksum (written by an older branchlens?)")
+    if stored is not None and stored != _digest(raw, out):
+        raise ArtifactError(f"{path} fails its sha256 check: the file is corrupt")
+    return {k: t.to(device) for k, t in out.items()}, meta
 
 
 def provenance(**extra: Any) -> dict[str, Any]:

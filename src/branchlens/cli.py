@@ -2,15 +2,52 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from branchlens.variants import DEFAULT_VARIANT
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="TopK SAEs on InceptionV1 and branch specialization.")
+USER_ERROR_RC = 2  # what every refused input or failed stage exits with
+DEBUG_ENV = "BRANCHLENS_DEBUG"
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="show tracebacks of errors")) -> None:
+    """Global options."""
+    if debug:
+        os.environ[DEBUG_ENV] = "1"
+
+
+def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Errors become one line on stderr and exit code 2; ``--debug`` re-raises for the trace."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            if os.environ.get(DEBUG_ENV) == "1" or _is_click_error(e):
+                raise
+            msg = str(e) if isinstance(e, (ValueError, RuntimeError, OSError)) \
+                else f"{type(e).__name__}: {e}"
+            typer.secho(f"error: {msg}", fg="red", err=True)
+            typer.echo("(run `branchlens --debug ...` for the traceback)", err=True)
+            raise typer.Exit(USER_ERROR_RC) from None
+    return wrapper
+
+
+def _is_click_error(e: Exception) -> bool:
+    """Usage errors (bad option values) are printed by typer itself, with exit code 2."""
+    return type(e).__module__.split(".")[0] in ("click", "typer")
 
 VariantOpt = typer.Option(DEFAULT_VARIANT, "--variant", help="bvlc_googlenet | inception5h")
 WeightsOpt = typer.Option(
@@ -78,9 +115,15 @@ def classify(
     from branchlens.classify import format_prediction
     from branchlens.weights import load_model, resolve_device
 
+    if batch_size < 1 or workers < 0:
+        raise ValueError(f"need --batch-size >= 1 and --workers >= 0, got {batch_size}, "
+                         f"{workers}")
     model, winfo = load_model(variant, weights, resolve_device(device))
     res = run_classify(model, source, batch_size=batch_size, workers=workers,
                        paper_compat=paper_compat)
+    if not res.predictions:
+        raise ValueError(f"no image of {source!r} could be classified "
+                         f"({res.skips.summary()})")
     summary = res.summary() | {"variant": model.variant.name, "weights": winfo.to_dict()}
     if as_json:
         for p in res.predictions[: None if show < 0 else show]:
@@ -178,11 +221,12 @@ def analyze(
     """Branch specialization statistics of every trained layer into RUN/analysis/."""
     from branchlens.analysis import AnalysisConfig, format_table
     from branchlens.analysis import analyze as run_analyze
+    from branchlens.config import check_block
 
-    cfg = AnalysisConfig(q=q, n_perm=n_perm, max_perm=max_perm, curve_reps=curve_reps,
-                         min_images=min_images,
-                         match_threshold=match_threshold, embed=embed, seed=seed,
-                         device=device)
+    settings = dict(q=q, n_perm=n_perm, max_perm=max_perm, curve_reps=curve_reps,
+                    min_images=min_images, match_threshold=match_threshold, embed=embed)
+    check_block("analyze", settings)
+    cfg = AnalysisConfig(**settings, seed=seed, device=device)
     try:
         summary = run_analyze(run, layers=layers.split(",") if layers else None, config=cfg,
                               log=lambda s: typer.echo(s, err=True))
@@ -316,6 +360,8 @@ def train(
     variant: str = VariantOpt,
     device: str = DeviceOpt,
     no_progress: bool = typer.Option(False, "--no-progress"),
+    restart: bool = typer.Option(False, "--restart",
+                                 help="discard an SAE folder trained with other settings"),
 ) -> None:
     """Train TopK SAEs (one per layer) streaming from RUN/store; resumes after a kill.
 
@@ -325,6 +371,7 @@ def train(
 
     import numpy as np
 
+    from branchlens.config import SAEOptions
     from branchlens.train import ArrayBatches, TrainConfig, train_layers, train_sae
 
     sae_kw = {"k": k, "decoder": decoder, "aux": aux, "k_aux": k_aux, "dead_after": dead_after,
@@ -332,14 +379,17 @@ def train(
     if paper:
         sae_kw |= {"decoder": "tied", "loss": "paper", "b_pre_init": "zeros", "aux": False}
         warmup_steps, decay = 0, "none"
-    cfg = TrainConfig(batch_size=batch_size, lr=lr or (1e-3 if paper else 4e-4), epochs=epochs,
+    SAEOptions(expansion=expansion, **sae_kw)  # refuse bad values before reading any data
+    default_lr = 1e-3 if paper else 4e-4
+    cfg = TrainConfig(batch_size=batch_size, lr=default_lr if lr is None else lr, epochs=epochs,
                       steps=steps, warmup_steps=warmup_steps, decay=decay, seed=seed,
                       log_every=log_every, ckpt_every=ckpt_every,
                       heldout_fraction=heldout_fraction, progress=not no_progress,
                       device=device)
     names = [s.strip() for s in layers.split(",") if s.strip()]
     if from_npy is None:
-        saes = train_layers(run_dir, names, sae_kw, cfg, expansion=expansion)
+        saes = train_layers(run_dir, names, sae_kw, cfg, expansion=expansion, restart=restart,
+                            log=lambda m: typer.echo(m, err=True))
     else:
         from branchlens.sae import SAEConfig
 
@@ -355,7 +405,8 @@ def train(
                                 layer=names[0], **sae_kw)
         data = ArrayBatches(arr, batch_size, seed)
         saes = {names[0]: train_sae(data, sae_cfg, cfg, Path(run_dir) / "sae" / names[0],
-                                    meta={"source_npy": str(from_npy)})}
+                                    meta={"source_npy": str(from_npy)}, restart=restart,
+                                    log=lambda m: typer.echo(m, err=True))}
     for layer, sae in saes.items():
         _echo_json({"layer": layer, "step": sae.meta["train"]["step"], **sae.meta["eval"]})
 
@@ -386,8 +437,10 @@ def report(
                                         help="gallery cards per layer (plus rendered latents)"),
 ) -> None:
     """One self-contained HTML report of a run (works on partial runs)."""
+    from branchlens.config import check_block
     from branchlens.report import build_report
 
+    check_block("report", {"cards_per_layer": cards_per_layer})
     path = build_report(run_dir, out, cards_per_layer=cards_per_layer)
     typer.echo(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
@@ -406,30 +459,38 @@ def run_cmd(
     stages: str | None = typer.Option(None, "--stages", help="comma list; default: all"),
     force: bool = typer.Option(False, "--force", help="re-run stages even if up to date"),
     set_: list[str] = typer.Option([], "--set", help="override, e.g. --set train.steps=1000"),
+    config: Path | None = typer.Option(None, "--config",
+                                       help="JSON file shaped like a preset, applied before "
+                                            "--set"),
 ) -> None:
     """Harvest → train → analyze → visualize/examples/circuits → report, resumable."""
+    from branchlens.artifacts import read_json
+    from branchlens.config import ConfigError, parse_set
     from branchlens.pipeline import run
 
-    overrides: dict[str, dict] = {}
+    overrides: dict[str, Any] = {}
+    if config is not None:
+        overrides = read_json(config)
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"{config} must hold a JSON object shaped like a preset")
     for item in set_:
-        key, eq, value = item.partition("=")
-        stage, dot, name = key.partition(".")
-        if not eq or not dot:
-            raise typer.BadParameter(f"--set wants STAGE.KEY=VALUE, got {item!r}")
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError:
-            parsed = value
-        overrides.setdefault(stage, {})[name] = parsed
+        block, name, value = parse_set(item)
+        if not isinstance(overrides.get(block, {}), dict):
+            raise ConfigError(f"{config}: {block} must be a mapping")
+        overrides.setdefault(block, {})[name] = value
     record = run(out, preset=preset, source=source, weights=weights, device=device,
                  variant=variant, paper_compat=paper_compat, seed=seed, overrides=overrides,
-                 stages=stages.split(",") if stages else None, force=force,
+                 stages=[s.strip() for s in stages.split(",")] if stages else None, force=force,
                  log=lambda m: typer.echo(m, err=True))
     total = sum(s.get("seconds", 0) for s in record["stages"].values())
     report = out / "report" / "index.html"
     typer.echo(f"run {out} finished ({total:.0f}s of stage time)")
     if report.is_file():
         typer.echo(f"report: {report.resolve()}")
+
+
+for _cmd in app.registered_commands:
+    _cmd.callback = _friendly(_cmd.callback)
 
 
 def main() -> None:  # pragma: no cover

@@ -241,7 +241,12 @@ class FileListSource(ImageSource):
     def __init__(self, list_file: str | Path):
         self.list_file = Path(list_file)
         self.items: list[tuple[str, int | None]] = []
-        for line in self.list_file.read_text().splitlines():
+        try:
+            text = self.list_file.read_text()
+        except UnicodeDecodeError:
+            raise ValueError(f"{self.list_file} is neither an image folder nor a text file "
+                             "list (`path [label]` lines)") from None
+        for line in text.splitlines():
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
@@ -447,6 +452,9 @@ def open_source(spec: str | ImageSource, variant: str | Variant = "bvlc_googlene
         return FolderSource(p, variant)
     if p.suffix == ".tar":
         return WebDatasetSource(str(p))
+    if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+        raise ValueError(f"image source {spec!r} is a single image: give the folder that holds "
+                         "it, or a .txt file list naming it")
     if p.is_file():
         return FileListSource(p)
     raise FileNotFoundError(

@@ -78,6 +78,21 @@ def sample_positions(norms: np.ndarray, method: str, n: int,
     raise ValueError(f"unknown sampling {method!r}; choose from {SAMPLING_METHODS}")
 
 
+def cap_samples(n: int, layers: Sequence[str], shapes: dict) -> int:
+    """Norm sampling draws with replacement: more draws than grid positions would store each
+    position many times over, so ``n`` is capped at the smallest grid (with a warning)."""
+    smallest = min(shapes[k][1] * shapes[k][2] for k in layers)
+    if n > smallest:
+        import warnings
+
+        warnings.warn(f"--samples-per-image {n} exceeds the {smallest} positions of the smallest "
+                      f"grid; capped at {smallest} (use --sampling all for every position)",
+                      stacklevel=3)
+        log.warning("samples per image capped at %d (was %d)", smallest, n)
+        return smallest
+    return n
+
+
 def parse_layers(layers: str | Sequence[str]) -> list[str]:
     names = [s.strip() for s in layers.split(",")] if isinstance(layers, str) else list(layers)
     names = [s for s in names if s]
@@ -228,6 +243,10 @@ def harvest(
         raise ValueError(f"--dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
     if sampling != "all" and samples_per_image < 1:
         raise ValueError("--samples-per-image must be >= 1")
+    for name, value, least in (("--batch-size", batch_size, 1), ("--shard-size", shard_size, 1),
+                               ("--workers", workers, 0), ("--limit", limit, 1)):
+        if value is not None and value < least:
+            raise ValueError(f"{name} must be >= {least}, got {value}")
     v = get_variant(variant if model is None else model.variant)
     unknown = [n for n in layers if n not in layer_names(v)]
     if unknown:
@@ -253,8 +272,13 @@ def harvest(
             if small:
                 raise ValueError(f"uniform sampling of {samples_per_image} positions: grid too "
                                  f"small for {small}")
+        if sampling == "norm":
+            samples_per_image = cap_samples(samples_per_image, layers, shapes)
         src = open_source(source, v, seed=seed, flip=flip)
         n = len(src) if limit is None else min(limit, len(src))
+        if n == 0:
+            raise StoreError(f"image source {source!r} has no images "
+                             f"({getattr(src, 'description', source)}); nothing to harvest")
         config = _store_config(v.name, layers, shapes, src.description, n, limit, sampling,
                                samples_per_image, aligned, seed, dtype, paper_compat, wdict)
         setup: tuple[str, str] | list[int] | None = None

@@ -10,13 +10,22 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from branchlens.artifacts import provenance, read_json, write_json
+from branchlens.artifacts import ArtifactError, provenance, read_json, write_json
+from branchlens.config import (
+    STAGES,
+    ConfigError,
+    HarvestConfig,
+    SAEOptions,
+    check_stages,
+    validate_config,
+)
 
 MIXED4 = ["mixed4a", "mixed4b", "mixed4c", "mixed4d", "mixed4e"]
 
@@ -80,7 +89,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
-STAGES = ("harvest", "train", "analyze", "visualize", "examples", "circuits", "report")
+# Config blocks each stage's artifacts depend on (besides every upstream stage's): the ``sae``
+# block is no stage of its own but shapes the trained weights.
+STAGE_BLOCKS: dict[str, tuple[str, ...]] = {s: (s,) for s in STAGES} | {"train": ("sae", "train")}
+RUN_KEYS = ("source", "variant", "seed", "paper_compat")  # top-level keys every stage depends on
+NON_ARTIFACT = {"train": ("progress",)}  # settings that change no artifact
+# Folders a stage rewrites from scratch; removed first when its inputs changed, so no file made
+# under the old settings (a latent, a layer no longer run) survives into the new result.
+STAGE_DIRS = {"analyze": ("analysis",), "visualize": ("viz/featurevis",),
+              "examples": ("viz/examples",), "circuits": ("viz/circuits",),
+              "report": ("report",)}
 
 
 @dataclass
@@ -91,64 +109,113 @@ class RunContext:
     device: str
     log: Callable[[str], None] = print
     state: dict[str, Any] = field(default_factory=dict)
+    force: bool = False  # --force: stages that run start from scratch
 
     @property
     def layers(self) -> list[str]:
-        return list(self.config["harvest"]["layers"])
+        return list(self.harvest.layers)
+
+    @property
+    def harvest(self) -> HarvestConfig:
+        return HarvestConfig(**self.config.get("harvest", {}))
 
 
 def make_config(preset: str, source: str | None = None, variant: str | None = None,
-                overrides: dict[str, dict[str, Any]] | None = None,
+                overrides: dict[str, Any] | None = None,
                 paper_compat: bool = False, seed: int | None = None) -> dict[str, Any]:
+    """The preset, then ``overrides`` (blocks merge key by key; a config file or ``--set``),
+    then the explicit arguments; validated as a whole (:func:`branchlens.config.validate_config`).
+    """
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+        raise ConfigError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     cfg = copy.deepcopy(PRESETS[preset])
     cfg["preset"] = preset
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key].update(value)
+        else:
+            cfg[key] = copy.deepcopy(value)
     if source is not None:
         cfg["source"] = source
-    if cfg["source"] is None:
-        raise ValueError(f"preset {preset!r} needs an image SOURCE (e.g. an ImageNet train folder)")
+    if cfg.get("source") is None:
+        raise ConfigError(f"preset {preset!r} needs an image SOURCE (e.g. an ImageNet train "
+                          "folder)")
     if variant is not None:
         cfg["variant"] = variant
     if seed is not None:
         cfg["seed"] = seed
-    cfg["paper_compat"] = paper_compat
-    for stage, kv in (overrides or {}).items():
-        cfg.setdefault(stage, {}).update(kv)
-    return cfg
+    cfg["paper_compat"] = paper_compat or bool(cfg.get("paper_compat"))
+    return validate_config(cfg)
+
+
+def _artifact_settings(cfg: dict[str, Any], block: str) -> Any:
+    value = cfg.get(block)
+    if isinstance(value, dict):
+        value = {k: v for k, v in value.items() if k not in NON_ARTIFACT.get(block, ())}
+    return value
 
 
 def stage_hash(cfg: dict[str, Any], stage: str, weights_id: str | None) -> str:
-    """What a stage's output depends on: its own settings and everything upstream."""
+    """What a stage's output depends on: its own blocks and every upstream stage's."""
     upstream = STAGES[: STAGES.index(stage) + 1]
-    key = {s: cfg.get(s) for s in upstream}
-    key |= {k: cfg[k] for k in ("source", "variant", "seed", "paper_compat")}
+    key = {b: _artifact_settings(cfg, b) for s in upstream for b in STAGE_BLOCKS[s]}
+    key |= {k: cfg.get(k) for k in RUN_KEYS}
     key["weights"] = weights_id
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def stage_outputs(ctx: RunContext, stage: str) -> list[Path]:
+    """Files a finished stage must have left; one missing means the stage runs again."""
+    out, layers = ctx.out, ctx.layers
+    if stage == "harvest":
+        return [out / "store" / "manifest.json"]
+    if stage == "train":
+        return [out / "sae" / layer / "weights.safetensors" for layer in layers]
+    if stage == "analyze":
+        return [out / "analysis" / "summary.json"]
+    if stage in ("visualize", "examples"):
+        kind = "featurevis" if stage == "visualize" else "examples"
+        return [out / "viz" / kind / layer for layer in layers]
+    if stage == "circuits":
+        return [out / "viz" / "circuits" / f"{a}__{b}.json"
+                for a, b in zip(layers, layers[1:], strict=False)]
+    return [out / "report" / "index.html"]
 
 
 # -- stages ---------------------------------------------------------------------------------------
 
 def _harvest(ctx: RunContext) -> dict:
     from branchlens.harvest import harvest
+    from branchlens.store import StoreConfigMismatch
 
-    h = ctx.config["harvest"]
-    res = harvest(ctx.config["source"], ctx.out / "store", h["layers"],
-                  variant=ctx.config["variant"], weights=ctx.weights, device=ctx.device,
-                  sampling=h["sampling"], samples_per_image=h["samples_per_image"],
-                  aligned=h["aligned"], dtype=h["dtype"], batch_size=h["batch_size"],
-                  seed=ctx.config["seed"], paper_compat=ctx.config["paper_compat"],
-                  flip=h.get("flip", False))
+    h = ctx.harvest
+
+    def go() -> Any:
+        return harvest(ctx.config["source"], ctx.out / "store", h.layers,
+                       variant=ctx.config["variant"], weights=ctx.weights, device=ctx.device,
+                       sampling=h.sampling, samples_per_image=h.samples_per_image,
+                       aligned=h.aligned, dtype=h.dtype, batch_size=h.batch_size,
+                       seed=ctx.config["seed"], paper_compat=ctx.config["paper_compat"],
+                       flip=h.flip, shard_size=h.shard_size, limit=h.limit,
+                       show_progress=False)
+    try:
+        res = go()
+    except StoreConfigMismatch:  # harvested under other settings: never mixed into the new one
+        discard_dir(ctx.out / "store", ctx.log, "harvest settings changed")
+        res = go()
     return {"images": res.images, "vectors": res.vectors, "skipped": res.skips.total}
 
 
 def _train(ctx: RunContext) -> dict:
     from branchlens.train import TrainConfig, train_layers
 
-    s = dict(ctx.config["sae"])
-    expansion = s.pop("expansion")
-    tcfg = TrainConfig(**ctx.config["train"], seed=ctx.config["seed"], device=ctx.device)
-    saes = train_layers(ctx.out, ctx.layers, s, tcfg, expansion=expansion)
+    s = SAEOptions(**ctx.config.get("sae", {}))
+    tcfg = TrainConfig(**ctx.config.get("train", {}), seed=ctx.config["seed"], device=ctx.device)
+    if ctx.force:  # --force: train again from scratch, not "resume" a finished SAE
+        for layer in ctx.layers:
+            discard_dir(ctx.out / "sae" / layer, ctx.log, "--force")
+    saes = train_layers(ctx.out, ctx.layers, s.sae_kwargs(), tcfg, expansion=s.expansion,
+                        restart=True, log=ctx.log)
     return {"layers": sorted(saes)}
 
 
@@ -208,35 +275,87 @@ STAGE_FUNCS: dict[str, Callable[[RunContext], dict]] = {
 }
 
 
+def discard_dir(path: Path, log: Callable[[str], None], why: str) -> None:
+    """Remove an artifact folder made under other settings: renamed first (atomic), so a kill
+    midway never leaves a half-deleted folder that looks resumable."""
+    if not path.exists():
+        return
+    trash = path.with_name(f".{path.name}.discarded")
+    shutil.rmtree(trash, ignore_errors=True)
+    path.rename(trash)
+    shutil.rmtree(trash, ignore_errors=True)
+    log(f"[discard] {why}: discarded {path} and starting clean")
+
+
 # -- driver ---------------------------------------------------------------------------------------
 
 def run(out: str | Path, preset: str = "demo", source: str | None = None,
         weights: str | None = None, device: str = "auto", variant: str | None = None,
         paper_compat: bool = False, seed: int | None = None,
-        overrides: dict[str, dict[str, Any]] | None = None,
+        overrides: dict[str, Any] | None = None,
         stages: list[str] | None = None, force: bool = False,
         log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or resume) every stage of an experiment in ``out``; returns the run record."""
+    """Run (or resume) every stage of an experiment in ``out``; returns the run record.
+
+    The configuration is validated before anything is created; one process at a time holds
+    ``out/.lock`` (released by the kernel if the process dies)."""
+    from branchlens.store import RunLock
+
+    cfg = make_config(preset, source, variant, overrides, paper_compat, seed)
+    check_stages(stages)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = make_config(preset, source, variant, overrides, paper_compat, seed)
+    lock = RunLock(out, "run folder").acquire()
+    try:
+        return _run_locked(out, cfg, weights, device, stages, force, log)
+    finally:
+        lock.release()
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    record = read_json(path)
+    if not isinstance(record, dict) or not isinstance(record.get("stages", {}), dict):
+        raise ArtifactError(f"{path} is not a run record; delete it to re-run every stage")
+    return record
+
+
+def _up_to_date(ctx: RunContext, prev: dict[str, Any], stage: str, h: str) -> bool:
+    if prev.get("status") != "done" or prev.get("config_hash") != h:
+        return False
+    missing = [p for p in stage_outputs(ctx, stage) if not p.exists()]
+    if missing:
+        ctx.log(f"[{stage}] recorded as done but {missing[0]} is missing: running again")
+    return not missing
+
+
+def _run_locked(out: Path, cfg: dict[str, Any], weights: str | None, device: str,
+                stages: list[str] | None, force: bool, log: Callable[[str], None]
+                ) -> dict[str, Any]:
     weights_id = None if weights is None else str(weights)
     record_path = out / "run.json"
-    record = read_json(record_path) if record_path.exists() else {}
+    record = _read_record(record_path)
     record.update(provenance(config=cfg, weights=weights_id, device=device))
     record.setdefault("stages", {})
-    ctx = RunContext(out, cfg, weights, device, log)
+    ctx = RunContext(out, cfg, weights, device, log, force=force)
     stages = stages if stages is not None else cfg.get("stages")
     wanted = [s for s in STAGES if s in STAGE_FUNCS and (stages is None or s in stages)]
 
     for stage in wanted:
         h = stage_hash(cfg, stage, weights_id)
-        prev = record["stages"].get(stage, {})
-        if not force and prev.get("status") == "done" and prev.get("config_hash") == h:
+        prev = record["stages"].get(stage)
+        prev = prev if isinstance(prev, dict) else {}
+        if not force and _up_to_date(ctx, prev, stage, h):
             log(f"[{stage}] up to date, skipped")
             continue
+        if force or prev.get("config_hash") not in (None, h):
+            for sub in STAGE_DIRS.get(stage, ()):
+                discard_dir(out / sub, log, f"{stage} settings changed" if not force
+                            else "--force")
         log(f"[{stage}] running")
         record["stages"][stage] = {"status": "running", "config_hash": h,
+                                   "settings": {b: cfg.get(b) for b in STAGE_BLOCKS[stage]},
                                    "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
         write_json(record_path, record)
         t0 = time.perf_counter()

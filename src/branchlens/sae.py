@@ -26,6 +26,9 @@ from torch import Tensor, nn
 from branchlens.artifacts import load_tensors, provenance, save_tensors, write_json
 
 DEFAULT_DEAD_AFTER = 10_000_000  # Gao et al.: dead after 10 M tokens without firing
+DECODERS = ("untied", "tied")
+LOSSES = ("fvu", "paper")
+B_PRE_INITS = ("median", "zeros")
 
 
 @dataclass
@@ -49,14 +52,22 @@ class SAEConfig:
     branch_slices: dict[str, list[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.decoder not in ("tied", "untied"):
+        if self.decoder not in DECODERS:
             raise ValueError(f"decoder must be 'tied' or 'untied', not {self.decoder!r}")
-        if self.loss not in ("fvu", "paper"):
+        if self.loss not in LOSSES:
             raise ValueError(f"loss must be 'fvu' or 'paper', not {self.loss!r}")
-        if self.b_pre_init not in ("median", "zeros"):
+        if self.b_pre_init not in B_PRE_INITS:
             raise ValueError(f"b_pre_init must be 'median' or 'zeros', not {self.b_pre_init!r}")
+        if self.n_latents < 1:
+            raise ValueError(f"need n_latents >= 1 (expansion >= 1), got {self.n_latents}")
         if not 0 < self.k <= self.n_latents:
-            raise ValueError(f"need 0 < k <= n_latents, got k={self.k}")
+            raise ValueError(f"need 0 < k <= n_latents, got k={self.k} with "
+                             f"n_latents={self.n_latents}")
+        if self.k_aux < 1 or not math.isfinite(self.aux_coef) or self.aux_coef < 0:
+            raise ValueError(f"need k_aux >= 1 and a finite aux_coef >= 0, got {self.k_aux}, "
+                             f"{self.aux_coef}")
+        if self.dead_after is not None and self.dead_after < 1:
+            raise ValueError(f"dead_after must be >= 1, got {self.dead_after}")
         if self.aux is None:
             self.aux = self.decoder == "untied"
 

@@ -78,8 +78,13 @@ def _write_bytes(f, data) -> None:
     f.write(data)
 
 
+def _raw(arr: np.ndarray) -> memoryview:
+    """The bytes of an array as a flat view (also for zero-size arrays, unlike ``cast``)."""
+    return memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+
+
 def _sha256(arr: np.ndarray) -> str:
-    return hashlib.sha256(memoryview(np.ascontiguousarray(arr)).cast("B")).hexdigest()
+    return hashlib.sha256(_raw(arr)).hexdigest()
 
 
 def write_shard(folder: str | Path, stem: str, tensors: dict[str, np.ndarray],
@@ -105,12 +110,12 @@ def write_shard(folder: str | Path, stem: str, tensors: dict[str, np.ndarray],
     head = len(hb).to_bytes(8, "little") + hb
     file_hash = hashlib.sha256(head)
     for a in arrays:
-        file_hash.update(memoryview(a).cast("B"))
+        file_hash.update(_raw(a))
     path = Path(folder) / f"{stem}-{file_hash.hexdigest()}.safetensors"
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         _write_bytes(f, head)
         for a in arrays:
-            _write_bytes(f, memoryview(a).cast("B"))
+            _write_bytes(f, _raw(a))
     return path
 
 
@@ -127,25 +132,29 @@ class ShardFile:
                 if not 0 < n < 1 << 30:
                     raise ValueError(f"bad header length {n}")
                 header = json.loads(f.read(n))
-        except (OSError, ValueError) as e:
+            meta = header.pop("__metadata__", {})
+            self.meta: dict[str, Any] = json.loads(meta.get("branchlens", "{}"))
+            self.hashes: dict[str, str] = json.loads(meta.get("sha256", "{}"))
+        except (OSError, ValueError, TypeError, AttributeError) as e:
             raise CorruptShardError(f"shard {self.path} has an unreadable header: {e}") from e
         self.data_start = 8 + n
-        meta = header.pop("__metadata__", {})
         self.tensors: dict[str, dict] = header
-        self.meta: dict[str, Any] = json.loads(meta.get("branchlens", "{}"))
-        self.hashes: dict[str, str] = json.loads(meta.get("sha256", "{}"))
         m = _SHARD_RE.match(self.path.name)
         self.file_sha256 = m.group(3) if m else None
 
     def get(self, name: str) -> np.ndarray:
         """The tensor as a read-only memmap, checked against its sha256 on first access."""
-        info = self.tensors[name]
-        dtype, shape = _NP_DTYPES[info["dtype"]], tuple(info["shape"])
-        start, end = info["data_offsets"]
-        if end == start:
-            return np.empty(shape, dtype)
-        arr = np.memmap(self.path, dtype=dtype, mode="r", offset=self.data_start + start,
-                        shape=shape)
+        try:
+            info = self.tensors[name]
+            dtype, shape = _NP_DTYPES[info["dtype"]], tuple(info["shape"])
+            start, end = info["data_offsets"]
+            if end == start:
+                return np.empty(shape, dtype)
+            arr = np.memmap(self.path, dtype=dtype, mode="r", offset=self.data_start + start,
+                            shape=shape)
+        except (KeyError, TypeError, ValueError, OSError) as e:
+            raise CorruptShardError(f"shard {self.path}: tensor {name!r} is unreadable "
+                                    f"(truncated or corrupt?): {e!r}") from e
         if self.verify and name not in self._ok:
             if _sha256(arr) != self.hashes.get(name):
                 raise CorruptShardError(
@@ -181,8 +190,11 @@ class StoreLock:
     (``kill -9``) writer is stale by construction and is simply taken over.
     """
 
-    def __init__(self, path: str | Path):
-        self.file = Path(path) / ".lock"
+    what = "store"  # named in the "locked" message
+
+    def __init__(self, path: str | Path, what: str | None = None, name: str = ".lock"):
+        self.file = Path(path) / name
+        self.what = what or self.what
         self.fd: int | None = None
         self.replaced_stale: dict | None = None
 
@@ -198,9 +210,9 @@ class StoreLock:
             holder = _read_lock(fd)
             os.close(fd)
             raise StoreLockedError(
-                f"store {self.file.parent} is being written by another process "
+                f"{self.what} {self.file.parent} is being written by another process "
                 f"(pid {holder.get('pid', '?')} on {holder.get('host', '?')}); wait for it to "
-                "finish or stop it. Two writers on one store are refused.") from None
+                f"finish or stop it. Two writers on one {self.what} are refused.") from None
         old = _read_lock(fd)
         if old.get("pid"):
             self.replaced_stale = old
@@ -215,6 +227,12 @@ class StoreLock:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
+
+
+class RunLock(StoreLock):
+    """The same kernel-released lock for a run folder or an SAE folder (one writer each)."""
+
+    what = "run folder"
 
 
 def _read_lock(fd: int) -> dict:
@@ -278,6 +296,18 @@ def done_images(path: str | Path) -> set[int]:
         done.update(int(r[0]) for r in meta["images"])
         done.update(int(r[0]) for r in meta["skipped"])
     return done
+
+
+def _all_skipped(path: Path) -> bool:
+    """Whether a harvest covered every image of its source and kept none (so re-running the
+    same harvest can never finish the store)."""
+    n = read_json(path / "config.json").get("source", {}).get("n_images")
+    stored = skipped = 0
+    for p in list_shards(path):
+        meta = ShardFile(p, verify=False).meta
+        stored += len(meta["images"])
+        skipped += len(meta["skipped"])
+    return stored == 0 and skipped == n
 
 
 def next_seq(path: str | Path, rank: int) -> int:
@@ -436,9 +466,14 @@ def finalize_store(path: str | Path, n_images: int, extra: dict[str, Any]) -> di
         raise StoreIncompleteError(
             f"store {path}: {len(missing)} of {n_images} images are in no shard (first: "
             f"{missing[:5]}); re-run the same harvest command to fill them in")
+    n_skipped = sum(skip_counts.values())
+    if n_images == 0 or n_skipped == n_images:
+        raise StoreError(
+            f"store {path}: no usable image: {n_images} given, {n_skipped} skipped "
+            f"({skip_counts or 'none'}; e.g. {skip_examples or '-'}); harvest other images "
+            "into a new folder")
     stats = {layer: _final_stats(sums[layer]) for layer in layers}
     counts = {layer: sum(r["vectors"][layer] for r in shard_rows) for layer in layers}
-    n_skipped = sum(skip_counts.values())
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "complete": True,
         **config,
@@ -607,6 +642,9 @@ class ActivationStore:
         mf = path / "manifest.json"
         if not mf.is_file():
             if (path / "config.json").is_file():
+                if _all_skipped(path):
+                    raise StoreError(f"store {path} holds no usable image: every image of its "
+                                     "source was skipped; harvest other images")
                 raise StoreIncompleteError(
                     f"store {path} is incomplete (a harvest is running or was interrupted); "
                     "re-run the same harvest command to finish it")

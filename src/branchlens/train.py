@@ -15,6 +15,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from itertools import islice
@@ -25,8 +26,21 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from branchlens.artifacts import load_tensors, save_tensors, write_atomic
+from branchlens.artifacts import ArtifactError, load_tensors, save_tensors, write_atomic
 from branchlens.sae import DEFAULT_DEAD_AFTER, SAEConfig, TopKSAE, load_meta
+
+DECAYS = ("none", "linear", "cosine")
+# Settings that change no trained weight: excluded from the resume key (and the stage hash).
+NON_ARTIFACT_KEYS = ("progress", "plot", "device")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training diverged; the last good checkpoint is kept on disk."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
 
 
 @dataclass
@@ -49,6 +63,29 @@ class TrainConfig:
     plot: bool = True
     progress: bool = True
     device: str = "cpu"  # "auto" | "cpu" | "cuda[:N]": where the SAE and its batches live
+
+    def __post_init__(self) -> None:
+        """Refuse values that would divide by zero, never train, or train on NaN."""
+        self.betas = tuple(self.betas)  # type: ignore[assignment]  (JSON gives a list)
+        _require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _require(math.isfinite(self.lr) and self.lr > 0, f"lr must be finite and > 0, got "
+                 f"{self.lr}")
+        _require(self.steps is None or self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        _require(math.isfinite(self.epochs) and self.epochs > 0,
+                 f"epochs must be finite and > 0, got {self.epochs}")
+        _require(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        _require(self.decay in DECAYS, f"decay must be one of {DECAYS}, got {self.decay!r}")
+        _require(0 <= self.decay_frac <= 1, f"decay_frac must be in [0, 1], got {self.decay_frac}")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+                 f"betas must be two numbers in [0, 1), got {self.betas}")
+        _require(math.isfinite(self.eps) and self.eps > 0, f"eps must be > 0, got {self.eps}")
+        _require(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
+        _require(self.ckpt_every >= 1, f"ckpt_every must be >= 1, got {self.ckpt_every}")
+        _require(self.init_sample >= 1, f"init_sample must be >= 1, got {self.init_sample}")
+        _require(0 <= self.heldout_fraction < 1,
+                 f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+        _require(self.eval_max_vectors >= 1,
+                 f"eval_max_vectors must be >= 1, got {self.eval_max_vectors}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,8 +308,17 @@ def save_checkpoint(out: Path, sae: TopKSAE, opt: torch.optim.Optimizer, meta: d
             f.unlink(missing_ok=True)
 
 
-def load_optimizer_state(out: Path, step: int, sae: TopKSAE, opt: torch.optim.Optimizer) -> None:
-    tensors, meta = load_tensors(_optim_path(out, step))
+def load_optimizer_state(out: Path, step: int, sae: TopKSAE, opt: torch.optim.Optimizer,
+                         require_checksum: bool = True) -> None:
+    """Adam state of ``step``, checksum-verified and finite, into ``opt``."""
+    path = _optim_path(out, step)
+    if not path.exists():
+        raise ArtifactError(f"{out}: weights of step {step} but no {path.name}; delete {out} to "
+                            "train from scratch")
+    tensors, meta = load_tensors(path, require_checksum=require_checksum)
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ArtifactError(f"{path}: non-finite optimizer state {bad}")
     if meta.get("step") != step:
         raise RuntimeError(f"optimizer file for step {step} says step {meta.get('step')}")
     for n, p in sae.named_parameters():
@@ -384,16 +430,100 @@ def _init_sample(batches: Batches, n: int) -> Tensor:
     return torch.cat(out)[:n]
 
 
+def resume_key(sae_cfg: SAEConfig, cfg: TrainConfig, meta: dict[str, Any] | None) -> str:
+    """Hash of everything the trained weights depend on: a checkpoint resumes only under the
+    same key (another lr, k, width, seed or store means starting clean)."""
+    import hashlib
+
+    body = {"sae": sae_cfg.to_dict(),
+            "train": {k: v for k, v in asdict(cfg).items() if k not in NON_ARTIFACT_KEYS},
+            "data": {k: v for k, v in (meta or {}).items() if k != "store"}}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+SAE_DERIVED = ("scale", "var_total")  # fixed from the data at init, not chosen
+
+
+def _settings_diff(old: dict[str, Any], sae_cfg: SAEConfig, cfg: TrainConfig,
+                   meta: dict[str, Any] | None) -> list[str]:
+    """Settings (``sae.*``, ``train.*``, data) in which a saved SAE's document ``old`` differs
+    from the requested ones; empty when it was trained exactly so."""
+    def norm(v: Any) -> Any:
+        return json.loads(json.dumps(v, default=str))
+
+    old_sae, old_train = old.get("sae", {}), old.get("train", {}).get("config", {})
+    diff = [f"sae.{k}" for k, v in sae_cfg.to_dict().items()
+            if k not in SAE_DERIVED and norm(v) != old_sae.get(k)]
+    diff += [f"train.{k}" for k, v in asdict(cfg).items()
+             if k not in NON_ARTIFACT_KEYS and norm(v) != old_train.get(k)]
+    diff += [f"data.{k}" for k, v in (meta or {}).items()
+             if k != "store" and norm(v) != old.get(k)]
+    return diff
+
+
+def _check_finite(sae: TopKSAE, step: int, what: str) -> None:
+    bad = [n for n, p in sae.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise NonFiniteLossError(f"{what} at step {step}: parameters {bad} are not finite")
+
+
+def _open_resume(out: Path, key: str, sae_cfg: SAEConfig, cfg: TrainConfig,
+                 meta: dict[str, Any] | None, restart: bool, log: Callable[[str], None]
+                 ) -> bool:
+    """Whether ``out`` holds a checkpoint of these exact settings to resume; a checkpoint of
+    other settings is discarded (``restart``) or refused, never resumed. A checkpoint of an
+    older branchlens (no resume key) is kept when every recorded setting matches."""
+    if not (out / "weights.safetensors").exists():
+        return False
+    try:
+        old = load_meta(out)
+    except Exception as e:  # a corrupt checkpoint is reported, never silently replaced
+        raise type(e)(f"{e}; delete {out} to train from scratch") from e
+    old_key = old.get("train", {}).get("resume_key")
+    if old_key == key:
+        return True
+    diff = _settings_diff(old, sae_cfg, cfg, meta)
+    if old_key is None and not diff:
+        log(f"[train] {out}: written by an older branchlens with the same settings; resuming")
+        return True
+    why = ", ".join(diff) or "settings"
+    if not restart:
+        raise ValueError(f"{out} holds an SAE trained with other settings ({why}); pass "
+                         "--restart to discard it, or use another output folder")
+    from branchlens.pipeline import discard_dir
+
+    discard_dir(out, log, f"settings changed ({why})")
+    return False
+
+
 def train_sae(data: Any, sae_cfg: SAEConfig, cfg: TrainConfig, out_dir: str | Path,
-              heldout: Any = None, meta: dict[str, Any] | None = None) -> TopKSAE:
+              heldout: Any = None, meta: dict[str, Any] | None = None, restart: bool = False,
+              log: Callable[[str], None] = print) -> TopKSAE:
     """Train (or resume) one SAE into ``out_dir``; returns the trained model.
 
     ``data``: :class:`Batches`, an array, or ``fn(epoch) -> batches``. ``heldout``: vectors of
-    held-out images (a :class:`Batches` or an iterable factory) for the final FVU.
+    held-out images (a :class:`Batches` or an iterable factory) for the final FVU. A checkpoint
+    made under other settings is discarded when ``restart`` and refused otherwise. One process
+    at a time may write ``out_dir`` (``.<name>.lock`` next to it; rank 0 holds it).
     """
-    from branchlens.weights import resolve_device
+    from branchlens.store import RunLock
 
     out = Path(out_dir)
+    lock = None
+    if int(os.environ.get("RANK", "0")) == 0:
+        lock = RunLock(out.parent, "SAE folder", f".{out.name}.lock").acquire()
+    try:
+        return _train_sae(data, sae_cfg, cfg, out, heldout, meta, restart, log)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_sae(data: Any, sae_cfg: SAEConfig, cfg: TrainConfig, out: Path, heldout: Any,
+               meta: dict[str, Any] | None, restart: bool, log: Callable[[str], None]
+               ) -> TopKSAE:
+    from branchlens.weights import resolve_device
+
     device = resolve_device(cfg.device)
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -405,19 +535,24 @@ def train_sae(data: Any, sae_cfg: SAEConfig, cfg: TrainConfig, out_dir: str | Pa
     if cfg.steps is not None:
         total = cfg.steps
     elif batches.n_vectors is not None:
-        total = max(1, int(cfg.epochs * (batches.n_vectors // B)))
+        total = int(cfg.epochs * (batches.n_vectors // B))
+        if total < 1:
+            raise ValueError(f"{cfg.epochs} epochs of {batches.n_vectors} vectors are no full "
+                             f"batch of {B}: lower batch_size or give steps")
     else:
         raise ValueError("give steps when the data size is unknown")
+    if cfg.warmup_steps > total:
+        warnings.warn(f"warmup_steps={cfg.warmup_steps} is longer than the run ({total} steps): "
+                      "the learning rate never reaches its set value", stacklevel=2)
     sae_cfg.dead_after = sae_cfg.dead_after or default_dead_after(batches.n_vectors)
+    key = resume_key(sae_cfg, cfg, meta)
 
-    resume = (out / "weights.safetensors").exists()
+    resume = dist.rank == 0 and _open_resume(out, key, sae_cfg, cfg, meta, restart, log)
+    resume = bool(dist.sum(torch.tensor(int(resume))).item()) if dist.on else resume
     if resume:
         sae = TopKSAE.load(out)
         tmeta = load_meta(out)["train"]
-        for key in ("d_in", "n_latents", "k", "decoder"):
-            if getattr(sae.cfg, key) != getattr(sae_cfg, key):
-                raise ValueError(f"{out} holds an SAE with {key}={getattr(sae.cfg, key)}, "
-                                 f"not {getattr(sae_cfg, key)}; use another output folder")
+        _check_finite(sae, tmeta["step"], f"checkpoint {out / 'weights.safetensors'}")
         step, epoch, bi = tmeta["step"], tmeta["epoch"], tmeta["batch_in_epoch"]
     else:
         sae = TopKSAE(sae_cfg, seed=cfg.seed)
@@ -427,8 +562,9 @@ def train_sae(data: Any, sae_cfg: SAEConfig, cfg: TrainConfig, out_dir: str | Pa
     params = list(sae.parameters())
     opt = make_adam(params, cfg)
     if resume:
-        load_optimizer_state(out, step, sae, opt)
+        load_optimizer_state(out, step, sae, opt, require_checksum="resume_key" in tmeta)
     base_meta = {**(meta or {}), "seed": cfg.seed}
+    last_good = step
     metrics_path = out / "metrics.jsonl"
     if dist.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -441,7 +577,8 @@ def train_sae(data: Any, sae_cfg: SAEConfig, cfg: TrainConfig, out_dir: str | Pa
         return {**base_meta, "train": {
             "step": step, "epoch": epoch, "batch_in_epoch": bi, "total_steps": total,
             "vectors": step * B, "n_train_vectors": batches.n_vectors,
-            "dead_after": sae.cfg.dead_after, "world_size": dist.world, "config": asdict(cfg)}}
+            "dead_after": sae.cfg.dead_after, "world_size": dist.world, "config": asdict(cfg),
+            "resume_key": key}}
 
     from branchlens.progress import progress
 
@@ -466,6 +603,11 @@ def train_sae(data: Any, sae_cfg: SAEConfig, cfg: TrainConfig, out_dir: str | Pa
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total, cfg)
             loss, st = sae.loss(x, B, sae.dead_mask(), dist.sum)
+            global_loss = float(dist.sum(loss.detach().clone()))
+            if not math.isfinite(global_loss):
+                raise NonFiniteLossError(
+                    f"loss is {global_loss} at step {step + 1} of {total}: training diverged "
+                    f"(lower lr?); the last good checkpoint (step {last_good}) in {out} is kept")
             opt.zero_grad(set_to_none=False)
             loss.backward()
             dist.sum_grads(params)
@@ -494,9 +636,12 @@ def train_sae(data: Any, sae_cfg: SAEConfig, cfg: TrainConfig, out_dir: str | Pa
             else:
                 bar.update(B)
             if step % cfg.ckpt_every == 0 or step == total:
+                _check_finite(sae, step, f"training diverged (last good checkpoint: step "
+                                         f"{last_good} in {out})")
                 if dist.rank == 0:
                     save_checkpoint(out, sae, opt, train_meta())
                 dist.barrier()
+                last_good = step
 
     final = load_meta(out) if resume and step == total else None
     if final and "eval" in final:
@@ -521,13 +666,24 @@ def train_sae(data: Any, sae_cfg: SAEConfig, cfg: TrainConfig, out_dir: str | Pa
 
 
 def train_layers(run_dir: str | Path, layers: list[str], sae_kw: dict[str, Any],
-                 cfg: TrainConfig, expansion: int = 16) -> dict[str, TopKSAE]:
+                 cfg: TrainConfig, expansion: int = 16, restart: bool = False,
+                 log: Callable[[str], None] = print) -> dict[str, TopKSAE]:
     """Train one SAE per layer from ``RUN/store`` into ``RUN/sae/<layer>/``."""
-    from branchlens.store import ActivationStore
+    from branchlens.store import ActivationStore, StoreError
 
+    if expansion < 1:
+        raise ValueError(f"expansion must be >= 1 (latents per input channel), got {expansion}")
     run = Path(run_dir)
     store = ActivationStore.open(run / "store")
     variant = store.manifest["variant"]
+    counts = store.manifest["counts"]
+    if not counts.get("images_stored", counts["images"]):
+        raise StoreError(f"store {run / 'store'} holds no usable image ({counts['images']} "
+                         f"given, all skipped: {store.manifest['skips']['counts']}); harvest "
+                         "other images")
+    missing = [x for x in layers if x not in store.layers]
+    if missing:
+        raise ValueError(f"layers {missing} are not in the store; it has {store.layers}")
     train_img, held_img = store.split_images(cfg.heldout_fraction, cfg.seed)
     out = {}
     for layer in layers:
@@ -540,5 +696,6 @@ def train_layers(run_dir: str | Path, layers: list[str], sae_kw: dict[str, Any],
                              shuffle=False, drop_last=False) if len(held_img) else None)
         meta = {"store_hash": store.content_hash(), "store": str(run / "store"),
                 "train_images": len(train_img), "heldout_images": len(held_img)}
-        out[layer] = train_sae(data, sae_cfg, cfg, run / "sae" / layer, held, meta)
+        out[layer] = train_sae(data, sae_cfg, cfg, run / "sae" / layer, held, meta,
+                               restart=restart, log=log)
     return out

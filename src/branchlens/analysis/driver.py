@@ -77,6 +77,20 @@ class AnalysisConfig:
     seed: int = 0
     device: str = "cpu"  # cpu | cuda | auto: SAE encoding, permutations and kNN
 
+    def __post_init__(self) -> None:
+        if not 0 < self.q < 1:
+            raise ValueError(f"analyze.q must be in (0, 1), got {self.q}")
+        if self.embed not in ("auto", "umap", "pca", "none"):
+            raise ValueError(f"analyze.embed must be auto | umap | pca | none, got {self.embed!r}")
+        for name in ("n_perm", "n_strata", "curve_reps", "top", "top_images", "attribution_top",
+                     "min_images", "bootstrap", "knn_k", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"analyze.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_perm is not None and self.max_perm < self.n_perm:
+            raise ValueError("analyze.max_perm must be >= analyze.n_perm")
+        if self.match_shifts < 0 or not -1 <= self.match_threshold <= 1:
+            raise ValueError("analyze.match_shifts must be >= 0 and match_threshold in [-1, 1]")
+
 
 def _layer_order(name: str) -> tuple[int, str]:
     block = name.split("_")[0]

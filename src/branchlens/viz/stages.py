@@ -17,33 +17,105 @@ from branchlens.artifacts import provenance, read_json, write_json
 from branchlens.data import ImageSource, open_source
 from branchlens.viz.latents import dominant_branches, load_sae
 
+FLIP_SUFFIX = "+flip"  # what FlipViews appends to its source's description
+
 
 def run_source(run_dir: str | Path, source: str | None = None) -> tuple[ImageSource, int | None]:
-    """The image source of the run's store (or ``source``), and how many images it used."""
+    """The image source of the run's store (or ``source``), and how many images it used.
+
+    The store's source is reopened exactly (``+flip`` views included); an explicit ``source``
+    that is not the store's is refused, since image indices would point at other pictures."""
     manifest = Path(run_dir) / "store" / "manifest.json"
-    info = read_json(manifest).get("source", {}) if manifest.is_file() else {}
-    variant = read_json(manifest).get("variant", "bvlc_googlenet") if manifest.is_file() \
-        else "bvlc_googlenet"
-    if source is not None:
-        return open_source(source, variant), None
+    doc = read_json(manifest) if manifest.is_file() else {}
+    info, variant = doc.get("source", {}), doc.get("variant", "bvlc_googlenet")
     desc = info.get("description")
+    if source is not None:
+        src = open_source(source, variant)
+        if desc and src.description != desc.removesuffix(FLIP_SUFFIX):
+            raise ProvenanceError(f"--source {source} ({src.description}) is not the source the "
+                                  f"store of {run_dir} was harvested from ({desc})")
+        if desc and desc.endswith(FLIP_SUFFIX):
+            src = open_source(source, variant, flip=True)
+        return src, None if not desc else info.get("n_images")
     if not desc:
         raise FileNotFoundError(f"no store manifest with a source in {manifest}; pass --source")
-    kind, _, rest = desc.partition(":")
+    flip = desc.endswith(FLIP_SUFFIX)
+    base = desc.removesuffix(FLIP_SUFFIX)
+    kind, _, rest = base.partition(":")
     if kind in ("folder", "filelist"):
-        src = open_source(rest, variant)
+        src = open_source(rest, variant, flip=flip)
     elif kind == "embedded":
         n, _, seed = rest.partition(":")
-        src = open_source(f"embedded:{n}", variant, seed=int(seed.removeprefix("seed") or 0))
+        src = open_source(f"embedded:{n}", variant, seed=int(seed.removeprefix("seed") or 0),
+                          flip=flip)
     else:
-        src = open_source(desc, variant)
+        src = open_source(base, variant, flip=flip)
+    if src.description != desc:
+        raise ProvenanceError(f"cannot reopen the store's source {desc} (got {src.description})")
     return src, info.get("n_images")
 
 
-def _model(variant: str, weights: str | None, device: str):
+def _validate(block: str, values: dict) -> None:
+    """The run schema's checks (types, counts >= 1) for a direct call or CLI command too."""
+    from branchlens.config import block_fields, check_block
+
+    fields = block_fields(block)
+    check_block(block, {k: v for k, v in values.items() if k in fields})
+
+
+class ProvenanceError(ValueError):
+    """A stage would combine artifacts of different networks, variants or sources."""
+
+
+def store_provenance(run_dir: str | Path) -> dict | None:
+    """Variant and weights (source, sha256, seed) the run's store was harvested with."""
+    manifest = Path(run_dir) / "store" / "manifest.json"
+    if not manifest.is_file():
+        return None
+    m = read_json(manifest)
+    return {"variant": m.get("variant"), "weights": m.get("weights") or {}}
+
+
+def check_sae_store(run_dir: str | Path, sae) -> None:
+    """Refuse an SAE trained on another harvest than the run's current store."""
+    want = getattr(sae, "meta", {}).get("store_hash")
+    if not want or not (Path(run_dir) / "store" / "manifest.json").is_file():
+        return
+    from branchlens.store import ActivationStore
+
+    have = ActivationStore.open(Path(run_dir) / "store", verify=False).content_hash()
+    if have != want:
+        raise ProvenanceError(f"the SAE of {sae.cfg.layer} in {run_dir} was trained on another "
+                              "store than the run's current one; train it again")
+
+
+def _model(variant: str, weights: str | None, device: str, run_dir: str | Path | None = None):
+    """The network the run's store was harvested with, or a refusal: by default the store's
+    weights (random ones with the store's seed); explicit weights must have the store's hash."""
     from branchlens.weights import load_model, resolve_device
 
-    model, info = load_model(variant, weights, resolve_device(device))
+    prov = store_provenance(run_dir) if run_dir is not None else None
+    seed = 0
+    if prov is not None:
+        stored = prov["weights"]
+        if prov["variant"] and prov["variant"] != variant:
+            raise ProvenanceError(f"the SAE is for variant {variant!r} but the store of "
+                                  f"{run_dir} was harvested with {prov['variant']!r}")
+        is_random = weights is not None and str(weights) == "random"
+        if stored.get("source") == "random":
+            if weights is not None and not is_random:
+                raise ProvenanceError(f"the store of {run_dir} was harvested with RANDOM "
+                                      f"weights; refusing to mix in {weights}")
+            weights, seed = "random", int(stored.get("seed") or 0)
+        elif is_random and stored.get("sha256"):
+            raise ProvenanceError(f"the store of {run_dir} was harvested with real weights "
+                                  f"(sha256 {stored['sha256'][:12]}…); refusing random ones")
+    model, info = load_model(variant, weights, resolve_device(device), seed=seed)
+    want = (prov or {}).get("weights", {}).get("sha256")
+    if want and info.sha256 != want:
+        raise ProvenanceError(f"weights {info.path} have sha256 {info.sha256[:12]}… but the "
+                              f"store of {run_dir} was harvested with {want[:12]}…; pass "
+                              "--weights with the file the store was harvested with")
     return model, info
 
 
@@ -71,8 +143,10 @@ def visualize_stage(
     from branchlens.viz.featurevis import save_featurevis, visualize_latents
     from branchlens.viz.render import RenderConfig
 
+    _validate("visualize", locals())
     sae = load_sae(run_dir, layer)
-    model, winfo = _model(_variant_of(sae), weights, device)
+    check_sae_store(run_dir, sae)
+    model, winfo = _model(_variant_of(sae), weights, device, run_dir)
     sae = sae.to(next(model.parameters()).device)
     lats = list(latents) if latents else pick_latents(sae, n_latents, seed)
     cfg = RenderConfig(size=size, steps=steps, lr=lr, seed=seed)
@@ -91,8 +165,10 @@ def examples_stage(
 ) -> dict:
     from branchlens.viz.examples import example_maps, save_examples, save_top_table, top_examples
 
+    _validate("examples", locals())
     sae = load_sae(run_dir, layer)
-    model, winfo = _model(_variant_of(sae), weights, device)
+    check_sae_store(run_dir, sae)
+    model, winfo = _model(_variant_of(sae), weights, device, run_dir)
     sae = sae.to(next(model.parameters()).device)
     src, n_used = run_source(run_dir, source)
     n = min(len(src), limit or n_used or len(src))
@@ -138,9 +214,12 @@ def circuits_stage(
     from branchlens import circuits as C
     from branchlens.viz.examples import load_top_table, top_examples
 
+    _validate("circuits", locals())
     sae_up, sae_down = load_sae(run_dir, up), load_sae(run_dir, down)
+    check_sae_store(run_dir, sae_up)
+    check_sae_store(run_dir, sae_down)
     variant = _variant_of(sae_down)
-    model, winfo = _model(variant, weights, device)
+    model, winfo = _model(variant, weights, device, run_dir)
     dev = next(model.parameters()).device
     sae_up, sae_down = sae_up.to(dev), sae_down.to(dev)
     table = Path(run_dir) / "viz" / "examples" / down / "top.safetensors"
