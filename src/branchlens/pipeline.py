@@ -60,8 +60,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                     "aligned": True, "dtype": "fp16", "batch_size": 32, "flip": True},
         "sae": {"expansion": 16, "k": 32, "decoder": "untied"},
         "train": {"batch_size": 4096, "steps": 732, "lr": 1e-3, "warmup_steps": 50,
-                  "log_every": 25, "ckpt_every": 100},
-        "analyze": {},
+                  "log_every": 25, "ckpt_every": 100, "eval_max_vectors": 50000},
+        # PCA: UMAP of 8–13k latents costs ~1.5 min per layer on 2 cores (`--set
+        # analyze.embed="umap"` to have it anyway).
+        "analyze": {"embed": "pca"},
         "visualize": {"n_latents": 4, "steps": 96, "size": 128, "batch_size": 8},
         "examples": {"n_top": 8, "n_strips": 12, "batch_size": 16},
         "circuits": {"n_latents": 3, "n_images": 4, "flow_latents": 32, "n_perm": 500,

@@ -63,6 +63,7 @@ class AnalysisConfig:
     max_perm: int | None = None  # cap of the adaptive refinement (default ⌈20·m/q⌉)
     n_strata: int = 16  # activation-std strata of the scale rule
     curve_reps: int = 200  # permutation replicates for the paper's sorted-ratio curve
+    control_latents: int = 2048  # null directions per control (a random subset of latents)
     top: int = 64  # top-activating held-out vectors kept per latent
     top_images: int = 16  # distinct top images per latent for categories
     attribution_top: int = 16  # top vectors for the data-side branch attribution
@@ -82,8 +83,8 @@ class AnalysisConfig:
             raise ValueError(f"analyze.q must be in (0, 1), got {self.q}")
         if self.embed not in ("auto", "umap", "pca", "none"):
             raise ValueError(f"analyze.embed must be auto | umap | pca | none, got {self.embed!r}")
-        for name in ("n_perm", "n_strata", "curve_reps", "top", "top_images", "attribution_top",
-                     "min_images", "bootstrap", "knn_k", "batch_size"):
+        for name in ("n_perm", "n_strata", "curve_reps", "control_latents", "top", "top_images",
+                     "attribution_top", "min_images", "bootstrap", "knn_k", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"analyze.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_perm is not None and self.max_perm < self.n_perm:
@@ -259,7 +260,8 @@ def analyze_layer(layer: str, sae, store, cfg: AnalysisConfig, out_dir: Path,
                           max_perm=cfg.max_perm, n_strata=cfg.n_strata, seed=cfg.seed,
                           device=cfg.device)
     controls = null_controls(dec, slices, std=std, include=tested, q=cfg.q, n_perm=cfg.n_perm,
-                             n_strata=cfg.n_strata, seed=cfg.seed + 100, device=cfg.device)
+                             n_strata=cfg.n_strata, max_latents=cfg.control_latents,
+                             seed=cfg.seed + 100, device=cfg.device)
     curve_raw = ratio_null(dec, slices, include=tested, n_rep=cfg.curve_reps, seed=cfg.seed,
                            device=cfg.device)
     dstd = dec / np.where(std > 0, std, 1.0)[None, :]
