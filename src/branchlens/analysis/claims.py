@@ -121,13 +121,17 @@ def across_layers(cross: list[dict]) -> dict:
             rows[key] = {"skipped": c.get("skipped")}
             continue
         n = cc["pairs_both_dominant"]
+        vs = cc.get("vs_shifted_image_matching") or {}
         rows[key] = {"pairs": n, "agreement": cc["agreement"], "null_mean": cc["null_mean"],
                      "kappa": cc["kappa"], "p_value": cc["p_value"],
+                     "shifted_null_agreement": vs.get("null_agreement"),
+                     "p_value_vs_shifted": vs.get("p_value"),
                      "shifted_null_pairs": c["shifted_image_null"][
                          "pairs_above_threshold_per_replicate"]}
         if n >= MIN_PAIRS:
             testable.append(key)
-            if cc["p_value"] < 0.05 and cc["kappa"] > 0:
+            p2 = rows[key]["p_value_vs_shifted"]
+            if cc["p_value"] < 0.05 and cc["kappa"] > 0 and (p2 is None or p2 < 0.05):
                 sup.append(key)
     if not testable:
         verdict = "not testable"
@@ -142,8 +146,9 @@ def across_layers(cross: list[dict]) -> dict:
                   "Similar features sit in branches of the same kernel size across layers",
                   verdict, ev or "no layer pairs",
                   f"mutual-best matches above the shifted-image null's 99th percentile; "
-                  f"supported when agreement beats the shuffled matching (p<0.05, κ>0) in most "
-                  f"pairs with ≥{MIN_PAIRS} pairs", per_pair=rows)
+                  f"supported when agreement beats both the shuffled matching (p<0.05, κ>0) and "
+                  f"the matching on shifted images (Fisher p<0.05) in most pairs with "
+                  f"≥{MIN_PAIRS} pairs", per_pair=rows)
 
 
 def paper_curve(per_layer: dict[str, dict]) -> dict:

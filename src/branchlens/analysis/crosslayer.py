@@ -90,12 +90,13 @@ def mutual_best_matches(za: sp.csr_matrix, zb: sp.csr_matrix,
 
 def shifted_rows(prov_a: np.ndarray, prov_b: np.ndarray, ia: np.ndarray, ib: np.ndarray,
                  groups: np.ndarray, shift: int) -> tuple[np.ndarray, np.ndarray]:
-    """Null alignment: A's sample at (image, y, x) paired with B's at (image', y, x), where
-    image' is the image ``shift`` places further in the list of image groups (mirror views
-    stay with their image, so a view is never paired with its own mirror).
+    """Null alignment: A's samples of image i paired with B's samples of another image i',
+    the image ``shift`` places further on in the list of image groups (mirror views stay with
+    their image, so a view is never paired with its own mirror).
 
-    Keeps each layer's codes, firing rates and spatial structure; destroys only the co-firing
-    on the same image. ``groups`` [n_images] is each image's group index.
+    Within an image, samples are paired in (y, x) order (the same position when every position
+    was harvested). Keeps each layer's codes, firing rates and spatial structure; destroys only
+    the co-firing on the same image. ``groups`` [n_images] is each image's group index.
     """
     pa, pb = np.asarray(prov_a)[ia, :3], np.asarray(prov_b)[ib, :3]
     imgs = np.unique(pa[:, 0])
@@ -103,20 +104,29 @@ def shifted_rows(prov_a: np.ndarray, prov_b: np.ndarray, ia: np.ndarray, ib: np.
     ug = np.unique(g)
     if ug.size < 2:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    # image → the image with the same rank inside the group ``shift`` groups further on
-    target = {}
     by_group = {k: imgs[g == k] for k in ug}
+    rows_a = _rows_by_image(pa)
+    rows_b = _rows_by_image(pb)
+    out_a, out_b = [], []
     for gi, k in enumerate(ug):
         other = by_group[ug[(gi + shift) % ug.size]]
         for r, im in enumerate(by_group[k]):
-            target[int(im)] = int(other[r % other.size])
-    hi = np.maximum(pa.max(0), pb.max(0)) + 1
-    key_b = (pb[:, 0] * hi[1] + pb[:, 1]) * hi[2] + pb[:, 2]
-    order = np.argsort(key_b)
-    want = (np.array([target[int(i)] for i in pa[:, 0]]) * hi[1] + pa[:, 1]) * hi[2] + pa[:, 2]
-    pos = np.clip(np.searchsorted(key_b[order], want), 0, max(key_b.size - 1, 0))
-    ok = key_b[order][pos] == want
-    return ia[ok], ib[order][pos][ok]
+            ra, rb = rows_a[int(im)], rows_b.get(int(other[r % other.size]))
+            if rb is None or rb.size == 0:
+                continue
+            out_a.append(ia[ra])
+            out_b.append(ib[rb[np.arange(ra.size) % rb.size]])
+    if not out_a:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(out_a), np.concatenate(out_b)
+
+
+def _rows_by_image(p: np.ndarray) -> dict[int, np.ndarray]:
+    """Positions into ``p`` of each image's samples, in (y, x) order."""
+    order = np.lexsort((p[:, 2], p[:, 1], p[:, 0]))
+    imgs, starts = np.unique(p[order, 0], return_index=True)
+    ends = np.append(starts[1:], order.size)
+    return {int(i): order[s:e] for i, s, e in zip(imgs, starts, ends, strict=True)}
 
 
 def consistency(dom_a: np.ndarray, dom_b: np.ndarray, ia: np.ndarray, ib: np.ndarray,

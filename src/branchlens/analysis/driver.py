@@ -422,25 +422,28 @@ def cross_layer(a: str, b: str, res: dict, saes: dict, store, cfg: AnalysisConfi
         return {**out, "skipped": "no shared held-out (image, y, x) samples in the store"}
     log(f"cross-layer {a} ↔ {b}: {ia.size} aligned held-out samples")
     za = _codes(saes[a], store.array(a), ia, cfg.batch_size)
-    arr_b = store.array(b)
-    zb = _codes(saes[b], arr_b, ib, cfg.batch_size)
+    zb = _codes(saes[b], store.array(b), ib, cfg.batch_size)
     ea = res[a]["n_images_fired"] >= cfg.min_images
     eb = res[b]["n_images_fired"] >= cfg.min_images
     ma, mb, corr = mutual_best_matches(za, zb, ea, eb)
-    null_corr = []
+    null_pairs = []
+    pos_a = {int(r): k for k, r in enumerate(ia)}
+    pos_b = {int(r): k for k, r in enumerate(ib)}
     for s in range(1, cfg.match_shifts + 1):
         sa, sb = shifted_rows(pa, pb, ia, ib, groups, s)
         if sa.size == 0:
             continue
-        pos = {int(r): k for k, r in enumerate(ia)}
-        zs_a = za[[pos[int(r)] for r in sa]]
-        zs_b = _codes(saes[b], arr_b, sb, cfg.batch_size)
-        null_corr.append(mutual_best_matches(zs_a, zs_b, ea, eb)[2])
+        # both are aligned held-out rows already encoded: re-index the codes
+        zs_a = za[[pos_a[int(r)] for r in sa]]
+        zs_b = zb[[pos_b[int(r)] for r in sb]]
+        null_pairs.append(mutual_best_matches(zs_a, zs_b, ea, eb))
+    null_corr = [c for _, _, c in null_pairs]
     nc = np.concatenate(null_corr) if null_corr else np.zeros(0)
     q99 = float(np.quantile(nc, 0.99)) if nc.size else None
     threshold = max(cfg.match_threshold, q99 if q99 is not None else cfg.match_threshold)
     keep = corr >= threshold
     null_per_shift = [int(np.sum(c >= threshold)) for c in null_corr]
+    n_keep = int(keep.sum())
     out |= {
         "min_images": cfg.min_images,
         "excluded_a_few_images": int((~ea).sum()), "excluded_b_few_images": int((~eb).sum()),
@@ -458,7 +461,28 @@ def cross_layer(a: str, b: str, res: dict, saes: dict, store, cfg: AnalysisConfi
     }
     out["consistency"] = consistency(res[a]["dominant"], res[b]["dominant"], ma[keep], mb[keep],
                                      res[a]["branches"], seed=cfg.seed)
+    # Second null for the agreement: the same number of best pairs that the matching finds on
+    # shifted images (what the procedure itself, e.g. via firing rates, produces).
+    da, db = res[a]["dominant"], res[b]["dominant"]
+    obs = _agree_counts(da[ma[keep]], db[mb[keep]])
+    null = np.sum([_agree_counts(da[x[:n_keep]], db[y[:n_keep]]) for x, y, _ in null_pairs],
+                  axis=0) if null_pairs and n_keep else np.zeros(2, np.int64)
+    shifted = {"null_pairs_both_dominant": int(null.sum()),
+               "null_agreement": float(null[0] / null.sum()) if null.sum() else None}
+    if obs.sum() and null.sum():
+        from scipy.stats import fisher_exact
+
+        shifted["p_value"] = float(fisher_exact([[obs[0], obs[1]], [null[0], null[1]]],
+                                                alternative="greater")[1])
+    out["consistency"]["vs_shifted_image_matching"] = shifted
     return out
+
+
+def _agree_counts(la: np.ndarray, lb: np.ndarray) -> np.ndarray:
+    """[agree, disagree] among pairs where both latents have a dominant branch."""
+    both = (la != NONE) & (lb != NONE)
+    agree = int(np.sum(la[both] == lb[both]))
+    return np.array([agree, int(both.sum()) - agree], np.int64)
 
 
 # -- driver ---------------------------------------------------------------------------------------

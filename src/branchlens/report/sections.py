@@ -356,6 +356,9 @@ def crosslayer_section(ctx: ReportContext) -> str:
                   f"{fmt(cc.get('null_mean'))} [{fmt(cc.get('null_q05'))}, "
                   f"{fmt(cc.get('null_q95'))}]"),
                  ("Cohen's κ", fmt(cc.get("kappa"))), ("p-value", fmt(cc.get("p_value"))),
+                 ("agreement of the shifted-image matching (p, Fisher)",
+                  f"{fmt((cc.get('vs_shifted_image_matching') or {}).get('null_agreement'))} "
+                  f"(p {fmt((cc.get('vs_shifted_image_matching') or {}).get('p_value'))})"),
                  (f"excluded (< {c.get('min_images')} firing images)",
                   f"{fmt(c.get('excluded_a_few_images'))} / {fmt(c.get('excluded_b_few_images'))}")]
         per = cc.get("per_branch_agreement") or {}
