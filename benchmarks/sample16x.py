@@ -14,6 +14,7 @@ it ran (so a run split over several invocations is still measured stage by stage
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import time
 from pathlib import Path
@@ -50,8 +51,30 @@ def main() -> None:
     if missing:
         print(f"stages not done yet: {missing}")
         return
+    print(headline(Path(args.out)))
     print(f"RESULT sample16x_wall ours={total:.1f} baseline={BUDGET_S:.0f} unit=s "
           f"ratio={BUDGET_S / total:.2f}")
+
+
+def headline(run: Path) -> str:
+    """The README's headline table (markdown) from ``analysis/summary.json``."""
+    s = json.loads((run / "analysis" / "summary.json").read_text())
+    lines = ["| layer | alive / latents | held-out FVU | significant raw (1x1/3x3/5x5/pool) | "
+             "robust | explained by scale | robust-dominant |", "|---|---|---|---|---|---|---|"]
+    for layer, p in s["per_layer"].items():
+        br = p["branches"]
+        fvu = ((p.get("sae_eval") or {}).get("heldout") or {}).get("fvu")
+
+        def cells(key: str, rows: list = br) -> str:
+            return "/".join(str(r[key]) for r in rows)
+
+        lines.append(f"| {layer} | {p['tested']} / {p['latents']} | "
+                     f"{'-' if fvu is None else f'{fvu:.3f}'} | {cells('significant')} | "
+                     f"{cells('robust')} | {cells('explained_by_scale')} | "
+                     f"{cells('robust_dominant')} |")
+    lines += ["", "| claim | verdict | evidence |", "|---|---|---|"]
+    lines += [f"| {c['claim']} | **{c['verdict']}** | {c['evidence']} |" for c in s["claims"]]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

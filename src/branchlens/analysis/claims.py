@@ -37,8 +37,9 @@ def specialisation(per_layer: dict[str, dict], q: float) -> dict:
              and r["robust"] < 0.2 * r["raw"]]
     verdict = ("supported" if sup else "explained by channel scale" if scale
                else "not supported")
-    ev = "; ".join(f"{la}: {r['robust']} robust / {r['raw']} raw of {r['tested']} "
-                   f"(null controls ≤ {r['max_null_control']})" for la, r in rows.items())
+    ev = "; ".join(f"{la}: {r['robust']} robust / {r['raw']} raw (latent, branch) discoveries "
+                   f"among {r['tested']} tested latents (null controls ≤ "
+                   f"{r['max_null_control']})" for la, r in rows.items())
     return _claim("specialise", "SAE latents of mixed4a–4e specialise by branch", verdict, ev,
                   f"supported where robust (latent, branch) discoveries at BH q={q} reach "
                   "max(10, 2× the largest null-control count)", per_layer=rows,

@@ -1,0 +1,22 @@
+"""The package root is lazy: `branchlens --help` must not pay for torch, scipy and the analysis."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def test_import_branchlens_does_not_import_torch_or_scipy():
+    code = ("import sys, branchlens; print('torch' in sys.modules, 'scipy' in sys.modules); "
+            "branchlens.TopKSAE; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["False", "False", "True"]
+
+
+def test_every_public_name_resolves():
+    import branchlens
+
+    for name in branchlens.__all__:
+        assert getattr(branchlens, name) is not None, name
+    assert branchlens.harvest_activations.__name__ == "harvest"
