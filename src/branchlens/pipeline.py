@@ -59,7 +59,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "harvest": {"layers": MIXED4, "sampling": "all", "samples_per_image": 10,
                     "aligned": True, "dtype": "fp16", "batch_size": 32, "flip": True},
         "sae": {"expansion": 16, "k": 32, "decoder": "untied"},
-        "train": {"batch_size": 4096, "steps": 732, "lr": 1e-3, "warmup_steps": 50,
+        "train": {"batch_size": 4096, "steps": 480, "lr": 1e-3, "warmup_steps": 50,
                   "log_every": 25, "ckpt_every": 100, "eval_max_vectors": 50000},
         # PCA: UMAP of 8–13k latents costs ~1.5 min per layer on 2 cores (`--set
         # analyze.embed="umap"` to have it anyway).
