@@ -29,7 +29,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", default=str(HERE.parent.parent / "shared/data/imagenet-sample"))
     ap.add_argument("--out", default="runs/sample16x")
-    ap.add_argument("--weights", default=None)
+    shared_weights = HERE.parent.parent / "shared/weights/bvlc_googlenet.safetensors"
+    ap.add_argument("--weights", default=str(shared_weights) if shared_weights.exists() else None,
+                    help="BVLC safetensors (default: ../shared's, else $BRANCHLENS_BVLC_WEIGHTS)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--stages", default=None, help="comma-separated subset (default: preset's)")
     ap.add_argument("--keep", action="store_true", help="resume the run folder, do not wipe it")
