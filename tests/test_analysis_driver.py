@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from _synthetic import planted_decoder
 from branchlens.analysis import NONE, AnalysisConfig, analyze, format_table
 from branchlens.analysis.categories import is_animal
 from branchlens.analysis.driver import AnalysisError
-from branchlens.analysis.synthetic import planted_decoder
 from branchlens.store import ActivationStore
 from branchlens.variants import branch_slices
 

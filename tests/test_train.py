@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from branchlens.sae import SAEConfig, TopKSAE, load_meta, planted_dictionary, recovered_fraction
+from _synthetic import planted_dictionary, recovered_fraction
+from branchlens.sae import SAEConfig, TopKSAE, load_meta
 from branchlens.train import (
     ArrayBatches,
     StoreBatches,
@@ -213,7 +214,7 @@ def test_ddp_two_processes_match_one(tmp_path):
 
 
 def _make_store(path: Path, layer: str, n_images: int = 12, per_image: int = 20):
-    from branchlens.store import write_synthetic
+    from _synthetic import write_synthetic
 
     return write_synthetic(path, layer, n_images, per_image, d=64, images_per_shard=4)
 

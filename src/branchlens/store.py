@@ -594,33 +594,6 @@ class ShardedArray:
             yield from np.asarray(self._parts[s](), self.dtype)
 
 
-def write_synthetic(path: str | Path, layer: str = "mixed4c", n_images: int = 12,
-                    per_image: int = 20, d: int = 64, images_per_shard: int = 4,
-                    seed: int = 0) -> ActivationStore:
-    """A complete store of gamma-distributed vectors (non-negative, like post-ReLU activations)
-    for tests and benchmarks that need real store I/O without running the model."""
-    cfg = {"variant": "bvlc_googlenet", "layers": [layer],
-           "widths": {layer: {"channels": d, "grid": [14, 14], "branches": None}},
-           "sampling": {"method": "all", "samples_per_image": per_image, "aligned": False,
-                        "seed": seed},
-           "dtype": "fp32", "source": {"description": "synthetic", "n_images": n_images},
-           "weights": {"source": "none"}}
-    rng = np.random.default_rng(seed)
-    lock = StoreLock(path).acquire()
-    try:
-        prepare_store(path, cfg)
-        w = ShardWriter(path, 0, [layer], {layer: d}, "fp32", images_per_shard, seq=0)
-        for i in range(n_images):
-            vec = rng.gamma(2.0, 1.0, (per_image, d)).astype(np.float32)
-            prov = np.array([[i, s // 14, s % 14, s] for s in range(per_image)])
-            w.add(i, f"img{i}", None, {layer: vec}, {layer: prov})
-        w.flush()
-        finalize_store(path, n_images, {})
-    finally:
-        lock.release()
-    return ActivationStore.open(path)
-
-
 class ActivationStore:
     """Read-only view of a complete store (see the module docstring for the layout)."""
 

@@ -189,7 +189,10 @@ def _count_exceed(a: torch.Tensor, obs: torch.Tensor, bank: torch.Tensor, n_bran
 
 
 def bh_threshold(p: np.ndarray, q: float) -> np.ndarray:
-    """Per column, the BH cut-off t* (reject p ≤ t*; 0 when nothing is rejected); NaN = untested."""
+    """Per column, the BH cut-off t* (reject p ≤ t*; 0 when nothing is rejected); NaN = untested.
+
+    Hand-written because scipy only returns adjusted p-values, and the adaptive Monte-Carlo
+    needs the cut-off itself to decide which latents still need permutations."""
     p = np.atleast_2d(np.asarray(p, np.float64).T).T
     out = np.zeros(p.shape[1])
     for c in range(p.shape[1]):
