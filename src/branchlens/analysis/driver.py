@@ -11,7 +11,6 @@ stored images — saying that too — when an SAE was trained without a held-out
 
 from __future__ import annotations
 
-import csv
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -42,7 +41,8 @@ from branchlens.analysis.crosslayer import (
 from branchlens.analysis.embedding import embed_latents, knn_branch_agreement
 from branchlens.analysis.figures import embedding_plot, sorted_ratio_curves
 from branchlens.analysis.stats import bh_reject
-from branchlens.artifacts import atomic_path, provenance, write_json
+from branchlens.analysis.table import specialization, write_latent_table
+from branchlens.artifacts import provenance, write_json
 from branchlens.variants import BLOCK_NAMES, branch_slices
 
 PVALUE_NOTE = ("p-values are per latent; latents are not independent (they share images and "
@@ -105,23 +105,6 @@ def find_layers(run_dir: Path) -> list[str]:
         return []
     names = [p.name for p in sae_dir.iterdir() if (p / "cfg.json").is_file()]
     return sorted(names, key=_layer_order)
-
-
-def _fmt(x: Any) -> Any:
-    if isinstance(x, float | np.floating):
-        return "" if np.isnan(x) else f"{float(x):.6g}"
-    return x
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    if not rows:
-        return
-    cols = list(rows[0])
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: _fmt(v) for k, v in r.items()})
 
 
 # -- inputs ---------------------------------------------------------------------------------------
@@ -213,10 +196,6 @@ def _beta_vs_mc_tail(bt: BranchTest) -> dict:
             "median_abs_log10_diff": float(np.median(d)),
             "q90_abs_log10_diff": float(np.quantile(d, 0.9)),
             "agreement_at_1e-3": float(agree)}
-
-
-def _curve_rows(rn: dict) -> dict:
-    return {b: {k: v for k, v in r.items()} for b, r in rn["branches"].items()}
 
 
 def analyze_layer(layer: str, sae, store, cfg: AnalysisConfig, out_dir: Path,
@@ -332,7 +311,7 @@ def analyze_layer(layer: str, sae, store, cfg: AnalysisConfig, out_dir: Path,
                                    for i, b in enumerate(branches)},
         "branches": table,
         "null_controls": controls,
-        "paper_curve": {"raw": _curve_rows(curve_raw), "std": _curve_rows(curve_std),
+        "paper_curve": {"raw": curve_raw["branches"], "std": curve_std["branches"],
                         "replicates": cfg.curve_reps},
         "permutations": {"mean": float(np.mean(bt.n_perm[tested])) if tested.any() else 0,
                          "max": int(bt.n_perm.max()) if n else 0},
@@ -367,8 +346,9 @@ def analyze_layer(layer: str, sae, store, cfg: AnalysisConfig, out_dir: Path,
                   f"p_paper_{b}": bt.p_paper[i, j], f"p_beta_{b}": bt.p_beta[i, j],
                   f"p_isotropic_{b}": bt.p_iso[i, j], f"attribution_{b}": attr[i, j]}
         r |= {"top_category": top_cat[i], "animal_fraction": animal[i], "dog_fraction": dog[i],
-              "top_images": ";".join(str(store.images[t].get("id", t)) for t in tops[i]),
-              "top_labels": ";".join(str(labels[t]) for t in tops[i])}
+              "top_images": [str(store.images[t].get("id", t)) for t in tops[i]],
+              "top_labels": [int(labels[t]) for t in tops[i]]}
+        r |= {f"specialization_{b}": specialization(r, b, cfg.q) for b in branches}
         out_rows.append(r)
     log(f"{layer}: done in {summary['seconds']} s (branch tests {t_tests:.1f} s)")
     return {"summary": summary, "rows": out_rows, "table": table, "dominant": bt.dominant,
@@ -531,8 +511,8 @@ def analyze(run_dir: str | Path, *, layers: list[str] | None = None, store=None,
     _correct_categories(res, layers)
     rows = [r for layer in layers for r in res[layer]["rows"]]
     table = [{"layer": t.pop("layer"), **t} for layer in layers for t in res[layer]["table"]]
-    _write_csv(out_dir / "latents.csv", rows)
-    _write_csv(out_dir / "layers.csv", table)
+    write_latent_table(out_dir / "latents.csv", rows)
+    write_latent_table(out_dir / "layers.csv", table)  # same CSV conventions
     per_layer = {layer: res[layer]["summary"] for layer in layers}
     summary = {
         "claims": paper_claims(per_layer, cross, q=cfg.q),
