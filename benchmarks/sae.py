@@ -77,11 +77,7 @@ def throughput(steps: int) -> dict:
 
     def our_step(xb):
         loss, st = ours.loss(xb, B, ours.dead_mask())
-        opt.zero_grad(set_to_none=False)
-        loss.backward()
-        ours.remove_parallel_grad()
-        opt.step()
-        ours.normalize_decoder()
+        ours.update(loss, opt)
         with torch.no_grad():
             fired = torch.bincount(st["idx"][st["l0_mask"]], minlength=N)
             ours.since_fired += B

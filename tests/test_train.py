@@ -106,11 +106,7 @@ def test_auxk_trains_only_dead_latents_on_the_residual():
     for _ in range(60):  # the dead set is held fixed: the residual fit must improve
         loss, st = sae.loss(x[:256], dead=dead)
         auxes.append(float(st["aux"]))
-        opt.zero_grad()
-        loss.backward()
-        sae.remove_parallel_grad()
-        opt.step()
-        sae.normalize_decoder()
+        sae.update(loss, opt)
     assert auxes[-1] < 0.5 * auxes[0]
 
 
@@ -136,9 +132,18 @@ def test_metrics_plot_and_cfg(tmp_path):
     assert doc["sae"]["k"] == 4 and doc["sae"]["scale"] > 0 and doc["store_hash"] == "h"
     assert doc["seed"] == 3 and doc["train"]["step"] == 40 and "branchlens_version" in doc
     assert doc["eval"]["heldout"]["fvu"] == rows[-1]["heldout"]["fvu"]
-    assert list(tmp_path.glob("optim-step*.safetensors")) == [tmp_path /
-                                                               "optim-step000000040.safetensors"]
+    # finished: Adam's state (2x the weights) is gone, and a re-run still finds the SAE done
+    assert list(tmp_path.glob("optim-step*.safetensors")) == []
     assert load_meta(tmp_path)["train"]["step"] == 40 and sae.cfg.dead_after == 1024
+    before = _weights(tmp_path)
+    again = train_sae(x, sae_cfg, cfg, tmp_path,
+                      heldout=ArrayBatches(held, 128, drop_last=False), meta={"store_hash": "h"})
+    assert again.meta["eval"] == doc["eval"]
+    assert all(torch.equal(before[k], v) for k, v in _weights(tmp_path).items())
+    kept = tmp_path / "kept"
+    cfg.keep_optimizer = True
+    train_sae(x, sae_cfg, cfg, kept, meta={"store_hash": "h"})
+    assert [p.name for p in kept.glob("optim-step*")] == ["optim-step000000040.safetensors"]
 
 
 def _cli(*args: str) -> list[str]:

@@ -31,9 +31,9 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "AnalysisConfig": ("branchlens.analysis", "AnalysisConfig"),
     "analyze": ("branchlens.analysis", "analyze"),
     # feature visualization, dataset examples and circuits
-    "attribute": ("branchlens.circuits", "attribute"),
-    "branch_ablation": ("branchlens.circuits", "branch_ablation"),
-    "branch_flow": ("branchlens.circuits", "branch_flow"),
+    "attribute": ("branchlens.viz.circuits", "attribute"),
+    "branch_ablation": ("branchlens.viz.circuits", "branch_ablation"),
+    "branch_flow": ("branchlens.viz.circuits", "branch_flow"),
     "RenderConfig": ("branchlens.viz", "RenderConfig"),
     "receptive_field": ("branchlens.viz", "receptive_field"),
     "top_examples": ("branchlens.viz", "top_examples"),

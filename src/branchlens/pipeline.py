@@ -95,7 +95,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # block is no stage of its own but shapes the trained weights.
 STAGE_BLOCKS: dict[str, tuple[str, ...]] = {s: (s,) for s in STAGES} | {"train": ("sae", "train")}
 RUN_KEYS = ("source", "variant", "seed", "paper_compat")  # top-level keys every stage depends on
-NON_ARTIFACT = {"train": ("progress",)}  # settings that change no artifact
+NON_ARTIFACT = {"train": ("progress", "keep_optimizer")}  # settings that change no artifact
 # Folders a stage rewrites from scratch; removed first when its inputs changed, so no file made
 # under the old settings (a latent, a layer no longer run) survives into the new result.
 STAGE_DIRS = {"analyze": ("analysis",), "visualize": ("viz/featurevis",),

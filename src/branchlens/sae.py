@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -308,6 +309,20 @@ class TopKSAE(nn.Module):
         return loss, stats
 
     @torch.no_grad()
+    def update(self, loss: Tensor, opt: torch.optim.Optimizer,
+               sync_grads: Callable[[], None] | None = None) -> None:
+        """One training update: backward → (sum gradients over ranks) → drop each decoder
+        row's parallel gradient → optimizer step → rows back to unit norm. Every training loop
+        goes through here: forgetting one of these calls silently breaks the unit-norm decoder.
+        """
+        opt.zero_grad(set_to_none=False)
+        loss.backward()
+        if sync_grads is not None:
+            sync_grads()
+        self.remove_parallel_grad()
+        opt.step()
+        self.normalize_decoder()
+
     def remove_parallel_grad(self) -> None:
         """Drop the gradient component along each unit-norm decoder row (untied only)."""
         if self.cfg.decoder == "untied" and self.W_dec.grad is not None:

@@ -27,11 +27,12 @@ import torch
 from torch import Tensor
 
 from branchlens.artifacts import ArtifactError, load_tensors, save_tensors, write_atomic
+from branchlens.distributed import Dist
 from branchlens.sae import DEFAULT_DEAD_AFTER, SAEConfig, TopKSAE, load_meta
 
 DECAYS = ("none", "linear", "cosine")
 # Settings that change no trained weight: excluded from the resume key (and the stage hash).
-NON_ARTIFACT_KEYS = ("progress", "plot", "device")
+NON_ARTIFACT_KEYS = ("progress", "plot", "device", "keep_optimizer")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -63,6 +64,7 @@ class TrainConfig:
     plot: bool = True
     progress: bool = True
     device: str = "cpu"  # "auto" | "cpu" | "cuda[:N]": where the SAE and its batches live
+    keep_optimizer: bool = False  # keep Adam's state (2× the weights) once training finished
 
     def __post_init__(self) -> None:
         """Refuse values that would divide by zero, never train, or train on NaN."""
@@ -224,48 +226,6 @@ def default_dead_after(n_vectors: int | None) -> int:
 # ---------------------------------------------------------------------------------------------
 # Distributed helpers (world size 1 is the same code path).
 # ---------------------------------------------------------------------------------------------
-class Dist:
-    """gloo on CPU, nccl when training on CUDA (one GPU per rank: ``cuda:$LOCAL_RANK``)."""
-
-    def __init__(self, device: torch.device | None = None) -> None:
-        import torch.distributed as dist
-
-        self.dist = dist
-        self.device = device or torch.device("cpu")
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-        self.on = dist.is_available() and dist.is_initialized()
-        self.rank = dist.get_rank() if self.on else 0
-        self.world = dist.get_world_size() if self.on else 1
-
-    def sum(self, t: Tensor) -> Tensor:
-        if self.on:
-            if t.device != self.device and self.device.type == "cuda":  # nccl: CUDA tensors only
-                t.copy_(self.dist_sum_on_device(t))
-            else:
-                self.dist.all_reduce(t)
-        return t
-
-    def dist_sum_on_device(self, t: Tensor) -> Tensor:
-        on = t.to(self.device)
-        self.dist.all_reduce(on)
-        return on.to(t.device)
-
-    def sum_grads(self, params: list[torch.nn.Parameter]) -> None:
-        if not self.on:
-            return
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        self.dist.all_reduce(flat)
-        off = 0
-        for p in params:
-            p.grad.copy_(flat[off:off + p.numel()].view_as(p))
-            off += p.numel()
-
-    def barrier(self) -> None:
-        if self.on:
-            self.dist.barrier()
-
-
 def make_adam(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Adam:
     """Fused Adam (one pass over each tensor) where this torch build has it for the device."""
     try:
@@ -522,7 +482,7 @@ def train_sae(data: Any, sae_cfg: SAEConfig, cfg: TrainConfig, out_dir: str | Pa
 def _train_sae(data: Any, sae_cfg: SAEConfig, cfg: TrainConfig, out: Path, heldout: Any,
                meta: dict[str, Any] | None, restart: bool, log: Callable[[str], None]
                ) -> TopKSAE:
-    from branchlens.weights import resolve_device
+    from branchlens.devices import resolve_device
 
     device = resolve_device(cfg.device)
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
@@ -561,7 +521,8 @@ def _train_sae(data: Any, sae_cfg: SAEConfig, cfg: TrainConfig, out: Path, heldo
     sae = sae.to(device)
     params = list(sae.parameters())
     opt = make_adam(params, cfg)
-    if resume:
+    finished = resume and step >= total and "eval" in load_meta(out)
+    if resume and (not finished or _optim_path(out, step).exists()):
         load_optimizer_state(out, step, sae, opt, require_checksum="resume_key" in tmeta)
     base_meta = {**(meta or {}), "seed": cfg.seed}
     last_good = step
@@ -608,12 +569,7 @@ def _train_sae(data: Any, sae_cfg: SAEConfig, cfg: TrainConfig, out: Path, heldo
                 raise NonFiniteLossError(
                     f"loss is {global_loss} at step {step + 1} of {total}: training diverged "
                     f"(lower lr?); the last good checkpoint (step {last_good}) in {out} is kept")
-            opt.zero_grad(set_to_none=False)
-            loss.backward()
-            dist.sum_grads(params)
-            sae.remove_parallel_grad()
-            opt.step()
-            sae.normalize_decoder()
+            sae.update(loss, opt, lambda: dist.sum_grads(params))
             with torch.no_grad():
                 fired = torch.bincount(st["idx"][st["l0_mask"]], minlength=sae.cfg.n_latents)
                 fired = dist.sum(fired)
@@ -658,6 +614,8 @@ def _train_sae(data: Any, sae_cfg: SAEConfig, cfg: TrainConfig, out: Path, heldo
         with open(metrics_path, "a") as f:
             f.write(json.dumps({"final": True, "step": step, **evals}) + "\n")
         save_checkpoint(out, sae, opt, {**train_meta(), "eval": evals})
+        if not cfg.keep_optimizer:  # finished: nothing resumes from it any more
+            _optim_path(out, step).unlink(missing_ok=True)
         if cfg.plot:
             plot_metrics(metrics_path, out / "metrics.png")
     dist.barrier()
