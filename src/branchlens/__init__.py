@@ -14,6 +14,10 @@ __version__ = "0.1.0"
 # public name -> (module, attribute); the function ``harvest`` is exported as
 # ``harvest_activations`` so that it does not shadow the ``branchlens.harvest`` module.
 _EXPORTS: dict[str, tuple[str, str]] = {
+    # a run folder and the notebook API on it
+    "Run": ("branchlens.run", "Run"),
+    "Latent": ("branchlens.run", "Latent"),
+    "LatentTable": ("branchlens.run", "LatentTable"),
     # activation harvest and store
     "HarvestResult": ("branchlens.harvest", "HarvestResult"),
     "sample_positions": ("branchlens.harvest", "sample_positions"),
