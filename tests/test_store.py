@@ -249,7 +249,7 @@ def test_config_mismatch_is_a_clear_error(tmp_path):
 
 def test_disk_full_leaves_store_consistent_and_resumable(tmp_path, monkeypatch):
     path = tmp_path / "s"
-    real, calls = st._write_bytes, []
+    real, calls = st.shard._write_bytes, []
 
     def full_disk(f, data):
         calls.append(1)
@@ -257,14 +257,14 @@ def test_disk_full_leaves_store_consistent_and_resumable(tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         real(f, data)
 
-    monkeypatch.setattr(st, "_write_bytes", full_disk)
+    monkeypatch.setattr(st.shard, "_write_bytes", full_disk)
     with pytest.raises(StoreError, match="disk is full.*re-run"):
         make_store(path)
     assert len(st.list_shards(path)) == 1
     assert not [p for p in (path / "shards").iterdir() if p.name.endswith(".tmp")]
     assert st.done_images(path) == {0, 1, 2, 3}
     assert not (path / "manifest.json").exists()
-    monkeypatch.setattr(st, "_write_bytes", real)
+    monkeypatch.setattr(st.shard, "_write_bytes", real)
     s = make_store(path)  # the same command again resumes
     ids = np.asarray(s.array("a"))[:, 0]
     np.testing.assert_array_equal(np.sort(ids), [i * 10 + k for i in range(20) for k in range(3)])
