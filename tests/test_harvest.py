@@ -181,6 +181,7 @@ def _cli_env():
     return env
 
 
+@pytest.mark.slow
 def test_kill_minus_9_then_resume_gives_exact_records(tmp_path):
     out = tmp_path / "s"
     args = ["embedded:16", "--layers", "mixed3b,mixed4a", "--out", str(out), "--weights",
@@ -216,6 +217,7 @@ def test_kill_minus_9_then_resume_gives_exact_records(tmp_path):
     assert again.images == 0 and again.manifest["counts"]["vectors"]["mixed4a"] == 160
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_equal_one_rank(tmp_path):
     out = tmp_path / "s2"
     common = ["--layers", "mixed3a,mixed3b_5x5", "--weights", "random", "--batch-size", "3",

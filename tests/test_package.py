@@ -20,3 +20,13 @@ def test_every_public_name_resolves():
     for name in branchlens.__all__:
         assert getattr(branchlens, name) is not None, name
     assert branchlens.harvest_activations.__name__ == "harvest"
+
+
+def test_one_version_everywhere():
+    from importlib.metadata import version
+
+    import branchlens
+    from branchlens.artifacts import provenance
+
+    assert version("branchlens") == branchlens.__version__
+    assert provenance()["branchlens_version"] == branchlens.__version__

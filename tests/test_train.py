@@ -58,6 +58,7 @@ def test_lr_schedule():
     assert lrs[75] == pytest.approx(0.5) and lrs[99] == pytest.approx(0.02)
 
 
+@pytest.mark.slow
 def test_planted_dictionary_is_recovered(tmp_path):
     """1,024 unit-norm atoms, each on one branch slice of mixed4c, 32 active per sample.
 
@@ -160,6 +161,7 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(folder / "weights.safetensors")
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     x = _dying_data(8192).numpy()
     np.save(tmp_path / "x.npy", np.concatenate([x, x[:, ::-1]], 1))
@@ -194,6 +196,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     print(f"killed at step {killed_at}, resumed to 600, weights equal within 1e-5")
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one(tmp_path):
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     x = _dying_data(4096).numpy()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from branchlens._version import __version__
 
 # public name -> (module, attribute); the function ``harvest`` is exported as
 # ``harvest_activations`` so that it does not shadow the ``branchlens.harvest`` module.
