@@ -148,7 +148,7 @@ class Run:
         from branchlens.store import ActivationStore
 
         if self._store is None:
-            if not (self.store_dir / "manifest.json").is_file():
+            if not self.store_dir.is_dir():
                 raise RunError(f"no activation store in {self.store_dir}; run `branchlens "
                                f"harvest SOURCE --out {self.store_dir}` first")
             self._store = ActivationStore.open(self.store_dir, verify=verify)

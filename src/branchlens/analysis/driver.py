@@ -43,7 +43,8 @@ from branchlens.analysis.figures import embedding_plot, sorted_ratio_curves
 from branchlens.analysis.stats import bh_reject
 from branchlens.analysis.table import specialization, write_latent_table
 from branchlens.artifacts import provenance, write_json
-from branchlens.variants import BLOCK_NAMES, branch_slices
+from branchlens.run import Run, RunError, layer_order
+from branchlens.variants import branch_slices
 
 PVALUE_NOTE = ("p-values are per latent; latents are not independent (they share images and "
                "directions), so BH counts and per-latent p-values are approximate. The "
@@ -93,18 +94,9 @@ class AnalysisConfig:
             raise ValueError("analyze.match_shifts must be >= 0 and match_threshold in [-1, 1]")
 
 
-def _layer_order(name: str) -> tuple[int, str]:
-    block = name.split("_")[0]
-    return (BLOCK_NAMES.index(block) if block in BLOCK_NAMES else 99, name)
-
-
 def find_layers(run_dir: Path) -> list[str]:
     """Layers with a trained SAE under ``RUN/sae``, in forward order."""
-    sae_dir = run_dir / "sae"
-    if not sae_dir.is_dir():
-        return []
-    names = [p.name for p in sae_dir.iterdir() if (p / "cfg.json").is_file()]
-    return sorted(names, key=_layer_order)
+    return Run(run_dir).layers
 
 
 # -- inputs ---------------------------------------------------------------------------------------
@@ -113,7 +105,7 @@ def load_layer_sae(run_dir: Path, layer: str, store, device: str = "cpu"):
     """The trained SAE of ``layer``, checked: present, finished, trained on this store."""
     from branchlens.sae import TopKSAE
 
-    where = run_dir / "sae" / layer
+    where = Run(run_dir).sae_dir(layer)
     if not (where / "weights.safetensors").is_file():
         raise AnalysisError(f"{layer}: no trained SAE in {where}; run "
                             f"`branchlens train {run_dir} --layers {layer}` first")
@@ -479,20 +471,19 @@ def analyze(run_dir: str | Path, *, layers: list[str] | None = None, store=None,
     if cfg.device == "auto":
         cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
     log = log or (lambda s: None)
+    run = Run(run_dir)
     if store is None:
-        from branchlens.store import ActivationStore
-
-        if not (run_dir / "store").is_dir():
-            raise AnalysisError(f"no activation store in {run_dir / 'store'}; run "
-                                f"`branchlens harvest SOURCE --out {run_dir / 'store'}` first")
-        store = ActivationStore.open(run_dir / "store")
-    layers = layers or find_layers(run_dir)
+        try:
+            store = run.store(verify=True)
+        except RunError as e:
+            raise AnalysisError(str(e)) from e
+    layers = layers or run.layers
     if not layers:
-        raise AnalysisError(f"no trained SAEs under {run_dir / 'sae'}; run "
+        raise AnalysisError(f"no trained SAEs under {run.path / 'sae'}; run "
                             f"`branchlens train {run_dir}` first")
-    layers = sorted(layers, key=_layer_order)
+    layers = sorted(layers, key=layer_order)
     saes = {layer: load_layer_sae(run_dir, layer, store, cfg.device) for layer in layers}
-    out_dir = run_dir / "analysis"
+    out_dir = run.analysis_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     groups = image_groups(store)
@@ -511,7 +502,7 @@ def analyze(run_dir: str | Path, *, layers: list[str] | None = None, store=None,
     _correct_categories(res, layers)
     rows = [r for layer in layers for r in res[layer]["rows"]]
     table = [{"layer": t.pop("layer"), **t} for layer in layers for t in res[layer]["table"]]
-    write_latent_table(out_dir / "latents.csv", rows)
+    write_latent_table(run.latent_table_path, rows)
     write_latent_table(out_dir / "layers.csv", table)  # same CSV conventions
     per_layer = {layer: res[layer]["summary"] for layer in layers}
     summary = {
@@ -521,7 +512,7 @@ def analyze(run_dir: str | Path, *, layers: list[str] | None = None, store=None,
         "seconds": {"total": round(time.time() - t0, 1), "cross_layer": round(t_cross, 1)},
         "provenance": provenance(store_manifest_variant=store.manifest.get("variant")),
     }
-    write_json(out_dir / "summary.json", summary)
+    write_json(run.summary_path, summary)
     return summary
 
 

@@ -16,16 +16,17 @@ def train_layers(run_dir: str | Path, layers: list[str], sae_kw: dict[str, Any],
                  cfg: TrainConfig, expansion: int = 16, restart: bool = False,
                  log: Callable[[str], None] = print) -> dict[str, TopKSAE]:
     """Train one SAE per layer from ``RUN/store`` into ``RUN/sae/<layer>/``."""
+    from branchlens.run import Run
     from branchlens.store import ActivationStore, StoreError
 
     if expansion < 1:
         raise ValueError(f"expansion must be >= 1 (latents per input channel), got {expansion}")
-    run = Path(run_dir)
-    store = ActivationStore.open(run / "store")
+    run = Run(run_dir)
+    store = ActivationStore.open(run.store_dir)
     variant = store.manifest["variant"]
     counts = store.manifest["counts"]
     if not counts.get("images_stored", counts["images"]):
-        raise StoreError(f"store {run / 'store'} holds no usable image ({counts['images']} "
+        raise StoreError(f"store {run.store_dir} holds no usable image ({counts['images']} "
                          f"given, all skipped: {store.manifest['skips']['counts']}); harvest "
                          "other images")
     missing = [x for x in layers if x not in store.layers]
@@ -41,8 +42,8 @@ def train_layers(run_dir: str | Path, layers: list[str], sae_kw: dict[str, Any],
         data = StoreBatches(store, layer, cfg.batch_size, cfg.seed, images=train_img)
         held = (StoreBatches(store, layer, cfg.batch_size, cfg.seed, images=held_img,
                              shuffle=False, drop_last=False) if len(held_img) else None)
-        meta = {"store_hash": store.content_hash(), "store": str(run / "store"),
+        meta = {"store_hash": store.content_hash(), "store": str(run.store_dir),
                 "train_images": len(train_img), "heldout_images": len(held_img)}
-        out[layer] = train_sae(data, sae_cfg, cfg, run / "sae" / layer, held, meta,
+        out[layer] = train_sae(data, sae_cfg, cfg, run.sae_dir(layer), held, meta,
                                restart=restart, log=log)
     return out
