@@ -30,3 +30,13 @@ def test_one_version_everywhere():
 
     assert version("branchlens") == branchlens.__version__
     assert provenance()["branchlens_version"] == branchlens.__version__
+
+
+def test_cli_help_imports_no_heavy_library():
+    code = ("import sys; sys.argv = ['branchlens', '--help']\n"
+            "from branchlens.cli import app\n"
+            "try:\n    app()\nexcept SystemExit:\n    pass\n"
+            "print([m for m in ('torch', 'scipy', 'numpy', 'matplotlib') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip().splitlines()
+    assert out[-1] == "[]"
