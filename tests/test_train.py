@@ -137,13 +137,15 @@ def test_metrics_plot_and_cfg(tmp_path):
     assert list(tmp_path.glob("optim-step*.safetensors")) == []
     assert load_meta(tmp_path)["train"]["step"] == 40 and sae.cfg.dead_after == 1024
     before = _weights(tmp_path)
-    again = train_sae(x, sae_cfg, cfg, tmp_path,
+    fresh = SAEConfig.for_layer("bvlc_googlenet", "mixed4c_5x5", expansion=1, k=4)
+    again = train_sae(x, fresh, cfg, tmp_path,
                       heldout=ArrayBatches(held, 128, drop_last=False), meta={"store_hash": "h"})
     assert again.meta["eval"] == doc["eval"]
     assert all(torch.equal(before[k], v) for k, v in _weights(tmp_path).items())
     kept = tmp_path / "kept"
     cfg.keep_optimizer = True
-    train_sae(x, sae_cfg, cfg, kept, meta={"store_hash": "h"})
+    train_sae(x, SAEConfig.for_layer("bvlc_googlenet", "mixed4c_5x5", expansion=1, k=4), cfg,
+              kept, meta={"store_hash": "h"})
     assert [p.name for p in kept.glob("optim-step*")] == ["optim-step000000040.safetensors"]
 
 
