@@ -113,7 +113,8 @@ def classify(
     """Top-5 predictions (with class names) and accuracy when labels are known."""
     from branchlens.classify import classify as run_classify
     from branchlens.classify import format_prediction
-    from branchlens.weights import load_model, resolve_device
+    from branchlens.devices import resolve_device
+    from branchlens.weights import load_model
 
     if batch_size < 1 or workers < 0:
         raise ValueError(f"need --batch-size >= 1 and --workers >= 0, got {batch_size}, "
