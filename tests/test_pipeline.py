@@ -8,14 +8,9 @@ from typer.testing import CliRunner
 
 from branchlens.cli import app
 from branchlens.pipeline import make_config, run, stage_hash
+from conftest import E2E_SETS
 
-TINY = {
-    "harvest": {"layers": ["mixed4a", "mixed4b"], "sampling": "uniform",
-                "samples_per_image": 20, "batch_size": 4},
-    "sae": {"expansion": 1},
-    "train": {"batch_size": 64, "steps": 4, "warmup_steps": 1, "log_every": 2, "ckpt_every": 2,
-              "progress": False},
-}
+TINY = {k: E2E_SETS[k] for k in ("harvest", "sae", "train")}  # the shared run's first stages
 
 
 @pytest.mark.filterwarnings("ignore:RANDOM WEIGHTS")
