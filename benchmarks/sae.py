@@ -78,10 +78,7 @@ def throughput(steps: int) -> dict:
     def our_step(xb):
         loss, st = ours.loss(xb, B, ours.dead_mask())
         ours.update(loss, opt)
-        with torch.no_grad():
-            fired = torch.bincount(st["idx"][st["l0_mask"]], minlength=N)
-            ours.since_fired += B
-            ours.since_fired[fired > 0] = 0
+        ours.count_firing(st, B)
 
     paper = PaperSAE()
     popt = torch.optim.Adam(paper.parameters(), lr=1e-3)

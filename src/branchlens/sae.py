@@ -323,6 +323,17 @@ class TopKSAE(nn.Module):
         opt.step()
         self.normalize_decoder()
 
+    @torch.no_grad()
+    def count_firing(self, info: dict[str, Tensor], n_vectors: int,
+                     allreduce: Callable[[Tensor], Tensor] | None = None) -> None:
+        """Update the dead-latent counters after a batch of ``n_vectors`` (all ranks): a latent
+        that fired anywhere resets to 0, every other one ages by the batch."""
+        fired = torch.bincount(info["idx"][info["l0_mask"]], minlength=self.cfg.n_latents)
+        if allreduce is not None:
+            fired = allreduce(fired)
+        self.since_fired += n_vectors
+        self.since_fired[fired > 0] = 0
+
     def remove_parallel_grad(self) -> None:
         """Drop the gradient component along each unit-norm decoder row (untied only)."""
         if self.cfg.decoder == "untied" and self.W_dec.grad is not None:

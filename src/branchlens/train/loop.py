@@ -82,6 +82,59 @@ def train_sae(data: Any, sae_cfg: SAEConfig, cfg: TrainConfig, out_dir: str | Pa
             lock.release()
 
 
+def total_steps(cfg: TrainConfig, n_vectors: int | None) -> int:
+    """``train.steps``, else ``train.epochs`` full batches of the data."""
+    B = cfg.batch_size
+    if cfg.steps is not None:
+        total = cfg.steps
+    elif n_vectors is not None:
+        total = int(cfg.epochs * (n_vectors // B))
+        if total < 1:
+            raise ValueError(f"{cfg.epochs} epochs of {n_vectors} vectors are no full "
+                             f"batch of {B}: lower batch_size or give steps")
+    else:
+        raise ValueError("give steps when the data size is unknown")
+    if cfg.warmup_steps > total:
+        warnings.warn(f"warmup_steps={cfg.warmup_steps} is longer than the run ({total} steps): "
+                      "the learning rate never reaches its set value", stacklevel=3)
+    return total
+
+
+def _start(out: Path, resume: bool, sae_cfg: SAEConfig, cfg: TrainConfig, batches: Any,
+           total: int, device: torch.device
+           ) -> tuple[TopKSAE, torch.optim.Optimizer, tuple[int, int, int]]:
+    """The SAE, its optimizer and (step, epoch, batch_in_epoch): from the checkpoint in ``out``
+    when resuming (Adam state too, unless the SAE finished and its state was dropped), else
+    freshly initialised from a sample of the data."""
+    if resume:
+        sae = TopKSAE.load(out)
+        tmeta = load_meta(out)["train"]
+        _check_finite(sae, tmeta["step"], f"checkpoint {out / 'weights.safetensors'}")
+        counters = (tmeta["step"], tmeta["epoch"], tmeta["batch_in_epoch"])
+    else:
+        sae = TopKSAE(sae_cfg, seed=cfg.seed)
+        sae.init_from_sample(_init_sample(batches, cfg.init_sample))
+        counters = (0, 0, 0)
+    sae = sae.to(device)
+    opt = make_adam(list(sae.parameters()), cfg)
+    step = counters[0]
+    if resume:
+        finished = step >= total and "eval" in load_meta(out)
+        if not finished or _optim_path(out, step).exists():
+            load_optimizer_state(out, step, sae, opt, require_checksum="resume_key" in tmeta)
+    return sae, opt, counters
+
+
+def _final_eval(sae: TopKSAE, batches: Any, heldout: Any, cfg: TrainConfig) -> dict:
+    """FVU and friends on held-out images (when given) and on training data."""
+    out = {}
+    if heldout is not None:
+        hb = as_batches(heldout, cfg.batch_size, cfg.seed)
+        out["heldout"] = evaluate(sae, hb.epoch(0), cfg.eval_max_vectors)
+    out["train"] = evaluate(sae, batches.epoch(0), cfg.eval_max_vectors)
+    return out
+
+
 def _train_sae(data: Any, sae_cfg: SAEConfig, cfg: TrainConfig, out: Path, heldout: Any,
                meta: dict[str, Any] | None, restart: bool, log: Callable[[str], None]
                ) -> TopKSAE:
@@ -95,38 +148,14 @@ def _train_sae(data: Any, sae_cfg: SAEConfig, cfg: TrainConfig, out: Path, heldo
     B = cfg.batch_size
     if B % dist.world:
         raise ValueError(f"batch size {B} not divisible by world size {dist.world}")
-    if cfg.steps is not None:
-        total = cfg.steps
-    elif batches.n_vectors is not None:
-        total = int(cfg.epochs * (batches.n_vectors // B))
-        if total < 1:
-            raise ValueError(f"{cfg.epochs} epochs of {batches.n_vectors} vectors are no full "
-                             f"batch of {B}: lower batch_size or give steps")
-    else:
-        raise ValueError("give steps when the data size is unknown")
-    if cfg.warmup_steps > total:
-        warnings.warn(f"warmup_steps={cfg.warmup_steps} is longer than the run ({total} steps): "
-                      "the learning rate never reaches its set value", stacklevel=2)
+    total = total_steps(cfg, batches.n_vectors)
     sae_cfg.dead_after = sae_cfg.dead_after or default_dead_after(batches.n_vectors)
     key = resume_key(sae_cfg, cfg, meta)
 
     resume = dist.rank == 0 and _open_resume(out, key, sae_cfg, cfg, meta, restart, log)
     resume = bool(dist.sum(torch.tensor(int(resume))).item()) if dist.on else resume
-    if resume:
-        sae = TopKSAE.load(out)
-        tmeta = load_meta(out)["train"]
-        _check_finite(sae, tmeta["step"], f"checkpoint {out / 'weights.safetensors'}")
-        step, epoch, bi = tmeta["step"], tmeta["epoch"], tmeta["batch_in_epoch"]
-    else:
-        sae = TopKSAE(sae_cfg, seed=cfg.seed)
-        sae.init_from_sample(_init_sample(batches, cfg.init_sample))
-        step, epoch, bi = 0, 0, 0
-    sae = sae.to(device)
+    sae, opt, (step, epoch, bi) = _start(out, resume, sae_cfg, cfg, batches, total, device)
     params = list(sae.parameters())
-    opt = make_adam(params, cfg)
-    finished = resume and step >= total and "eval" in load_meta(out)
-    if resume and (not finished or _optim_path(out, step).exists()):
-        load_optimizer_state(out, step, sae, opt, require_checksum="resume_key" in tmeta)
     base_meta = {**(meta or {}), "seed": cfg.seed}
     last_good = step
     metrics_path = out / "metrics.jsonl"
@@ -173,11 +202,7 @@ def _train_sae(data: Any, sae_cfg: SAEConfig, cfg: TrainConfig, out: Path, heldo
                     f"loss is {global_loss} at step {step + 1} of {total}: training diverged "
                     f"(lower lr?); the last good checkpoint (step {last_good}) in {out} is kept")
             sae.update(loss, opt, lambda: dist.sum_grads(params))
-            with torch.no_grad():
-                fired = torch.bincount(st["idx"][st["l0_mask"]], minlength=sae.cfg.n_latents)
-                fired = dist.sum(fired)
-                sae.since_fired += B
-                sae.since_fired[fired > 0] = 0
+            sae.count_firing(st, B, dist.sum)
             window.add(x * sae.cfg.scale, st, loss.detach())
             step += 1
             if step % cfg.log_every == 0 or step == total:
@@ -209,11 +234,7 @@ def _train_sae(data: Any, sae_cfg: SAEConfig, cfg: TrainConfig, out: Path, heldo
     evals = {"dead_frac": float(sae.dead_mask().float().mean()),
              "dead_after": sae.cfg.dead_after}
     if dist.rank == 0:
-        n_eval = cfg.eval_max_vectors
-        if heldout is not None:
-            hb = as_batches(heldout, B, cfg.seed)
-            evals["heldout"] = evaluate(sae, hb.epoch(0), n_eval)
-        evals["train"] = evaluate(sae, batches.epoch(0), n_eval)
+        evals |= _final_eval(sae, batches, heldout, cfg)
         with open(metrics_path, "a") as f:
             f.write(json.dumps({"final": True, "step": step, **evals}) + "\n")
         save_checkpoint(out, sae, opt, {**train_meta(), "eval": evals})
