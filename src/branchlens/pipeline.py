@@ -51,7 +51,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # The paper's expansion on real images, finished by a 2-core CPU in under an hour: a folder
     # of ImageNet images (the shared 1000-image sample) plus mirrors, every position, 16× SAEs
-    # (k=32) trained on ≈3 M vectors per layer (8.5 passes over 2 × 900 training images).
+    # (k=32) trained on ≈2 M vectors per layer (5.6 passes over the 2 × 900 training images).
     "sample16x": {
         "source": None,
         "variant": "bvlc_googlenet",
