@@ -38,3 +38,17 @@ def test_classify_with_random_weights_warns(tmp_path):
     r = runner.invoke(app, ["classify", "embedded:2", "--weights", "random", "--workers", "0"])
     assert r.exit_code == 0, r.output
     assert "random weights" in r.output
+
+
+def test_source_errors_come_before_the_weights_in_one_line(tmp_path):
+    """A bad source is refused before any weights are looked for (the weights path is bad too)."""
+    no_weights = str(tmp_path / "nowhere.safetensors")
+    for cmd in (["harvest", f"wds:{tmp_path}/shard-{{0..2}}.tar", "--out", str(tmp_path / "s")],
+                ["classify", f"wds:{tmp_path}/shard-{{0..2}}.tar"],
+                ["classify", "embedded:2", "--image-key", "img"]):
+        r = runner.invoke(app, [*cmd, "--weights", no_weights])
+        assert r.exit_code == 2, r.output
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert lines[0].startswith("error: ") and "nowhere" not in r.stderr, r.stderr
+        assert "shards not found" in lines[0] or "hf: sources only" in lines[0]
+        assert not (tmp_path / "s").exists()

@@ -56,6 +56,8 @@ WeightsOpt = typer.Option(
          "variant's env var ($BRANCHLENS_BVLC_WEIGHTS / $BRANCHLENS_INCEPTION5H_WEIGHTS), the "
          "cache, or a download")
 DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]")
+ImageKeyOpt = typer.Option(None, "--image-key", help="hf: sources: the image column")
+LabelKeyOpt = typer.Option(None, "--label-key", help="hf: sources: the label column")
 
 
 def _echo_json(obj) -> None:
@@ -108,18 +110,24 @@ def classify(
     paper_compat: bool = typer.Option(False, "--paper-compat",
                                       help="feed [0,1] RGB like the paper's harvest"),
     show: int = typer.Option(10, "--show", help="predictions to print (-1: all)"),
+    limit: int | None = typer.Option(None, "--limit", help="first N images of SOURCE"),
+    image_key: str | None = ImageKeyOpt,
+    label_key: str | None = LabelKeyOpt,
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Top-5 predictions (with class names) and accuracy when labels are known."""
     from branchlens.classify import classify as run_classify
     from branchlens.classify import format_prediction
+    from branchlens.data import open_source
+    from branchlens.streaming import with_columns
     from branchlens.weights import load_model, resolve_device
 
     if batch_size < 1 or workers < 0:
         raise ValueError(f"need --batch-size >= 1 and --workers >= 0, got {batch_size}, "
                          f"{workers}")
-    model, winfo = load_model(variant, weights, resolve_device(device))
-    res = run_classify(model, source, batch_size=batch_size, workers=workers,
+    src = open_source(with_columns(source, image_key, label_key), variant, limit=limit)
+    model, winfo = load_model(variant, weights, resolve_device(device))  # after the source check
+    res = run_classify(model, src, batch_size=batch_size, workers=workers,
                        paper_compat=paper_compat)
     if not res.predictions:
         raise ValueError(f"no image of {source!r} could be classified "
@@ -163,13 +171,17 @@ def harvest(
                                       help="feed [0,1] RGB like the paper's harvest"),
     limit: int | None = typer.Option(None, "--limit", help="first N images of SOURCE"),
     flip: bool = typer.Option(False, "--flip", help="add every image's mirror as a 2nd view"),
+    image_key: str | None = ImageKeyOpt,
+    label_key: str | None = LabelKeyOpt,
     show_progress: bool = typer.Option(True, "--progress/--no-progress"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Activations of many layers in one pass into a resumable store (torchrun: ranks)."""
     from branchlens.harvest import harvest as run_harvest
     from branchlens.store import StoreError
+    from branchlens.streaming import with_columns
 
+    source = with_columns(source, image_key, label_key)
     try:
         res = run_harvest(source, out, layers, variant=variant, weights=weights, device=device,
                           sampling=sampling, samples_per_image=samples_per_image,
