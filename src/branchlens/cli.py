@@ -423,22 +423,48 @@ def train(
         _echo_json({"layer": layer, "step": sae.meta["train"]["step"], **sae.meta["eval"]})
 
 
+@app.command("export-sae")
+def export_sae(
+    run_dir: str = typer.Argument(..., help="run folder holding sae/<layer>/"),
+    layer: str = typer.Option(..., "--layer"),
+    fmt: str = typer.Option("saelens", "--format", help="saelens | paper"),
+    out: str | None = typer.Option(None, "--out", help="default: RUN/export/<layer>-<format>"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Write a trained SAE for SAELens or the paper's notebook (input scale folded in)."""
+    from branchlens.interop import export_run_sae
+
+    path = export_run_sae(run_dir, layer, fmt, out)
+    if as_json:
+        _echo_json({"out": str(path), "layer": layer, "format": fmt})
+    else:
+        typer.echo(f"{fmt} SAE of {layer}: {path}")
+
+
 @app.command("import-sae")
 def import_sae(
-    checkpoint: str = typer.Argument(..., help="the paper notebook's state dict (.pt/.pth)"),
-    out_dir: str = typer.Argument(..., help="writes weights.safetensors + cfg.json here"),
+    source: str = typer.Argument(..., help="a SAELens folder, or the paper notebook's state "
+                                           "dict (.pt/.pth/.safetensors)"),
+    out_dir: str = typer.Argument(..., help="writes weights.safetensors + cfg.json here, e.g. "
+                                            "RUN/sae/<layer>"),
+    fmt: str = typer.Option("auto", "--format", help="auto | saelens | paper"),
     layer: str | None = typer.Option(None, "--layer"),
     variant: str = VariantOpt,
-    k: int = typer.Option(32, "--k"),
+    k: int | None = typer.Option(None, "--k", help="TopK k of a paper state dict"),
+    as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Convert a paper-style SAE checkpoint (tied, W_enc.weight/b_pre/b_latent) to branchlens."""
-    from branchlens.sae import import_paper_checkpoint
+    """Convert a SAELens TopK SAE or a paper-style checkpoint into a branchlens SAE."""
+    from branchlens.interop import import_sae as run_import
 
-    sae = import_paper_checkpoint(checkpoint, k=k, layer=layer,
-                                  variant=variant if layer else None)
-    sae.save(out_dir, {"imported_from": checkpoint})
-    _echo_json({"out": out_dir, **{key: getattr(sae.cfg, key)
-                                   for key in ("d_in", "n_latents", "k", "decoder")}})
+    sae = run_import(source, fmt, k=k, layer=layer, variant=variant if layer else None)
+    sae.save(out_dir, {"imported_from": source})
+    summary = {"out": out_dir, **{key: getattr(sae.cfg, key)
+                                  for key in ("d_in", "n_latents", "k", "decoder")}}
+    if as_json:
+        _echo_json(summary)
+    else:
+        typer.echo(f"imported {source} -> {out_dir} (d_in {sae.cfg.d_in}, "
+                   f"{sae.cfg.n_latents} latents, k {sae.cfg.k})")
 
 
 @app.command()
