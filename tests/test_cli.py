@@ -52,3 +52,42 @@ def test_source_errors_come_before_the_weights_in_one_line(tmp_path):
         assert lines[0].startswith("error: ") and "nowhere" not in r.stderr, r.stderr
         assert "shards not found" in lines[0] or "hf: sources only" in lines[0]
         assert not (tmp_path / "s").exists()
+
+
+def test_presets_print_as_toml_configs_that_rebuild_the_preset(tmp_path):
+    from branchlens.config import load_config_file
+    from branchlens.pipeline import PRESETS, make_config
+
+    listing = json.loads(runner.invoke(app, ["presets", "--json"]).stdout)
+    assert set(listing) == set(PRESETS) and listing["demo"]["train"]["steps"] == 300
+    for name in PRESETS:
+        r = runner.invoke(app, ["presets", name])
+        assert r.exit_code == 0, r.output
+        (tmp_path / f"{name}.toml").write_text(r.stdout)
+        over = load_config_file(tmp_path / f"{name}.toml")
+        assert make_config(None, "embedded:4", overrides=over) == \
+            make_config(name, "embedded:4")
+    r = runner.invoke(app, ["presets", "nope"])
+    assert r.exit_code == 2 and "unknown preset 'nope'" in r.stderr
+
+
+def test_config_file_and_run_json_go_through_the_schema(tmp_path):
+    from branchlens.config import load_config_file
+    from branchlens.pipeline import make_config
+
+    cfg = make_config("demo", overrides={"train": {"steps": 7}, "sae": {"k": 8}})
+    (tmp_path / "run.json").write_text(json.dumps({"config": cfg, "stages": {}}))
+    assert make_config(None, overrides=load_config_file(tmp_path / "run.json")) == cfg
+    toml = tmp_path / "c.toml"
+    toml.write_text('preset = "sample16x"\nsource = "embedded:8"\n[train]\nsteps = 5\n')
+    got = make_config(None, overrides=load_config_file(toml))
+    assert got["preset"] == "sample16x" and got["train"]["steps"] == 5
+    assert got["train"]["batch_size"] == 4096  # the rest of the preset stays
+    for text, msg in (('[train]\nstepz = 5\n', "unknown setting train.stepz"),
+                      ('[train]\nsteps = "many"\n', "train.steps must be"),
+                      ('[train\n', "invalid TOML")):
+        toml.write_text(text)
+        r = runner.invoke(app, ["run", "--config", str(toml), "--out", str(tmp_path / "r")])
+        assert r.exit_code == 2 and msg in r.stderr, r.output
+        assert r.stderr.strip().splitlines()[0].startswith("error: ")
+    assert not (tmp_path / "r").exists()

@@ -487,7 +487,9 @@ def report(
 def run_cmd(
     source: str | None = typer.Argument(None, help="images; default: the preset's source"),
     out: Path = typer.Option(Path("runs/demo"), "--out", help="run directory"),
-    preset: str = typer.Option("demo", "--preset", help="demo | sample16x | paper"),
+    preset: str | None = typer.Option(None, "--preset",
+                                      help="demo | sample16x | paper (default: the config "
+                                           "file's, else demo); see `branchlens presets`"),
     variant: str | None = typer.Option(None, "--variant", help="override the preset's"),
     weights: str | None = WeightsOpt,
     device: str = DeviceOpt,
@@ -498,19 +500,16 @@ def run_cmd(
     force: bool = typer.Option(False, "--force", help="re-run stages even if up to date"),
     set_: list[str] = typer.Option([], "--set", help="override, e.g. --set train.steps=1000"),
     config: Path | None = typer.Option(None, "--config",
-                                       help="JSON file shaped like a preset, applied before "
-                                            "--set"),
+                                       help="TOML or JSON file shaped like a preset (`branchlens "
+                                            "presets NAME` prints one), or a run's run.json to "
+                                            "repeat it; applied before --set"),
+    as_json: bool = typer.Option(False, "--json", help="print the run record's summary as JSON"),
 ) -> None:
     """Harvest → train → analyze → visualize/examples/circuits → report, resumable."""
-    from branchlens.artifacts import read_json
-    from branchlens.config import ConfigError, parse_set
+    from branchlens.config import ConfigError, load_config_file, parse_set
     from branchlens.pipeline import run
 
-    overrides: dict[str, Any] = {}
-    if config is not None:
-        overrides = read_json(config)
-        if not isinstance(overrides, dict):
-            raise ConfigError(f"{config} must hold a JSON object shaped like a preset")
+    overrides: dict[str, Any] = load_config_file(config) if config is not None else {}
     for item in set_:
         block, name, value = parse_set(item)
         if not isinstance(overrides.get(block, {}), dict):
@@ -522,9 +521,36 @@ def run_cmd(
                  log=lambda m: typer.echo(m, err=True))
     total = sum(s.get("seconds", 0) for s in record["stages"].values())
     report = out / "report" / "index.html"
+    if as_json:
+        _echo_json({"run": str(out), "seconds": round(total, 2),
+                    "stages": {k: v.get("status") for k, v in record["stages"].items()},
+                    "report": str(report.resolve()) if report.is_file() else None})
+        return
     typer.echo(f"run {out} finished ({total:.0f}s of stage time)")
     if report.is_file():
         typer.echo(f"report: {report.resolve()}")
+
+
+@app.command()
+def presets(
+    name: str | None = typer.Argument(None, help="one preset, printed as a TOML config file"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """The presets of `branchlens run` and their values (edit one into a --config file)."""
+    from branchlens.config import ConfigError, to_toml
+    from branchlens.pipeline import PRESET_NOTES, PRESETS
+
+    if name is not None and name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    chosen = {name: PRESETS[name]} if name else PRESETS
+    if as_json:
+        _echo_json({k: {"preset": k, **v} for k, v in chosen.items()})
+        return
+    for i, (key, values) in enumerate(chosen.items()):
+        if i:
+            typer.echo("")
+        typer.echo(f"# preset {key}: {PRESET_NOTES.get(key, '')}")
+        typer.echo(to_toml({"preset": key, **values}), nl=False)
 
 
 for _cmd in app.registered_commands:

@@ -91,6 +91,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
+PRESET_NOTES: dict[str, str] = {
+    "demo": "embedded photos, small SAEs, every stage; minutes on a 2-core CPU",
+    "sample16x": "an ImageNet folder plus mirrors, 16x SAEs (k=32); about an hour on 2 cores",
+    "paper": "the paper's SAE settings on inception5h; ImageNet train on a GPU machine",
+}
+
 # Config blocks each stage's artifacts depend on (besides every upstream stage's): the ``sae``
 # block is no stage of its own but shapes the trained weights.
 STAGE_BLOCKS: dict[str, tuple[str, ...]] = {s: (s,) for s in STAGES} | {"train": ("sae", "train")}
@@ -122,17 +128,21 @@ class RunContext:
         return HarvestConfig(**self.config.get("harvest", {}))
 
 
-def make_config(preset: str, source: str | None = None, variant: str | None = None,
+def make_config(preset: str | None, source: str | None = None, variant: str | None = None,
                 overrides: dict[str, Any] | None = None,
                 paper_compat: bool = False, seed: int | None = None) -> dict[str, Any]:
-    """The preset, then ``overrides`` (blocks merge key by key; a config file or ``--set``),
-    then the explicit arguments; validated as a whole (:func:`branchlens.config.validate_config`).
+    """The preset (``None``: the overrides' ``preset`` key, else ``demo``), then ``overrides``
+    (blocks merge key by key; a config file or ``--set``), then the explicit arguments;
+    validated as a whole (:func:`branchlens.config.validate_config`).
     """
+    overrides = dict(overrides or {})
+    named = overrides.pop("preset", None)  # a config file's preset; an explicit one wins
+    preset = preset or named or "demo"
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     cfg = copy.deepcopy(PRESETS[preset])
     cfg["preset"] = preset
-    for key, value in (overrides or {}).items():
+    for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(cfg.get(key), dict):
             cfg[key].update(value)
         else:
@@ -291,7 +301,7 @@ def discard_dir(path: Path, log: Callable[[str], None], why: str) -> None:
 
 # -- driver ---------------------------------------------------------------------------------------
 
-def run(out: str | Path, preset: str = "demo", source: str | None = None,
+def run(out: str | Path, preset: str | None = "demo", source: str | None = None,
         weights: str | None = None, device: str = "auto", variant: str | None = None,
         paper_compat: bool = False, seed: int | None = None,
         overrides: dict[str, Any] | None = None,
