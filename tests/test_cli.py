@@ -91,3 +91,32 @@ def test_config_file_and_run_json_go_through_the_schema(tmp_path):
         assert r.exit_code == 2 and msg in r.stderr, r.output
         assert r.stderr.strip().splitlines()[0].startswith("error: ")
     assert not (tmp_path / "r").exists()
+
+
+def test_version_verbosity_and_completion_options():
+    from branchlens import __version__
+
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.stdout.strip() == f"branchlens {__version__}"
+    help_text = runner.invoke(app, ["--help"]).stdout
+    for opt in ("--verbose", "--quiet", "--install-completion", "--version"):
+        assert opt in help_text
+
+
+def test_json_results_are_the_only_stdout_and_only_rank_0_prints(tmp_path, monkeypatch):
+    r = runner.invoke(app, ["-q", "presets", "demo", "--json"])
+    assert r.exit_code == 0 and len(r.stdout.splitlines()) == 1
+    assert json.loads(r.stdout)["demo"]["preset"] == "demo"
+    monkeypatch.setenv("RANK", "1")
+    r = runner.invoke(app, ["info", "--json"])
+    assert r.exit_code == 0 and r.stdout == ""
+    r = runner.invoke(app, ["presets"])
+    assert r.exit_code == 0 and r.stdout == ""
+
+
+def test_ranks_other_than_0_write_no_run_level_file(tmp_path, monkeypatch):
+    from branchlens.pipeline import run
+
+    monkeypatch.setenv("RANK", "1")
+    record = run(tmp_path / "r", preset="demo", stages=["analyze", "report"])
+    assert record == {} and sorted(p.name for p in (tmp_path / "r").iterdir()) == []

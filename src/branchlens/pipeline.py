@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -317,11 +318,34 @@ def run(out: str | Path, preset: str | None = "demo", source: str | None = None,
     check_stages(stages)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return _run_follower(out, cfg, weights, device, stages, force)
     lock = RunLock(out, "run folder").acquire()
     try:
         return _run_locked(out, cfg, weights, device, stages, force, log)
     finally:
         lock.release()
+
+
+DISTRIBUTED_STAGES = ("harvest", "train")  # the stages every torchrun rank takes part in
+
+
+def _run_follower(out: Path, cfg: dict[str, Any], weights: str | None, device: str,
+                  stages: list[str] | None, force: bool) -> dict[str, Any]:
+    """A torchrun rank other than 0: joins the distributed stages that rank 0 will run (same
+    decision from the same run.json) and writes no run-level file; rank 0 does the rest."""
+    weights_id = None if weights is None else str(weights)
+    record = _read_record(out / "run.json")
+    ctx = RunContext(out, cfg, weights, device, lambda m: None)
+    stages = stages if stages is not None else cfg.get("stages")
+    for stage in DISTRIBUTED_STAGES:
+        if stages is not None and stage not in stages:
+            continue
+        prev = record.get("stages", {}).get(stage)
+        if force or not _up_to_date(ctx, prev if isinstance(prev, dict) else {}, stage,
+                                    stage_hash(cfg, stage, weights_id)):
+            STAGE_FUNCS[stage](ctx)
+    return record
 
 
 def _read_record(path: Path) -> dict[str, Any]:
