@@ -23,6 +23,12 @@ def _jpeg(color=(200, 30, 30), w=40, h=30) -> bytes:
 SIZES = (4, 3, 5)
 
 
+@pytest.fixture(autouse=True)
+def _count_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("BRANCHLENS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("branchlens.streaming._COUNT_CACHE", {})
+
+
 def _shards(root, sizes=SIZES):
     """shard-00000{0,1,2}.tar; sample s0_1 has no image, s2_0 a corrupt one; cls = running no."""
     n = 0
@@ -51,6 +57,23 @@ def test_wds_brace_spec_matches_webdataset_order_and_labels(tmp_path):
     assert [r.image_id.rsplit(":", 1)[1] for r in got] == keys
     assert [r.label for r in got] == list(range(12))
     assert src[6].image_id == "wds:shard-000001.tar:s1_2" and src[6].label == 6
+
+
+def test_wds_counts_are_cached_per_local_file(tmp_path, monkeypatch):
+    import branchlens.streaming as st
+
+    spec = _shards(tmp_path)
+    assert open_source(f"wds:{spec}").unit_sizes == list(SIZES)
+    monkeypatch.setattr(st, "_COUNT_CACHE", {})  # a new process: only the disk cache is left
+
+    def no_rescan(url):
+        raise AssertionError(f"rescanned {url}")
+    monkeypatch.setattr(st, "_count_keys", no_rescan)
+    assert open_source(f"wds:{spec}").unit_sizes == list(SIZES)
+    with wds.TarWriter(str(tmp_path / "shard-000001.tar")) as w:  # rewritten: counted again
+        w.write({"__key__": "x", "cls": 0, "jpg": _jpeg()})
+    with pytest.raises(AssertionError, match="rescanned"):
+        _ = open_source(f"wds:{spec}").unit_sizes
 
 
 def test_wds_pipe_and_concatenated_specs(tmp_path):

@@ -62,6 +62,7 @@ def _main(
     if debug:
         os.environ[DEBUG_ENV] = "1"
     level = logging.DEBUG if verbose else logging.INFO
+    os.environ.pop(QUIET_ENV, None)
     if quiet or rank() != 0:
         level = logging.WARNING
         os.environ[QUIET_ENV] = "1"
