@@ -215,3 +215,29 @@ def test_hf_unknown_hub_name_offline_is_one_line(hf_cache, monkeypatch):
     with pytest.raises(ValueError, match=r"hf:nobody-xyz/nothing:train: cannot load") as e:
         open_source("hf:nobody-xyz/nothing:train", limit=5)
     assert "\n" not in str(e.value)
+
+
+# -- harvest on a streamed source ---------------------------------------------------------------
+
+def test_harvest_wds_with_two_workers_stores_every_sample_once(tmp_path):
+    """Workers read whole shards and their batches interleave; the store is still exact."""
+    from branchlens.harvest import harvest
+    from branchlens.model import InceptionV1
+    from branchlens.store import ActivationStore
+
+    torch.manual_seed(0)
+    model = InceptionV1("bvlc_googlenet").eval()
+    spec = f"wds:{_shards(tmp_path)}"
+    res = harvest(spec, tmp_path / "s", ["mixed3a"], model=model, device="cpu", workers=2,
+                  batch_size=2, sampling="uniform", samples_per_image=2, shard_size=3,
+                  show_progress=False)
+    m = res.manifest
+    assert m["counts"]["images"] == 12 and m["counts"]["images_skipped"] == 2
+    assert m["skips"]["counts"] == {"no_image": 1, "not_image": 1}
+    s = ActivationStore.open(tmp_path / "s")
+    src = open_source(spec)
+    for i in range(12):
+        assert s.images[i]["id"] == src[i].image_id
+        if i not in (1, 7):
+            assert s.images[i]["label"] == i
+    assert s.count("mixed3a") == 10 * 2
