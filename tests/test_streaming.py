@@ -241,3 +241,47 @@ def test_harvest_wds_with_two_workers_stores_every_sample_once(tmp_path):
         if i not in (1, 7):
             assert s.images[i]["label"] == i
     assert s.count("mixed3a") == 10 * 2
+
+
+def test_torchrun_two_ranks_split_wds_shards_and_equal_one_rank(tmp_path):
+    """Each rank reads whole shards of its own; the merged store equals a one-process one."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    from branchlens.harvest import harvest
+    from branchlens.store import ActivationStore
+
+    spec = f"wds:{_shards(tmp_path)}"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env |= {"PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    common = ["--layers", "mixed3a", "--weights", "random", "--batch-size", "3", "--workers",
+              "2", "--dtype", "fp32", "--sampling", "uniform", "--samples-per-image", "3",
+              "--no-progress"]
+    r = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--standalone",
+                        "--nproc-per-node", "2", "-m", "branchlens", "harvest", spec, "--out",
+                        str(tmp_path / "s2"), "--json", *common], env=env, capture_output=True,
+                       text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(r.stdout.splitlines()) == 1  # only rank 0 prints
+    m = ActivationStore.open(tmp_path / "s2").manifest
+    by_rank = {s["rank"]: s["images"] + s["skipped"] for s in m["shards"]}
+    assert m["harvest"]["world_size"] == 2 and by_rank == {0: 7, 1: 5}  # shards {0, 1} | {2}
+    harvest(spec, tmp_path / "s1", ["mixed3a"], weights="random", batch_size=12,
+            dtype="fp32", sampling="uniform", samples_per_image=3, workers=0,
+            show_progress=False)
+    a, b = ActivationStore.open(tmp_path / "s2"), ActivationStore.open(tmp_path / "s1")
+    def strip(images):
+        return [{k: v for k, v in im.items() if k != "shard"} for im in images]
+    assert strip(a.images) == strip(b.images)
+
+    def rows(s):
+        return sorted(zip(map(tuple, s.provenance("mixed3a").tolist()),
+                          np.asarray(s.array("mixed3a", np.float32)).tolist(), strict=True))
+    for (pa, va), (pb, vb) in zip(rows(a), rows(b), strict=True):
+        assert pa == pb
+        np.testing.assert_allclose(va, vb, rtol=1e-4, atol=1e-3)

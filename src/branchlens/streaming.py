@@ -279,7 +279,7 @@ def open_hf(spec: str, variant: str | Variant = "bvlc_googlenet", limit: int | N
             warnings.simplefilter("ignore")
             if path.is_dir() and ((path / "state.json").is_file()
                                   or (path / "dataset_dict.json").is_file()):
-                ds = _pick_split(datasets.load_from_disk(str(path)), split, spec)
+                ds = datasets.load_from_disk(str(path))
             elif path.exists():
                 ds = datasets.load_dataset(str(path), split=split or "train")
             else:
