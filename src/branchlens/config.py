@@ -83,6 +83,7 @@ class SAEOptions:
         from branchlens.sae import SAEConfig
 
         _check(self.expansion >= 1, f"sae.expansion must be >= 1, got {self.expansion}")
+        _check(self.k >= 1, f"sae.k must be >= 1, got {self.k}")
         kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         kw.pop("expansion")
         SAEConfig(d_in=self.k, n_latents=self.k * self.expansion, **kw)  # its own range checks
