@@ -119,4 +119,32 @@ def test_ranks_other_than_0_write_no_run_level_file(tmp_path, monkeypatch):
 
     monkeypatch.setenv("RANK", "1")
     record = run(tmp_path / "r", preset="demo", stages=["analyze", "report"])
-    assert record == {} and sorted(p.name for p in (tmp_path / "r").iterdir()) == []
+    assert record == {"stages": {}} and list((tmp_path / "r").iterdir()) == []
+
+
+def test_torchrun_run_two_ranks_one_record_and_one_result_line(tmp_path):
+    """Both ranks harvest and train on one process group; rank 0 alone prints and writes."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text('source = "embedded:6"\nstages = ["harvest", "train"]\n'
+                   '[harvest]\nlayers = ["mixed3a"]\nbatch_size = 3\n[sae]\nexpansion = 1\n'
+                   'k = 8\n[train]\nbatch_size = 64\nsteps = 4\nwarmup_steps = 1\n'
+                   'log_every = 2\nckpt_every = 2\n')
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env |= {"PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--standalone",
+                        "--nproc-per-node", "2", "-m", "branchlens", "-q", "run", "--config",
+                        str(cfg), "--out", str(tmp_path / "r"), "--weights", "random",
+                        "--device", "cpu", "--json"], env=env, capture_output=True, text=True,
+                       timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (line,) = r.stdout.splitlines()
+    assert json.loads(line)["stages"] == {"harvest": "done", "train": "done"}
+    rec = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert rec["stages"]["harvest"]["info"]["images"] == 6
+    assert (tmp_path / "r" / "sae" / "mixed3a" / "weights.safetensors").is_file()

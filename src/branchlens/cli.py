@@ -98,7 +98,8 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
             msg = str(e) if isinstance(e, (ValueError, RuntimeError, OSError)) \
                 else f"{type(e).__name__}: {e}"
             msg = "; ".join(ln.strip() for ln in msg.strip().splitlines() if ln.strip())
-            typer.secho(f"error: {msg}", fg="red", err=True)
+            where = "" if rank() == 0 else f"[rank {rank()}] "
+            typer.secho(f"{where}error: {msg}", fg="red", err=True)
             raise typer.Exit(USER_ERROR_RC) from None
     return wrapper
 
@@ -599,6 +600,8 @@ def run_cmd(
                  variant=variant, paper_compat=paper_compat, seed=seed, overrides=overrides,
                  stages=[s.strip() for s in stages.split(",")] if stages else None, force=force,
                  log=_info)
+    if rank() != 0:
+        return
     total = sum(s.get("seconds", 0) for s in record["stages"].values())
     report = out / "report" / "index.html"
     if as_json:

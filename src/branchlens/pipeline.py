@@ -216,7 +216,11 @@ def _harvest(ctx: RunContext) -> dict:
     except StoreConfigMismatch:  # harvested under other settings: never mixed into the new one
         discard_dir(ctx.out / "store", ctx.log, "harvest settings changed")
         res = go()
-    return {"images": res.images, "vectors": res.vectors, "skipped": res.skips.total}
+    c = (res.manifest or {}).get("counts")
+    if c is None or res.world_size == 1:
+        return {"images": res.images, "vectors": res.vectors, "skipped": res.skips.total}
+    return {"images": c["images"], "vectors": sum(c["vectors"].values()),  # all ranks
+            "skipped": c["images_skipped"], "world_size": res.world_size}
 
 
 def _train(ctx: RunContext) -> dict:
@@ -318,13 +322,36 @@ def run(out: str | Path, preset: str | None = "demo", source: str | None = None,
     check_stages(stages)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if int(os.environ.get("RANK", "0")) != 0:
-        return _run_follower(out, cfg, weights, device, stages, force)
-    lock = RunLock(out, "run folder").acquire()
+    group = _process_group(device)
     try:
-        return _run_locked(out, cfg, weights, device, stages, force, log)
+        if int(os.environ.get("RANK", "0")) != 0:
+            return _run_follower(out, cfg, weights, device, stages, force)
+        lock = RunLock(out, "run folder").acquire()
+        try:
+            return _run_locked(out, cfg, weights, device, stages, force, log)
+        finally:
+            lock.release()
     finally:
-        lock.release()
+        if group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _process_group(device: str) -> bool:
+    """Under torchrun: one process group for all stages (harvest's and train's collectives
+    reuse it; a second group in one process races the rendezvous). gloo for objects and CPU
+    tensors, nccl for CUDA ones. Returns whether this call created it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    cuda = torch.cuda.is_available() and not str(device).startswith("cpu")
+    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
+    return True
 
 
 DISTRIBUTED_STAGES = ("harvest", "train")  # the stages every torchrun rank takes part in
@@ -336,6 +363,7 @@ def _run_follower(out: Path, cfg: dict[str, Any], weights: str | None, device: s
     decision from the same run.json) and writes no run-level file; rank 0 does the rest."""
     weights_id = None if weights is None else str(weights)
     record = _read_record(out / "run.json")
+    record.setdefault("stages", {})
     ctx = RunContext(out, cfg, weights, device, lambda m: None)
     stages = stages if stages is not None else cfg.get("stages")
     for stage in DISTRIBUTED_STAGES:
