@@ -224,18 +224,21 @@ def test_harvest_wds_with_two_workers_stores_every_sample_once(tmp_path):
     from branchlens.harvest import harvest
     from branchlens.model import InceptionV1
     from branchlens.store import ActivationStore
+    from branchlens.viz.stages import run_source
 
     torch.manual_seed(0)
     model = InceptionV1("bvlc_googlenet").eval()
     spec = f"wds:{_shards(tmp_path)}"
-    res = harvest(spec, tmp_path / "s", ["mixed3a"], model=model, device="cpu", workers=2,
+    res = harvest(spec, tmp_path / "run" / "store", ["mixed3a"], model=model, device="cpu",
+                  workers=2,
                   batch_size=2, sampling="uniform", samples_per_image=2, shard_size=3,
                   show_progress=False)
     m = res.manifest
     assert m["counts"]["images"] == 12 and m["counts"]["images_skipped"] == 2
     assert m["skips"]["counts"] == {"no_image": 1, "not_image": 1}
-    s = ActivationStore.open(tmp_path / "s")
-    src = open_source(spec)
+    s = ActivationStore.open(tmp_path / "run" / "store")
+    src, n = run_source(tmp_path / "run")  # what examples/circuits reopen
+    assert src.description == spec and n == 12
     for i in range(12):
         assert s.images[i]["id"] == src[i].image_id
         if i not in (1, 7):

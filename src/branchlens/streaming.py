@@ -268,6 +268,8 @@ def open_hf(spec: str, variant: str | Variant = "bvlc_googlenet", limit: int | N
         import datasets
     except ImportError:
         raise missing_extra("datasets", "hf") from None
+    if os.environ.get("BRANCHLENS_QUIET") == "1":  # `branchlens -q`, torchrun ranks > 0
+        datasets.disable_progress_bars()
     name, split, opts = parse_hf_spec(spec)
     image_key = image_key or opts.get("image", "image")
     label_key = label_key or opts.get("label", "label")
