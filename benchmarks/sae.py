@@ -25,8 +25,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from branchlens.sae import SAEConfig, TopKSAE, planted_dictionary
+from branchlens.sae import SAEConfig, TopKSAE
 from branchlens.train import TrainConfig, make_adam
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from _synthetic import planted_dictionary, write_synthetic  # noqa: E402  (test data, not shipped)
 
 D, N, K, B = 512, 8192, 32, 4096
 
@@ -74,11 +77,7 @@ def throughput(steps: int) -> dict:
 
     def our_step(xb):
         loss, st = ours.loss(xb, B, ours.dead_mask())
-        opt.zero_grad(set_to_none=False)
-        loss.backward()
-        ours.remove_parallel_grad()
-        opt.step()
-        ours.normalize_decoder()
+        ours.update(loss, opt)
         with torch.no_grad():
             fired = torch.bincount(st["idx"][st["l0_mask"]], minlength=N)
             ours.since_fired += B
@@ -103,8 +102,6 @@ def throughput(steps: int) -> dict:
 
 
 def make_store(path: Path, n_vectors: int, d: int = D, per_image: int = 196) -> None:
-    from branchlens.store import write_synthetic
-
     write_synthetic(path, "mixed4c", n_vectors // per_image, per_image, d, images_per_shard=64)
 
 

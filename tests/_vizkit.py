@@ -9,6 +9,7 @@ from __future__ import annotations
 from functools import cache
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -102,9 +103,17 @@ def trained_sae(layer: str, n_latents: int = 384, k: int = 12, steps: int = 120,
     gen = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         loss, _ = sae.loss(x[torch.randint(len(x), (512,), generator=gen)])
-        opt.zero_grad()
-        loss.backward()
-        sae.remove_parallel_grad()
-        opt.step()
-        sae.normalize_decoder()
+        sae.update(loss, opt)
     return sae.eval()
+
+
+def excess_share_labels(directions: torch.Tensor, layer: str) -> tuple[np.ndarray, list[str]]:
+    """Stand-in branch labels for circuits tests that have no analysis run: the argmax of each
+    direction's energy share minus its branch's channel share."""
+    from branchlens.variants import branch_slices
+
+    slices = branch_slices(VARIANT, layer)
+    sq = directions.float().pow(2)
+    share = torch.stack([sq[:, s].sum(1) for s in slices.values()], 1) / sq.sum(1, keepdim=True)
+    width = torch.tensor([s.stop - s.start for s in slices.values()], dtype=torch.float32)
+    return (share - width / width.sum()).argmax(1).numpy(), list(slices)

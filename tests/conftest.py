@@ -34,3 +34,41 @@ def bvlc_model(bvlc_weights):
 
     model, _ = load_model("bvlc_googlenet", bvlc_weights)
     return model
+
+
+# One tiny end-to-end run (every stage, through the CLI, random weights on 6 embedded photos),
+# shared by the tests that read a finished run instead of each running its own pipeline.
+E2E_SETS = {
+    "harvest": {"layers": ["mixed4a", "mixed4b"], "sampling": "uniform",
+                "samples_per_image": 20, "batch_size": 4},
+    "sae": {"expansion": 1},
+    "train": {"batch_size": 64, "steps": 4, "warmup_steps": 1, "log_every": 2, "ckpt_every": 2,
+              "progress": False},
+    "analyze": {"n_perm": 50, "curve_reps": 20, "embed": "pca"},
+    "visualize": {"n_latents": 2, "steps": 2, "size": 64},
+    "examples": {"n_strips": 2, "n_top": 2},
+    "circuits": {"n_latents": 1, "n_images": 2, "flow_latents": 4, "n_perm": 20, "ablate": 1},
+    "report": {"cards_per_layer": 4},
+}
+
+
+@pytest.fixture(scope="session")
+def e2e_run(tmp_path_factory):
+    """(run folder, CLI result) of ``branchlens run embedded:6 --weights random`` (all stages)."""
+    import json
+    import warnings
+
+    from typer.testing import CliRunner
+
+    from branchlens.cli import app
+
+    out = tmp_path_factory.mktemp("e2e") / "run"
+    args = ["run", "embedded:6", "--out", str(out), "--weights", "random", "--device", "cpu"]
+    for stage, kv in E2E_SETS.items():
+        for k, v in kv.items():
+            args += ["--set", f"{stage}.{k}={json.dumps(v)}"]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "RANDOM WEIGHTS")
+        result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return out, result

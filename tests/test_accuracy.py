@@ -1,8 +1,11 @@
 """The end-to-end check that weights, model and preprocessing are right."""
 
+import pytest
+
 from branchlens.classify import classify
 
 
+@pytest.mark.slow
 def test_bvlc_accuracy_on_the_shared_sample(bvlc_model, imagenet_sample):
     res = classify(bvlc_model, str(imagenet_sample), batch_size=50, workers=2,
                    show_progress=False)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
+from _synthetic import planted_decoder
 from branchlens.analysis import branches as br
 from branchlens.analysis.stats import bh_reject
-from branchlens.analysis.synthetic import planted_decoder
 from branchlens.variants import branch_slices
 
 SL = branch_slices("bvlc_googlenet", "mixed4a")  # 192 | 208 | 48 | 64 = 512 channels

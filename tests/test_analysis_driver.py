@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from _synthetic import planted_decoder
 from branchlens.analysis import NONE, AnalysisConfig, analyze, format_table
 from branchlens.analysis.categories import is_animal
 from branchlens.analysis.driver import AnalysisError
-from branchlens.analysis.synthetic import planted_decoder
+from branchlens.analysis.table import read_latent_table
 from branchlens.store import ActivationStore
 from branchlens.variants import branch_slices
 
@@ -129,6 +130,15 @@ def test_outputs_written(run):
     assert {"paper_ratio_5x5", "p_raw_5x5", "q_raw_5x5", "p_scale_5x5", "attribution_5x5",
             "top_category", "firing_rate", "alive", "dominant", "robust_dominant",
             "p_isotropic_1x1"} <= set(rows[0])
+    typed = read_latent_table(out / "latents.csv", "mixed4a")
+    assert [r["latent"] for r in typed] == list(range(N_LAT))
+    for r in typed:
+        assert isinstance(r["alive"], bool) and isinstance(r["top_images"], list)
+        q = r["q_raw_5x5"]
+        assert (np.isnan(q) and not r["alive"]) or 0 <= q <= 1
+        assert r["specialization_5x5"] == (pytest.approx(1 - q) if q <= summary["config"]["q"]
+                                           else 0.0)
+        assert r["dominant"] in ("none", "1x1", "3x3", "5x5", "pool")
     layers_rows = list(csv.DictReader(open(out / "layers.csv")))
     assert len(layers_rows) == 2 * 4
     assert "p-values" in summary["pvalue_note"]

@@ -7,10 +7,9 @@ import pytest
 import torch
 
 import _vizkit as K
-from branchlens import circuits as C
 from branchlens.variants import branch_slices
+from branchlens.viz import circuits as C
 from branchlens.viz.examples import TopExamples, latent_maps_of
-from branchlens.viz.latents import dominant_branches
 
 UP, DOWN = "mixed4a", "mixed4b"
 
@@ -68,8 +67,8 @@ def test_attribution_decomposes_exactly_and_agrees_with_branch_ablation():
     assert r > 0.8, r
     agree = (drops.argmax(1) == att.branches.argmax(1)).float().mean()
     assert agree >= 0.75
-    dom_up, _, names = dominant_branches(sae_up.decoder_directions(), K.VARIANT, UP)
-    rows = C.top_upstream(att, dom_up.numpy(), names, top_k=5)
+    dom_up, names = K.excess_share_labels(sae_up.decoder_directions(), UP)
+    rows = C.top_upstream(att, dom_up, names, top_k=5)
     assert len(rows) == len({t.latent for t in targets})
     for row in rows:
         shares = [u["share"] for u in row["upstream"]]

@@ -181,6 +181,7 @@ def _cli_env():
     return env
 
 
+@pytest.mark.slow
 def test_kill_minus_9_then_resume_gives_exact_records(tmp_path):
     out = tmp_path / "s"
     args = ["embedded:16", "--layers", "mixed3b,mixed4a", "--out", str(out), "--weights",
@@ -216,6 +217,7 @@ def test_kill_minus_9_then_resume_gives_exact_records(tmp_path):
     assert again.images == 0 and again.manifest["counts"]["vectors"]["mixed4a"] == 160
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_equal_one_rank(tmp_path):
     out = tmp_path / "s2"
     common = ["--layers", "mixed3a,mixed3b_5x5", "--weights", "random", "--batch-size", "3",
@@ -316,7 +318,7 @@ def test_lock_and_config_mismatch_refused(tmp_path, random_model):
 
 
 def test_disk_full_during_harvest_then_resume(tmp_path, random_model, monkeypatch):
-    real, calls = st._write_bytes, []
+    real, calls = st.shard._write_bytes, []
 
     def full_disk(f, data):
         calls.append(1)
@@ -324,14 +326,14 @@ def test_disk_full_during_harvest_then_resume(tmp_path, random_model, monkeypatc
             raise OSError(28, "No space left on device")
         real(f, data)
 
-    monkeypatch.setattr(st, "_write_bytes", full_disk)
+    monkeypatch.setattr(st.shard, "_write_bytes", full_disk)
     out = tmp_path / "s"
     with pytest.raises(StoreError, match="disk is full"):
         harvest("embedded:6", out, "mixed3a", model=random_model, shard_size=2, batch_size=2,
                 **FAST)
     assert len(st.list_shards(out)) == 1 and not (out / "manifest.json").exists()
     assert not [p for p in (out / "shards").iterdir() if p.name.startswith(".")]
-    monkeypatch.setattr(st, "_write_bytes", real)
+    monkeypatch.setattr(st.shard, "_write_bytes", real)
     res = harvest("embedded:6", out, "mixed3a", model=random_model, shard_size=2, batch_size=2,
                   **FAST)
     assert res.resumed_images == 2

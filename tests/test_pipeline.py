@@ -8,14 +8,9 @@ from typer.testing import CliRunner
 
 from branchlens.cli import app
 from branchlens.pipeline import make_config, run, stage_hash
+from conftest import E2E_SETS
 
-TINY = {
-    "harvest": {"layers": ["mixed4a", "mixed4b"], "sampling": "uniform",
-                "samples_per_image": 20, "batch_size": 4},
-    "sae": {"expansion": 1},
-    "train": {"batch_size": 64, "steps": 4, "warmup_steps": 1, "log_every": 2, "ckpt_every": 2,
-              "progress": False},
-}
+TINY = {k: E2E_SETS[k] for k in ("harvest", "sae", "train")}  # the shared run's first stages
 
 
 @pytest.mark.filterwarnings("ignore:RANDOM WEIGHTS")
@@ -63,26 +58,17 @@ def test_bad_presets_and_overrides_are_clear_errors(tmp_path):
     assert r.exit_code != 0 and "STAGE.KEY=VALUE" in r.output
 
 
-@pytest.mark.filterwarnings("ignore:RANDOM WEIGHTS")
-def test_every_stage_through_the_report_from_the_cli(tmp_path):
-    out = tmp_path / "run"
-    sets = [f"{stage}.{k}={json.dumps(v)}" for stage, kv in TINY.items() for k, v in kv.items()]
-    sets += ["analyze.n_perm=50", "analyze.curve_reps=20", "analyze.embed=\"pca\"",
-             "visualize.n_latents=2", "visualize.steps=2", "visualize.size=64",
-             "examples.n_strips=2", "examples.n_top=2", "circuits.n_latents=1",
-             "circuits.n_images=2", "circuits.flow_latents=4", "circuits.n_perm=20",
-             "circuits.ablate=1", "report.cards_per_layer=4"]
-    args = ["run", "embedded:6", "--out", str(out), "--weights", "random", "--device", "cpu"]
-    for s in sets:
-        args += ["--set", s]
-    r = CliRunner().invoke(app, args)
-    assert r.exit_code == 0, r.output
+def test_every_stage_through_the_report_from_the_cli(e2e_run):
+    out, r = e2e_run
     assert f"report: {(out / 'report' / 'index.html').resolve()}" in r.stdout
     rec = json.loads((out / "run.json").read_text())
     assert all(s["status"] == "done" for s in rec["stages"].values()), rec["stages"]
     assert list(rec["stages"]) == ["harvest", "train", "analyze", "visualize", "examples",
                                    "circuits", "report"]
-    assert (out / "analysis" / "summary.json").is_file()
-    assert (out / "viz" / "circuits" / "mixed4a__mixed4b.json").is_file()
+    summary = json.loads((out / "analysis" / "summary.json").read_text())
+    assert summary["layers"] == ["mixed4a", "mixed4b"] and len(summary["claims"]) == 5
+    assert summary["per_layer"]["mixed4b"]["latents"] == 512  # expansion 1 × 512 channels
+    circ = json.loads((out / "viz" / "circuits" / "mixed4a__mixed4b.json").read_text())
+    assert (circ["up"], circ["down"]) == ("mixed4a", "mixed4b") and circ["latents"]
     html = (out / "report" / "index.html").read_text()
     assert '<div class="banner" role="alert">RANDOM WEIGHTS' in html

@@ -122,11 +122,7 @@ def _steps(sae: TopKSAE, n: int = 5) -> None:
     x = torch.randn(32, sae.cfg.d_in)
     for _ in range(n):
         loss, _ = sae.loss(x)
-        opt.zero_grad()
-        loss.backward()
-        sae.remove_parallel_grad()
-        opt.step()
-        sae.normalize_decoder()
+        sae.update(loss, opt)
 
 
 def test_untied_decoder_rows_stay_unit_norm_and_parallel_grad_is_removed():

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from branchlens.sae import SAEConfig, TopKSAE, load_meta, planted_dictionary, recovered_fraction
+from _synthetic import planted_dictionary, recovered_fraction
+from branchlens.sae import SAEConfig, TopKSAE, load_meta
 from branchlens.train import (
     ArrayBatches,
     StoreBatches,
@@ -57,6 +58,7 @@ def test_lr_schedule():
     assert lrs[75] == pytest.approx(0.5) and lrs[99] == pytest.approx(0.02)
 
 
+@pytest.mark.slow
 def test_planted_dictionary_is_recovered(tmp_path):
     """1,024 unit-norm atoms, each on one branch slice of mixed4c, 32 active per sample.
 
@@ -105,11 +107,7 @@ def test_auxk_trains_only_dead_latents_on_the_residual():
     for _ in range(60):  # the dead set is held fixed: the residual fit must improve
         loss, st = sae.loss(x[:256], dead=dead)
         auxes.append(float(st["aux"]))
-        opt.zero_grad()
-        loss.backward()
-        sae.remove_parallel_grad()
-        opt.step()
-        sae.normalize_decoder()
+        sae.update(loss, opt)
     assert auxes[-1] < 0.5 * auxes[0]
 
 
@@ -135,9 +133,20 @@ def test_metrics_plot_and_cfg(tmp_path):
     assert doc["sae"]["k"] == 4 and doc["sae"]["scale"] > 0 and doc["store_hash"] == "h"
     assert doc["seed"] == 3 and doc["train"]["step"] == 40 and "branchlens_version" in doc
     assert doc["eval"]["heldout"]["fvu"] == rows[-1]["heldout"]["fvu"]
-    assert list(tmp_path.glob("optim-step*.safetensors")) == [tmp_path /
-                                                               "optim-step000000040.safetensors"]
+    # finished: Adam's state (2x the weights) is gone, and a re-run still finds the SAE done
+    assert list(tmp_path.glob("optim-step*.safetensors")) == []
     assert load_meta(tmp_path)["train"]["step"] == 40 and sae.cfg.dead_after == 1024
+    before = _weights(tmp_path)
+    fresh = SAEConfig.for_layer("bvlc_googlenet", "mixed4c_5x5", expansion=1, k=4)
+    again = train_sae(x, fresh, cfg, tmp_path,
+                      heldout=ArrayBatches(held, 128, drop_last=False), meta={"store_hash": "h"})
+    assert again.meta["eval"] == doc["eval"]
+    assert all(torch.equal(before[k], v) for k, v in _weights(tmp_path).items())
+    kept = tmp_path / "kept"
+    cfg.keep_optimizer = True
+    train_sae(x, SAEConfig.for_layer("bvlc_googlenet", "mixed4c_5x5", expansion=1, k=4), cfg,
+              kept, meta={"store_hash": "h"})
+    assert [p.name for p in kept.glob("optim-step*")] == ["optim-step000000040.safetensors"]
 
 
 def _cli(*args: str) -> list[str]:
@@ -154,6 +163,7 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(folder / "weights.safetensors")
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     x = _dying_data(8192).numpy()
     np.save(tmp_path / "x.npy", np.concatenate([x, x[:, ::-1]], 1))
@@ -188,6 +198,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     print(f"killed at step {killed_at}, resumed to 600, weights equal within 1e-5")
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one(tmp_path):
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     x = _dying_data(4096).numpy()
@@ -213,7 +224,7 @@ def test_ddp_two_processes_match_one(tmp_path):
 
 
 def _make_store(path: Path, layer: str, n_images: int = 12, per_image: int = 20):
-    from branchlens.store import write_synthetic
+    from _synthetic import write_synthetic
 
     return write_synthetic(path, layer, n_images, per_image, d=64, images_per_shard=4)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 import _vizkit as K
@@ -20,6 +21,7 @@ LAYER = "mixed4a"
 LIGHT = standard_transforms(pad_width=4, jitter1=4, scale_range=0.05, rotate_deg=5, jitter2=2)
 
 
+@pytest.mark.slow
 def test_batched_latents_beat_99th_percentile_and_are_selective(tmp_path):
     K.need_shared()
     model, sae = K.model(), K.trained_sae(LAYER)

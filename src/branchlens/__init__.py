@@ -9,11 +9,15 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from branchlens._version import __version__
 
 # public name -> (module, attribute); the function ``harvest`` is exported as
 # ``harvest_activations`` so that it does not shadow the ``branchlens.harvest`` module.
 _EXPORTS: dict[str, tuple[str, str]] = {
+    # a run folder and the notebook API on it
+    "Run": ("branchlens.run", "Run"),
+    "Latent": ("branchlens.run", "Latent"),
+    "LatentTable": ("branchlens.run", "LatentTable"),
     # activation harvest and store
     "HarvestResult": ("branchlens.harvest", "HarvestResult"),
     "sample_positions": ("branchlens.harvest", "sample_positions"),
@@ -31,9 +35,9 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "AnalysisConfig": ("branchlens.analysis", "AnalysisConfig"),
     "analyze": ("branchlens.analysis", "analyze"),
     # feature visualization, dataset examples and circuits
-    "attribute": ("branchlens.circuits", "attribute"),
-    "branch_ablation": ("branchlens.circuits", "branch_ablation"),
-    "branch_flow": ("branchlens.circuits", "branch_flow"),
+    "attribute": ("branchlens.viz.circuits", "attribute"),
+    "branch_ablation": ("branchlens.viz.circuits", "branch_ablation"),
+    "branch_flow": ("branchlens.viz.circuits", "branch_flow"),
     "RenderConfig": ("branchlens.viz", "RenderConfig"),
     "receptive_field": ("branchlens.viz", "receptive_field"),
     "top_examples": ("branchlens.viz", "top_examples"),

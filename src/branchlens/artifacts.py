@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-import branchlens
+from branchlens._version import __version__
 
 CHECKSUM_KEY = "sha256"  # safetensors metadata key of the digest over metadata and tensors
 
@@ -143,7 +143,7 @@ def load_tensors(path: str | Path, device: str = "cpu", require_checksum: bool =
 def provenance(**extra: Any) -> dict[str, Any]:
     """Versions that go into every artifact's metadata, plus the caller's config/seed/etc."""
     return {
-        "branchlens_version": branchlens.__version__,
+        "branchlens_version": __version__,
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
         **extra,

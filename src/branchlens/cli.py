@@ -190,8 +190,9 @@ def classify(
     from branchlens.classify import classify as run_classify
     from branchlens.classify import format_prediction
     from branchlens.data import open_source
+    from branchlens.devices import resolve_device
     from branchlens.streaming import with_columns
-    from branchlens.weights import load_model, resolve_device
+    from branchlens.weights import load_model
 
     if batch_size < 1 or workers < 0:
         raise ValueError(f"need --batch-size >= 1 and --workers >= 0, got {batch_size}, "

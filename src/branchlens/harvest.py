@@ -15,7 +15,6 @@ writes its own shards, and rank 0 holds the store lock and writes the manifest a
 from __future__ import annotations
 
 import logging
-import os
 import zlib
 from collections import deque
 from collections.abc import Sequence
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from branchlens.data import SkipStats, iter_batches, open_source, split_for_rank
+from branchlens.distributed import Dist
 from branchlens.model import InceptionV1, layer_names
 from branchlens.progress import progress
 from branchlens.store import (
@@ -134,46 +134,6 @@ def _branches(variant: str, layer: str) -> dict[str, list[int]] | None:
 
 # -- distributed --------------------------------------------------------------------------------
 
-class _Comm:
-    """RANK/WORLD_SIZE from the environment; gloo collectives only when WORLD_SIZE > 1."""
-
-    def __init__(self) -> None:
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.owned = False
-        if self.world > 1:
-            import torch.distributed as dist
-
-            if not dist.is_initialized():
-                dist.init_process_group("gloo")
-                self.owned = True
-
-    def bcast(self, obj: Any) -> Any:
-        if self.world == 1:
-            return obj
-        import torch.distributed as dist
-
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def gather(self, obj: Any) -> list[Any]:
-        if self.world == 1:
-            return [obj]
-        import torch.distributed as dist
-
-        out: list[Any] = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
-
-    def close(self) -> None:
-        if self.owned:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-
-
 # -- harvest ------------------------------------------------------------------------------------
 
 @dataclass
@@ -234,7 +194,8 @@ def harvest(
     channels_last memory format) in place.
     Raises :class:`~branchlens.store.StoreError` subclasses with actionable messages.
     """
-    from branchlens.weights import load_model, resolve_device
+    from branchlens.devices import resolve_device
+    from branchlens.weights import load_model
 
     layers = parse_layers(layers)
     if sampling not in SAMPLING_METHODS:
@@ -252,7 +213,7 @@ def harvest(
     if unknown:
         raise ValueError(f"unknown layer(s) {unknown}; see branchlens.model.layer_names()")
     src = open_source(source, v, seed=seed, flip=flip, limit=limit)  # errors before weights
-    comm = _Comm()
+    comm = Dist()
     lock: StoreLock | None = None
     try:
         dev = resolve_device(device)

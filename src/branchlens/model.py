@@ -133,6 +133,23 @@ class InceptionV1(nn.Module):
         out("logits", self.classifier(x))
         return out.got
 
+    def forward_between(self, x: torch.Tensor, src: str, dst: str) -> torch.Tensor:
+        """Block output ``dst`` computed from block output ``src`` (e.g. mixed4a → mixed4c)
+        through the model's own blocks and pools: what circuits differentiate through."""
+        blocks = {b.name: b for b in self.variant.blocks}
+        if src not in blocks or dst not in blocks:
+            raise KeyError(f"need block outputs (e.g. mixed4a); got {src!r} -> {dst!r}")
+        i, j = self._names.index(src), self._names.index(dst)
+        if j <= i:
+            raise ValueError(f"{dst} is not downstream of {src}")
+        sink = _Outputs(set())
+        for name in self._names[i + 1:j + 1]:
+            if name.startswith("maxpool"):
+                x = self._pool_s2(x)
+            elif name in blocks:
+                x = self._block(blocks[name], x, sink)
+        return x
+
     def _block(self, b: Block, x: torch.Tensor, out: _Outputs) -> torch.Tensor:
         n = b.name
         y1 = self._conv(f"{n}_1x1", x, out)

@@ -27,6 +27,7 @@ from branchlens.config import (
     check_stages,
     validate_config,
 )
+from branchlens.run import Run
 
 MIXED4 = ["mixed4a", "mixed4b", "mixed4c", "mixed4d", "mixed4e"]
 
@@ -102,7 +103,7 @@ PRESET_NOTES: dict[str, str] = {
 # block is no stage of its own but shapes the trained weights.
 STAGE_BLOCKS: dict[str, tuple[str, ...]] = {s: (s,) for s in STAGES} | {"train": ("sae", "train")}
 RUN_KEYS = ("source", "variant", "seed", "paper_compat")  # top-level keys every stage depends on
-NON_ARTIFACT = {"train": ("progress",)}  # settings that change no artifact
+NON_ARTIFACT = {"train": ("progress", "keep_optimizer")}  # settings that change no artifact
 # Folders a stage rewrites from scratch; removed first when its inputs changed, so no file made
 # under the old settings (a latent, a layer no longer run) survives into the new result.
 STAGE_DIRS = {"analyze": ("analysis",), "visualize": ("viz/featurevis",),
@@ -179,20 +180,20 @@ def stage_hash(cfg: dict[str, Any], stage: str, weights_id: str | None) -> str:
 
 def stage_outputs(ctx: RunContext, stage: str) -> list[Path]:
     """Files a finished stage must have left; one missing means the stage runs again."""
-    out, layers = ctx.out, ctx.layers
+    run, layers = Run(ctx.out), ctx.layers
     if stage == "harvest":
-        return [out / "store" / "manifest.json"]
+        return [run.store_dir / "manifest.json"]
     if stage == "train":
-        return [out / "sae" / layer / "weights.safetensors" for layer in layers]
+        return [run.sae_dir(layer) / "weights.safetensors" for layer in layers]
     if stage == "analyze":
-        return [out / "analysis" / "summary.json"]
-    if stage in ("visualize", "examples"):
-        kind = "featurevis" if stage == "visualize" else "examples"
-        return [out / "viz" / kind / layer for layer in layers]
+        return [run.summary_path]
+    if stage == "visualize":
+        return [run.featurevis_dir(layer) for layer in layers]
+    if stage == "examples":
+        return [run.examples_dir(layer) for layer in layers]
     if stage == "circuits":
-        return [out / "viz" / "circuits" / f"{a}__{b}.json"
-                for a, b in zip(layers, layers[1:], strict=False)]
-    return [out / "report" / "index.html"]
+        return [run.circuits_path(a, b) for a, b in zip(layers, layers[1:], strict=False)]
+    return [run.report_index]
 
 
 # -- stages ---------------------------------------------------------------------------------------
@@ -204,7 +205,7 @@ def _harvest(ctx: RunContext) -> dict:
     h = ctx.harvest
 
     def go() -> Any:
-        return harvest(ctx.config["source"], ctx.out / "store", h.layers,
+        return harvest(ctx.config["source"], Run(ctx.out).store_dir, h.layers,
                        variant=ctx.config["variant"], weights=ctx.weights, device=ctx.device,
                        sampling=h.sampling, samples_per_image=h.samples_per_image,
                        aligned=h.aligned, dtype=h.dtype, batch_size=h.batch_size,
@@ -214,7 +215,7 @@ def _harvest(ctx: RunContext) -> dict:
     try:
         res = go()
     except StoreConfigMismatch:  # harvested under other settings: never mixed into the new one
-        discard_dir(ctx.out / "store", ctx.log, "harvest settings changed")
+        discard_dir(Run(ctx.out).store_dir, ctx.log, "harvest settings changed")
         res = go()
     c = (res.manifest or {}).get("counts")
     if c is None or res.world_size == 1:
@@ -230,7 +231,7 @@ def _train(ctx: RunContext) -> dict:
     tcfg = TrainConfig(**ctx.config.get("train", {}), seed=ctx.config["seed"], device=ctx.device)
     if ctx.force:  # --force: train again from scratch, not "resume" a finished SAE
         for layer in ctx.layers:
-            discard_dir(ctx.out / "sae" / layer, ctx.log, "--force")
+            discard_dir(Run(ctx.out).sae_dir(layer), ctx.log, "--force")
     saes = train_layers(ctx.out, ctx.layers, s.sae_kwargs(), tcfg, expansion=s.expansion,
                         restart=True, log=ctx.log)
     return {"layers": sorted(saes)}
@@ -398,7 +399,7 @@ def _run_locked(out: Path, cfg: dict[str, Any], weights: str | None, device: str
                 stages: list[str] | None, force: bool, log: Callable[[str], None]
                 ) -> dict[str, Any]:
     weights_id = None if weights is None else str(weights)
-    record_path = out / "run.json"
+    record_path = Run(out).record_path
     record = _read_record(record_path)
     record.update(provenance(config=cfg, weights=weights_id, device=device))
     record.setdefault("stages", {})

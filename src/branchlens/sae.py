@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -316,6 +317,20 @@ class TopKSAE(nn.Module):
         return loss, stats
 
     @torch.no_grad()
+    def update(self, loss: Tensor, opt: torch.optim.Optimizer,
+               sync_grads: Callable[[], None] | None = None) -> None:
+        """One training update: backward → (sum gradients over ranks) → drop each decoder
+        row's parallel gradient → optimizer step → rows back to unit norm. Every training loop
+        goes through here: forgetting one of these calls silently breaks the unit-norm decoder.
+        """
+        opt.zero_grad(set_to_none=False)
+        loss.backward()
+        if sync_grads is not None:
+            sync_grads()
+        self.remove_parallel_grad()
+        opt.step()
+        self.normalize_decoder()
+
     def remove_parallel_grad(self) -> None:
         """Drop the gradient component along each unit-norm decoder row (untied only)."""
         if self.cfg.decoder == "untied" and self.W_dec.grad is not None:
@@ -394,34 +409,3 @@ def export_paper_state_dict(sae: TopKSAE) -> dict[str, Tensor]:
     return {"W_enc.weight": sae.W_enc.detach() * s, "b_pre": sae.b_pre.detach() / s,
             "b_latent": sae.b_latent.detach().clone(),
             "W_dec.weight": (sae.W_dec_rows.detach() / s).t().contiguous()}
-
-
-def planted_dictionary(n_atoms: int, n_samples: int, k: int = 32, variant: str = "bvlc_googlenet",
-                       layer: str = "mixed4c", noise: float = 0.01, seed: int = 0
-                       ) -> tuple[Tensor, Tensor]:
-    """Synthetic data with a known answer: (atoms [n_atoms, d] unit-norm, each supported on one
-    branch slice of ``layer``; samples [n_samples, d] = k random atoms with positive weights
-    plus Gaussian noise). Used to check that training recovers a dictionary."""
-    from branchlens.variants import branch_slices
-
-    gen = torch.Generator().manual_seed(seed)
-    slices = list(branch_slices(variant, layer).values())
-    d = slices[-1].stop
-    widths = torch.tensor([s.stop - s.start for s in slices], dtype=torch.float64)
-    branch = torch.multinomial(widths / widths.sum(), n_atoms, replacement=True, generator=gen)
-    atoms = torch.zeros(n_atoms, d)
-    for b, s in enumerate(slices):
-        rows = (branch == b).nonzero().squeeze(1)
-        atoms[rows, s] = torch.randn(len(rows), s.stop - s.start, generator=gen)
-    atoms /= atoms.norm(dim=1, keepdim=True)
-    idx = torch.randint(n_atoms, (n_samples, k), generator=gen)  # rare repeats are harmless
-    coef = 0.5 + torch.rand(n_samples, k, generator=gen)
-    x = F.embedding_bag(idx, atoms, per_sample_weights=coef, mode="sum")
-    return atoms, x + noise * torch.randn(n_samples, d, generator=gen)
-
-
-def recovered_fraction(atoms: Tensor, directions: Tensor, threshold: float = 0.9) -> float:
-    """Share of true atoms whose best-matching decoder direction has cosine ≥ threshold."""
-    a = F.normalize(atoms.float(), dim=1)
-    w = F.normalize(directions.float(), dim=1)
-    return float(((a @ w.t()).max(dim=1).values >= threshold).float().mean())

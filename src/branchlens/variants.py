@@ -174,7 +174,7 @@ INCEPTION5H = Variant(
     lrn_size=9, lrn_alpha=9.99999974738e-05, lrn_beta=0.5, lrn_k=1.0,
     weights=WeightSource(
         filename="inception5h.pth",
-        sha256=None,  # pinned after first verified download; see weights.py
+        sha256=None,  # no published digest: the file's sha256 is recorded in every provenance
         url="https://github.com/ProGamerGov/pytorch-old-tensorflow-models/raw/master/inception5h.pth",
         fmt="pth",
         env_var="BRANCHLENS_INCEPTION5H_WEIGHTS",

@@ -180,10 +180,3 @@ def load_model(
         load_weights_into(model, read_state_dict(path), f" from {path}")
         info = WeightsInfo(v.name, "file", str(path), digest)
     return model.eval().to(device), info
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when present; anything else is passed to torch as is."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)

@@ -4,7 +4,7 @@ A decoder direction v (one latent, length d = channels of the layer) is split by
 branch slices. Statistics are *shares of squared norm*: ``share_b = ‖v_b‖² / ‖v‖²`` (the full
 ratio is its square root) and, for the paper's ratio, the same on ``relu(v)``.
 
-Null models (see shared/reference/statistics.md):
+Null models (the README's "Statistics" section says why each is needed):
 - isotropic: v a uniformly random direction → ``share_b ~ Beta(w_b/2, (d−w_b)/2)``. Real decoders
   are heavy-tailed, so this is badly miscalibrated; reported as a reference only.
 - channel permutation, raw decoder (the primary decision): keep v's values in activation units,
@@ -189,7 +189,10 @@ def _count_exceed(a: torch.Tensor, obs: torch.Tensor, bank: torch.Tensor, n_bran
 
 
 def bh_threshold(p: np.ndarray, q: float) -> np.ndarray:
-    """Per column, the BH cut-off t* (reject p ≤ t*; 0 when nothing is rejected); NaN = untested."""
+    """Per column, the BH cut-off t* (reject p ≤ t*; 0 when nothing is rejected); NaN = untested.
+
+    Hand-written because scipy only returns adjusted p-values, and the adaptive Monte-Carlo
+    needs the cut-off itself to decide which latents still need permutations."""
     p = np.atleast_2d(np.asarray(p, np.float64).T).T
     out = np.zeros(p.shape[1])
     for c in range(p.shape[1]):

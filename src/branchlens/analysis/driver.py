@@ -11,7 +11,6 @@ stored images — saying that too — when an SAE was trained without a held-out
 
 from __future__ import annotations
 
-import csv
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -42,8 +41,10 @@ from branchlens.analysis.crosslayer import (
 from branchlens.analysis.embedding import embed_latents, knn_branch_agreement
 from branchlens.analysis.figures import embedding_plot, sorted_ratio_curves
 from branchlens.analysis.stats import bh_reject
-from branchlens.artifacts import atomic_path, provenance, write_json
-from branchlens.variants import BLOCK_NAMES, branch_slices
+from branchlens.analysis.table import specialization, write_latent_table
+from branchlens.artifacts import provenance, write_json
+from branchlens.run import Run, RunError, layer_order
+from branchlens.variants import branch_slices
 
 PVALUE_NOTE = ("p-values are per latent; latents are not independent (they share images and "
                "directions), so BH counts and per-latent p-values are approximate. The "
@@ -93,35 +94,9 @@ class AnalysisConfig:
             raise ValueError("analyze.match_shifts must be >= 0 and match_threshold in [-1, 1]")
 
 
-def _layer_order(name: str) -> tuple[int, str]:
-    block = name.split("_")[0]
-    return (BLOCK_NAMES.index(block) if block in BLOCK_NAMES else 99, name)
-
-
 def find_layers(run_dir: Path) -> list[str]:
     """Layers with a trained SAE under ``RUN/sae``, in forward order."""
-    sae_dir = run_dir / "sae"
-    if not sae_dir.is_dir():
-        return []
-    names = [p.name for p in sae_dir.iterdir() if (p / "cfg.json").is_file()]
-    return sorted(names, key=_layer_order)
-
-
-def _fmt(x: Any) -> Any:
-    if isinstance(x, float | np.floating):
-        return "" if np.isnan(x) else f"{float(x):.6g}"
-    return x
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    if not rows:
-        return
-    cols = list(rows[0])
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: _fmt(v) for k, v in r.items()})
+    return Run(run_dir).layers
 
 
 # -- inputs ---------------------------------------------------------------------------------------
@@ -130,7 +105,7 @@ def load_layer_sae(run_dir: Path, layer: str, store, device: str = "cpu"):
     """The trained SAE of ``layer``, checked: present, finished, trained on this store."""
     from branchlens.sae import TopKSAE
 
-    where = run_dir / "sae" / layer
+    where = Run(run_dir).sae_dir(layer)
     if not (where / "weights.safetensors").is_file():
         raise AnalysisError(f"{layer}: no trained SAE in {where}; run "
                             f"`branchlens train {run_dir} --layers {layer}` first")
@@ -213,10 +188,6 @@ def _beta_vs_mc_tail(bt: BranchTest) -> dict:
             "median_abs_log10_diff": float(np.median(d)),
             "q90_abs_log10_diff": float(np.quantile(d, 0.9)),
             "agreement_at_1e-3": float(agree)}
-
-
-def _curve_rows(rn: dict) -> dict:
-    return {b: {k: v for k, v in r.items()} for b, r in rn["branches"].items()}
 
 
 def analyze_layer(layer: str, sae, store, cfg: AnalysisConfig, out_dir: Path,
@@ -332,7 +303,7 @@ def analyze_layer(layer: str, sae, store, cfg: AnalysisConfig, out_dir: Path,
                                    for i, b in enumerate(branches)},
         "branches": table,
         "null_controls": controls,
-        "paper_curve": {"raw": _curve_rows(curve_raw), "std": _curve_rows(curve_std),
+        "paper_curve": {"raw": curve_raw["branches"], "std": curve_std["branches"],
                         "replicates": cfg.curve_reps},
         "permutations": {"mean": float(np.mean(bt.n_perm[tested])) if tested.any() else 0,
                          "max": int(bt.n_perm.max()) if n else 0},
@@ -367,8 +338,9 @@ def analyze_layer(layer: str, sae, store, cfg: AnalysisConfig, out_dir: Path,
                   f"p_paper_{b}": bt.p_paper[i, j], f"p_beta_{b}": bt.p_beta[i, j],
                   f"p_isotropic_{b}": bt.p_iso[i, j], f"attribution_{b}": attr[i, j]}
         r |= {"top_category": top_cat[i], "animal_fraction": animal[i], "dog_fraction": dog[i],
-              "top_images": ";".join(str(store.images[t].get("id", t)) for t in tops[i]),
-              "top_labels": ";".join(str(labels[t]) for t in tops[i])}
+              "top_images": [str(store.images[t].get("id", t)) for t in tops[i]],
+              "top_labels": [int(labels[t]) for t in tops[i]]}
+        r |= {f"specialization_{b}": specialization(r, b, cfg.q) for b in branches}
         out_rows.append(r)
     log(f"{layer}: done in {summary['seconds']} s (branch tests {t_tests:.1f} s)")
     return {"summary": summary, "rows": out_rows, "table": table, "dominant": bt.dominant,
@@ -499,20 +471,19 @@ def analyze(run_dir: str | Path, *, layers: list[str] | None = None, store=None,
     if cfg.device == "auto":
         cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
     log = log or (lambda s: None)
+    run = Run(run_dir)
     if store is None:
-        from branchlens.store import ActivationStore
-
-        if not (run_dir / "store").is_dir():
-            raise AnalysisError(f"no activation store in {run_dir / 'store'}; run "
-                                f"`branchlens harvest SOURCE --out {run_dir / 'store'}` first")
-        store = ActivationStore.open(run_dir / "store")
-    layers = layers or find_layers(run_dir)
+        try:
+            store = run.store(verify=True)
+        except RunError as e:
+            raise AnalysisError(str(e)) from e
+    layers = layers or run.layers
     if not layers:
-        raise AnalysisError(f"no trained SAEs under {run_dir / 'sae'}; run "
+        raise AnalysisError(f"no trained SAEs under {run.path / 'sae'}; run "
                             f"`branchlens train {run_dir}` first")
-    layers = sorted(layers, key=_layer_order)
+    layers = sorted(layers, key=layer_order)
     saes = {layer: load_layer_sae(run_dir, layer, store, cfg.device) for layer in layers}
-    out_dir = run_dir / "analysis"
+    out_dir = run.analysis_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     groups = image_groups(store)
@@ -531,8 +502,8 @@ def analyze(run_dir: str | Path, *, layers: list[str] | None = None, store=None,
     _correct_categories(res, layers)
     rows = [r for layer in layers for r in res[layer]["rows"]]
     table = [{"layer": t.pop("layer"), **t} for layer in layers for t in res[layer]["table"]]
-    _write_csv(out_dir / "latents.csv", rows)
-    _write_csv(out_dir / "layers.csv", table)
+    write_latent_table(run.latent_table_path, rows)
+    write_latent_table(out_dir / "layers.csv", table)  # same CSV conventions
     per_layer = {layer: res[layer]["summary"] for layer in layers}
     summary = {
         "claims": paper_claims(per_layer, cross, q=cfg.q),
@@ -541,7 +512,7 @@ def analyze(run_dir: str | Path, *, layers: list[str] | None = None, store=None,
         "seconds": {"total": round(time.time() - t0, 1), "cross_layer": round(t_cross, 1)},
         "provenance": provenance(store_manifest_variant=store.manifest.get("variant")),
     }
-    write_json(out_dir / "summary.json", summary)
+    write_json(run.summary_path, summary)
     return summary
 
 

@@ -12,23 +12,17 @@ from scipy import stats as sps
 def bh_reject(p: np.ndarray, q: float = 0.05, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Benjamini–Hochberg step-up along ``axis``: (reject mask, adjusted p-values).
 
-    NaN p-values are treated as not tested (never rejected, excluded from m).
+    The adjustment is scipy's ``false_discovery_control``; the loop only exists because NaN
+    p-values mean "not tested": they are never rejected and do not count in m.
     """
     p = np.moveaxis(np.asarray(p, dtype=np.float64), axis, 0)
     flat = p.reshape(p.shape[0], -1)
-    rej = np.zeros_like(flat, dtype=bool)
     adj = np.full_like(flat, np.nan)
     for c in range(flat.shape[1]):
-        col = flat[:, c]
-        ok = np.flatnonzero(~np.isnan(col))
-        m = ok.size
-        if m == 0:
-            continue
-        order = ok[np.argsort(col[ok], kind="stable")]
-        ranked = col[order] * m / np.arange(1, m + 1)
-        a = np.minimum.accumulate(ranked[::-1])[::-1].clip(max=1.0)
-        adj[order, c] = a
-        rej[order, c] = a <= q
+        ok = ~np.isnan(flat[:, c])
+        if ok.any():
+            adj[ok, c] = sps.false_discovery_control(flat[ok, c], method="bh")
+    rej = np.nan_to_num(adj, nan=np.inf) <= q
     return (np.moveaxis(rej.reshape(p.shape), 0, axis),
             np.moveaxis(adj.reshape(p.shape), 0, axis))
 

@@ -1,5 +1,5 @@
 """Seeing features: batched feature visualization, top dataset examples with receptive-field
-crops (``branchlens.viz.examples``); latent circuits live in :mod:`branchlens.circuits`."""
+crops (``branchlens.viz.examples``); latent circuits live in :mod:`branchlens.viz.circuits`."""
 
 from branchlens.viz.examples import TopExamples, save_examples, top_examples  # noqa: F401
 from branchlens.viz.featurevis import visualize_latents  # noqa: F401

@@ -15,8 +15,6 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from branchlens.variants import Variant, branch_slices, get_variant
-
 
 class SAELike(Protocol):
     def encode_pre(self, x: Tensor) -> Tensor: ...
@@ -62,30 +60,8 @@ def sae_d_in(sae: SAELike) -> int:
     return int(sae.decoder_directions().shape[1])
 
 
-def dominant_branches(
-    directions: Tensor, variant: str | Variant, layer: str
-) -> tuple[Tensor, Tensor, list[str]]:
-    """Per latent: (dominant branch index [n], excess share [n, n_branches], branch names).
-
-    Excess share of branch b = ‖v_b‖² / ‖v‖² − width_b / width: a random direction has excess
-    ≈ 0 in every branch, so the argmax is not biased towards the widest branch.
-    """
-    slices = branch_slices(get_variant(variant), layer)
-    names = list(slices)
-    width = sum(s.stop - s.start for s in slices.values())
-    sq = directions.float().pow(2)
-    total = sq.sum(1, keepdim=True).clamp_min(1e-12)
-    share = torch.stack([sq[:, s].sum(1) for s in slices.values()], 1) / total
-    base = torch.tensor([(s.stop - s.start) / width for s in slices.values()])
-    excess = share - base
-    return excess.argmax(1), excess, names
-
-
 def load_sae(run_dir: str | Path, layer: str, device: str = "cpu"):
-    """The trained SAE of ``RUN/sae/<layer>/``."""
-    from branchlens.sae import TopKSAE
+    """The trained SAE of ``RUN/sae/<layer>/`` (see :meth:`branchlens.Run.sae`)."""
+    from branchlens.run import Run
 
-    path = Path(run_dir) / "sae" / layer
-    if not (path / "weights.safetensors").is_file():
-        raise FileNotFoundError(f"no trained SAE for {layer} in {path} (run `branchlens train`)")
-    return TopKSAE.load(path, device=device).eval()
+    return Run(run_dir, device=device).sae(layer)

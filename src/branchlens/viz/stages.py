@@ -6,53 +6,23 @@ explicit ``source``) and writes under ``RUN/viz/``; the CLI only parses options.
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from branchlens.artifacts import provenance, read_json, write_json
-from branchlens.data import ImageSource, open_source
-from branchlens.viz.latents import dominant_branches, load_sae
+from branchlens.artifacts import provenance, write_json
+from branchlens.data import ImageSource
+from branchlens.run import ProvenanceError, Run
+from branchlens.viz.latents import load_sae
 
-FLIP_SUFFIX = "+flip"  # what FlipViews appends to its source's description
-
+__all__ = ["ProvenanceError", "circuits_stage", "examples_stage", "run_source",
+           "visualize_stage"]
 
 def run_source(run_dir: str | Path, source: str | None = None) -> tuple[ImageSource, int | None]:
-    """The image source of the run's store (or ``source``), and how many images it used.
-
-    The store's source is reopened exactly (``+flip`` views included); an explicit ``source``
-    that is not the store's is refused, since image indices would point at other pictures."""
-    manifest = Path(run_dir) / "store" / "manifest.json"
-    doc = read_json(manifest) if manifest.is_file() else {}
-    info, variant = doc.get("source", {}), doc.get("variant", "bvlc_googlenet")
-    desc = info.get("description")
-    if source is not None:
-        src = open_source(source, variant)
-        if desc and src.description != desc.removesuffix(FLIP_SUFFIX):
-            raise ProvenanceError(f"--source {source} ({src.description}) is not the source the "
-                                  f"store of {run_dir} was harvested from ({desc})")
-        if desc and desc.endswith(FLIP_SUFFIX):
-            src = open_source(source, variant, flip=True)
-        return src, None if not desc else info.get("n_images")
-    if not desc:
-        raise FileNotFoundError(f"no store manifest with a source in {manifest}; pass --source")
-    flip = desc.endswith(FLIP_SUFFIX)
-    base = desc.removesuffix(FLIP_SUFFIX)
-    kind, _, rest = base.partition(":")
-    if kind in ("folder", "filelist"):
-        src = open_source(rest, variant, flip=flip)
-    elif kind == "embedded":
-        n, _, seed = rest.partition(":")
-        src = open_source(f"embedded:{n}", variant, seed=int(seed.removeprefix("seed") or 0),
-                          flip=flip)
-    else:
-        src = open_source(base, variant, flip=flip)
-    if src.description != desc:
-        raise ProvenanceError(f"cannot reopen the store's source {desc} (got {src.description})")
-    return src, info.get("n_images")
+    """The image source of the run's store (or ``source``): see :meth:`Run.source`."""
+    return Run(run_dir).source(source)
 
 
 def _validate(block: str, values: dict) -> None:
@@ -63,60 +33,24 @@ def _validate(block: str, values: dict) -> None:
     check_block(block, {k: v for k, v in values.items() if k in fields})
 
 
-class ProvenanceError(ValueError):
-    """A stage would combine artifacts of different networks, variants or sources."""
-
-
 def store_provenance(run_dir: str | Path) -> dict | None:
-    """Variant and weights (source, sha256, seed) the run's store was harvested with."""
-    manifest = Path(run_dir) / "store" / "manifest.json"
-    if not manifest.is_file():
-        return None
-    m = read_json(manifest)
-    return {"variant": m.get("variant"), "weights": m.get("weights") or {}}
+    return Run(run_dir).store_provenance()
 
 
 def check_sae_store(run_dir: str | Path, sae) -> None:
-    """Refuse an SAE trained on another harvest than the run's current store."""
-    want = getattr(sae, "meta", {}).get("store_hash")
-    if not want or not (Path(run_dir) / "store" / "manifest.json").is_file():
-        return
-    from branchlens.store import ActivationStore
-
-    have = ActivationStore.open(Path(run_dir) / "store", verify=False).content_hash()
-    if have != want:
-        raise ProvenanceError(f"the SAE of {sae.cfg.layer} in {run_dir} was trained on another "
-                              "store than the run's current one; train it again")
+    Run(run_dir).check_sae(sae)
 
 
 def _model(variant: str, weights: str | None, device: str, run_dir: str | Path | None = None):
-    """The network the run's store was harvested with, or a refusal: by default the store's
-    weights (random ones with the store's seed); explicit weights must have the store's hash."""
-    from branchlens.weights import load_model, resolve_device
+    """The network the run's store was harvested with (see :meth:`Run.model`) and its weights
+    info; without a run, the given weights."""
+    if run_dir is None:
+        from branchlens.devices import resolve_device
+        from branchlens.weights import load_model
 
-    prov = store_provenance(run_dir) if run_dir is not None else None
-    seed = 0
-    if prov is not None:
-        stored = prov["weights"]
-        if prov["variant"] and prov["variant"] != variant:
-            raise ProvenanceError(f"the SAE is for variant {variant!r} but the store of "
-                                  f"{run_dir} was harvested with {prov['variant']!r}")
-        is_random = weights is not None and str(weights) == "random"
-        if stored.get("source") == "random":
-            if weights is not None and not is_random:
-                raise ProvenanceError(f"the store of {run_dir} was harvested with RANDOM "
-                                      f"weights; refusing to mix in {weights}")
-            weights, seed = "random", int(stored.get("seed") or 0)
-        elif is_random and stored.get("sha256"):
-            raise ProvenanceError(f"the store of {run_dir} was harvested with real weights "
-                                  f"(sha256 {stored['sha256'][:12]}…); refusing random ones")
-    model, info = load_model(variant, weights, resolve_device(device), seed=seed)
-    want = (prov or {}).get("weights", {}).get("sha256")
-    if want and info.sha256 != want:
-        raise ProvenanceError(f"weights {info.path} have sha256 {info.sha256[:12]}… but the "
-                              f"store of {run_dir} was harvested with {want[:12]}…; pass "
-                              "--weights with the file the store was harvested with")
-    return model, info
+        return load_model(variant, weights, resolve_device(device))
+    model = Run(run_dir, device=device).model(weights, variant)
+    return model, model.weights_info
 
 
 def _variant_of(sae) -> str:
@@ -152,7 +86,7 @@ def visualize_stage(
     cfg = RenderConfig(size=size, steps=steps, lr=lr, seed=seed)
     vis = visualize_latents(model, sae, layer, lats, objective=objective, branch=branch,
                             cfg=cfg, batch_size=batch_size, show_progress=show_progress)
-    out = Path(run_dir) / "viz" / "featurevis" / layer
+    out = Run(run_dir).featurevis_dir(layer)
     return save_featurevis(vis, out, layer, cfg, {"variant": model.variant.name,
                                                   "weights": winfo.to_dict()})
 
@@ -174,7 +108,7 @@ def examples_stage(
     n = min(len(src), limit or n_used or len(src))
     top = top_examples(model, sae, layer, src, n_top=n_top, batch_size=batch_size,
                        indices=range(n), show_progress=show_progress)
-    out = Path(run_dir) / "viz" / "examples" / layer
+    out = Run(run_dir).examples_dir(layer)
     save_top_table(top, out / "top.safetensors")
     lats = list(latents) if latents else [j for j in pick_latents(sae, 10 * n_strips, seed)
                                           if top.values[j, 0] > 0][:n_strips]
@@ -184,24 +118,9 @@ def examples_stage(
                                "source": getattr(src, "description", "")})
 
 
-def dominant_for(run_dir: str | Path, layer: str, sae, variant: str
-                 ) -> tuple[np.ndarray, list[str]]:
-    """Dominant branch per latent: the analysis stage's (``analysis/latents.csv``) when present,
-    else the argmax of branch energy share minus channel share of the decoder direction."""
-    idx, _, names = dominant_branches(sae.decoder_directions().cpu(), variant, layer)
-    table = Path(run_dir) / "analysis" / "latents.csv"
-    if table.is_file():
-        dom = np.full(idx.numel(), -1)
-        found = False
-        with open(table, newline="") as f:
-            for row in csv.DictReader(f):
-                if row.get("layer") == layer and row.get("dominant") is not None:
-                    d = row["dominant"]
-                    dom[int(row["latent"])] = names.index(d) if d in names else -1
-                    found = True
-        if found:
-            return dom, names
-    return idx.numpy(), names
+def dominant_for(run_dir: str | Path, layer: str) -> tuple[np.ndarray, list[str]]:
+    """The analysis' dominant branch per latent (−1: none); circuits need the analysis first."""
+    return Run(run_dir).dominant(layer)
 
 
 def circuits_stage(
@@ -211,7 +130,7 @@ def circuits_stage(
     device: str = "auto", batch_size: int = 16, seed: int = 0, show_progress: bool = True,
 ) -> dict:
     """Top upstream latents, branch flow with a permutation null, and branch ablations."""
-    from branchlens import circuits as C
+    from branchlens.viz import circuits as C
     from branchlens.viz.examples import load_top_table, top_examples
 
     _validate("circuits", locals())
@@ -222,7 +141,7 @@ def circuits_stage(
     model, winfo = _model(variant, weights, device, run_dir)
     dev = next(model.parameters()).device
     sae_up, sae_down = sae_up.to(dev), sae_down.to(dev)
-    table = Path(run_dir) / "viz" / "examples" / down / "top.safetensors"
+    table = Run(run_dir).top_table_path(down)
     src, n_used = run_source(run_dir, source)
     if table.is_file():
         top = load_top_table(table)
@@ -230,8 +149,8 @@ def circuits_stage(
         n = min(len(src), n_used or len(src))
         top = top_examples(model, sae_down, down, src, n_top=n_images, batch_size=batch_size,
                            indices=range(n), show_progress=show_progress)
-    dom_up, names = dominant_for(run_dir, up, sae_up, variant)
-    dom_down, _ = dominant_for(run_dir, down, sae_down, variant)
+    dom_up, names = dominant_for(run_dir, up)
+    dom_down, _ = dominant_for(run_dir, down)
     active = [j for j in range(top.values.shape[0]) if top.values[j, 0] > 0]
     gen = np.random.default_rng(seed)
     chosen = list(latents) if latents else sorted(gen.choice(active, min(n_latents, len(active)),
@@ -255,7 +174,7 @@ def circuits_stage(
            "flow": flow.to_dict() if flow else None, "flow_latents": flow_ids,
            "causal": causal, "error_share_mean": float(att.error_share().mean()),
            **provenance(variant=variant, weights=winfo.to_dict(), n_images=n_images)}
-    write_json(Path(run_dir) / "viz" / "circuits" / f"{up}__{down}.json", doc)
+    write_json(Run(run_dir).circuits_path(up, down), doc)
     return doc
 
 
@@ -271,8 +190,8 @@ def _flow_sample(active: list[int], dom: np.ndarray, n: int, gen) -> list[int]:
 
 def _causal(model, sae_down, up, down, src, att, latents, dom_up, names, batch_size) -> list:
     """Zero each branch of ``up`` in the real forward pass; compare with the attributions."""
-    from branchlens import circuits as C
     from branchlens.data import iter_batches
+    from branchlens.viz import circuits as C
 
     idx = [i for i, t in enumerate(att.targets) if t.latent in set(latents)]
     if not idx:

@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from branchlens.model import layer_names
 from branchlens.variants import BRANCHES, branch_slices
 from branchlens.viz.latents import SAELike
 
@@ -58,23 +57,8 @@ class Attribution:
 # -- running the real network between two layers -------------------------------------------------
 
 def forward_between(model: nn.Module, x: Tensor, src: str, dst: str) -> Tensor:
-    """Block output ``dst`` from block output ``src`` through the model's own blocks/pools."""
-    from branchlens.model import _Outputs
-
-    names = layer_names(model.variant)
-    blocks = {b.name: b for b in model.variant.blocks}
-    if src not in blocks or dst not in blocks:
-        raise KeyError(f"circuits need block outputs (e.g. mixed4a); got {src!r} -> {dst!r}")
-    i, j = names.index(src), names.index(dst)
-    if j <= i:
-        raise ValueError(f"{dst} is not downstream of {src}")
-    sink = _Outputs(set())
-    for name in names[i + 1:j + 1]:
-        if name.startswith("maxpool"):
-            x = model._pool_s2(x)
-        elif name in blocks:
-            x = model._block(blocks[name], x, sink)
-    return x
+    """Block output ``dst`` from block output ``src`` (see ``InceptionV1.forward_between``)."""
+    return model.forward_between(x, src, dst)
 
 
 @contextmanager

@@ -1,0 +1,96 @@
+"""The latent table ``analysis/latents.csv``: one row per latent of every analysed layer.
+
+The analyze stage writes it and everything else (``Run``, viz, circuits, the report) reads it
+through :func:`read_latent_table`, so a column is parsed the same way everywhere: lists are
+``;``-joined, booleans ``True``/``False``, a missing number is empty (read as NaN).
+
+The columns that carry a *decision* are defined once, here:
+
+- ``dominant``: the branch a latent lives in by the primary rule (raw decoder against the
+  channel-permutation null, BH at q per branch): among its significant branches the one with
+  the largest enrichment (energy share over channel share), or ``none``.
+- ``robust_dominant``: the same, counting only branches also significant on the scale rule.
+- ``top_images``: the latent's top held-out images (ids, best first; an image and its mirror
+  count once), ranked by the latent's largest activation over the image's stored positions.
+- ``specialization_<b>``: ``1 − q_raw_<b>`` where significant, else 0 — a sort key for
+  browsing, not a statistic.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from branchlens.artifacts import atomic_path
+
+INT_COLUMNS = frozenset({"latent", "n_images_fired"})
+BOOL_COLUMNS = frozenset({"alive", "dead_in_training"})
+STR_COLUMNS = frozenset({"layer", "dominant", "robust_dominant", "top_category"})
+LIST_COLUMNS = {"top_images": str, "top_labels": int}
+NO_BRANCH = "none"  # value of dominant / robust_dominant when no branch is significant
+
+
+def _cell(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return ";".join(str(v) for v in value)
+    if isinstance(value, float | np.floating):
+        return "" if math.isnan(value) else f"{float(value):.6g}"
+    if isinstance(value, np.integer | np.bool_):
+        return value.item()
+    return value
+
+
+def write_latent_table(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
+    """Write rows (all with the same keys, in order) atomically."""
+    if not rows:
+        return
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: _cell(v) for k, v in r.items()})
+
+
+def parse_row(raw: dict[str, str]) -> dict[str, Any]:
+    """One CSV row with every column in its type (see the module docstring)."""
+    out: dict[str, Any] = {}
+    for k, v in raw.items():
+        if k in STR_COLUMNS:
+            out[k] = v
+        elif k in INT_COLUMNS:
+            out[k] = int(v)
+        elif k in BOOL_COLUMNS:
+            out[k] = v == "True"
+        elif k in LIST_COLUMNS:
+            out[k] = [LIST_COLUMNS[k](x) for x in v.split(";")] if v else []
+        else:
+            out[k] = float(v) if v not in ("", None) else math.nan
+    return out
+
+
+def iter_latent_table(path: str | Path, layer: str | None = None) -> Iterator[dict[str, Any]]:
+    with open(path, newline="") as f:
+        for raw in csv.DictReader(f):
+            if layer is None or raw.get("layer") == layer:
+                yield parse_row(raw)
+
+
+def read_latent_table(path: str | Path, layer: str | None = None) -> list[dict[str, Any]]:
+    """Typed rows of ``latents.csv`` (of one layer if given), in latent order."""
+    return list(iter_latent_table(path, layer))
+
+
+def branches_of(columns: Iterable[str]) -> list[str]:
+    """Branch names in column order, from the ``q_raw_<branch>`` columns."""
+    return [c.removeprefix("q_raw_") for c in columns if c.startswith("q_raw_")]
+
+
+def specialization(row: dict[str, Any], branch: str, q: float) -> float:
+    """``1 − q_raw`` where the latent is significant in ``branch`` at level q, else 0."""
+    qv = float(row.get(f"q_raw_{branch}", math.nan))
+    return 1.0 - qv if qv <= q else 0.0
