@@ -38,3 +38,113 @@ def test_classify_with_random_weights_warns(tmp_path):
     r = runner.invoke(app, ["classify", "embedded:2", "--weights", "random", "--workers", "0"])
     assert r.exit_code == 0, r.output
     assert "random weights" in r.output
+
+
+def test_source_errors_come_before_the_weights_in_one_line(tmp_path):
+    """A bad source is refused before any weights are looked for (the weights path is bad too)."""
+    no_weights = str(tmp_path / "nowhere.safetensors")
+    for cmd in (["harvest", f"wds:{tmp_path}/shard-{{0..2}}.tar", "--out", str(tmp_path / "s")],
+                ["classify", f"wds:{tmp_path}/shard-{{0..2}}.tar"],
+                ["classify", "embedded:2", "--image-key", "img"]):
+        r = runner.invoke(app, [*cmd, "--weights", no_weights])
+        assert r.exit_code == 2, r.output
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert lines[0].startswith("error: ") and "nowhere" not in r.stderr, r.stderr
+        assert "shards not found" in lines[0] or "hf: sources only" in lines[0]
+        assert not (tmp_path / "s").exists()
+
+
+def test_presets_print_as_toml_configs_that_rebuild_the_preset(tmp_path):
+    from branchlens.config import load_config_file
+    from branchlens.pipeline import PRESETS, make_config
+
+    listing = json.loads(runner.invoke(app, ["presets", "--json"]).stdout)
+    assert set(listing) == set(PRESETS) and listing["demo"]["train"]["steps"] == 300
+    for name in PRESETS:
+        r = runner.invoke(app, ["presets", name])
+        assert r.exit_code == 0, r.output
+        (tmp_path / f"{name}.toml").write_text(r.stdout)
+        over = load_config_file(tmp_path / f"{name}.toml")
+        assert make_config(None, "embedded:4", overrides=over) == \
+            make_config(name, "embedded:4")
+    r = runner.invoke(app, ["presets", "nope"])
+    assert r.exit_code == 2 and "unknown preset 'nope'" in r.stderr
+
+
+def test_config_file_and_run_json_go_through_the_schema(tmp_path):
+    from branchlens.config import load_config_file
+    from branchlens.pipeline import make_config
+
+    cfg = make_config("demo", overrides={"train": {"steps": 7}, "sae": {"k": 8}})
+    (tmp_path / "run.json").write_text(json.dumps({"config": cfg, "stages": {}}))
+    assert make_config(None, overrides=load_config_file(tmp_path / "run.json")) == cfg
+    toml = tmp_path / "c.toml"
+    toml.write_text('preset = "sample16x"\nsource = "embedded:8"\n[train]\nsteps = 5\n')
+    got = make_config(None, overrides=load_config_file(toml))
+    assert got["preset"] == "sample16x" and got["train"]["steps"] == 5
+    assert got["train"]["batch_size"] == 4096  # the rest of the preset stays
+    for text, msg in (('[train]\nstepz = 5\n', "unknown setting train.stepz"),
+                      ('[train]\nsteps = "many"\n', "train.steps must be"),
+                      ('[train\n', "invalid TOML")):
+        toml.write_text(text)
+        r = runner.invoke(app, ["run", "--config", str(toml), "--out", str(tmp_path / "r")])
+        assert r.exit_code == 2 and msg in r.stderr, r.output
+        assert r.stderr.strip().splitlines()[0].startswith("error: ")
+    assert not (tmp_path / "r").exists()
+
+
+def test_version_verbosity_and_completion_options():
+    from branchlens import __version__
+
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.stdout.strip() == f"branchlens {__version__}"
+    help_text = runner.invoke(app, ["--help"]).stdout
+    for opt in ("--verbose", "--quiet", "--install-completion", "--version"):
+        assert opt in help_text
+
+
+def test_json_results_are_the_only_stdout_and_only_rank_0_prints(tmp_path, monkeypatch):
+    r = runner.invoke(app, ["-q", "presets", "demo", "--json"])
+    assert r.exit_code == 0 and len(r.stdout.splitlines()) == 1
+    assert json.loads(r.stdout)["demo"]["preset"] == "demo"
+    monkeypatch.setenv("RANK", "1")
+    r = runner.invoke(app, ["info", "--json"])
+    assert r.exit_code == 0 and r.stdout == ""
+    r = runner.invoke(app, ["presets"])
+    assert r.exit_code == 0 and r.stdout == ""
+
+
+def test_ranks_other_than_0_write_no_run_level_file(tmp_path, monkeypatch):
+    from branchlens.pipeline import run
+
+    monkeypatch.setenv("RANK", "1")
+    record = run(tmp_path / "r", preset="demo", stages=["analyze", "report"])
+    assert record == {"stages": {}} and list((tmp_path / "r").iterdir()) == []
+
+
+def test_torchrun_run_two_ranks_one_record_and_one_result_line(tmp_path):
+    """Both ranks harvest and train on one process group; rank 0 alone prints and writes."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text('source = "embedded:6"\nstages = ["harvest", "train"]\n'
+                   '[harvest]\nlayers = ["mixed3a"]\nbatch_size = 3\n[sae]\nexpansion = 1\n'
+                   'k = 8\n[train]\nbatch_size = 64\nsteps = 4\nwarmup_steps = 1\n'
+                   'log_every = 2\nckpt_every = 2\n')
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env |= {"PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--standalone",
+                        "--nproc-per-node", "2", "-m", "branchlens", "-q", "run", "--config",
+                        str(cfg), "--out", str(tmp_path / "r"), "--weights", "random",
+                        "--device", "cpu", "--json"], env=env, capture_output=True, text=True,
+                       timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (line,) = r.stdout.splitlines()
+    assert json.loads(line)["stages"] == {"harvest": "done", "train": "done"}
+    rec = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert rec["stages"]["harvest"]["info"]["images"] == 6
+    assert (tmp_path / "r" / "sae" / "mixed3a" / "weights.safetensors").is_file()

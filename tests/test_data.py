@@ -120,7 +120,8 @@ def test_file_list_source(tmp_path):
     assert sum(len(b.image_ids) for b in got) == 1 and skips.counts["missing"] == 1
 
 
-def test_webdataset_tar(tmp_path):
+def test_webdataset_tar(tmp_path, monkeypatch):
+    monkeypatch.setenv("BRANCHLENS_CACHE", str(tmp_path / "cache"))  # shard-count cache
     tar = tmp_path / "shard-000.tar"
     with tarfile.open(tar, "w") as tf:
         for key, label in (("s0", 3), ("s1", 5)):

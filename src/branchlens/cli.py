@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,17 +15,73 @@ import typer
 
 from branchlens.variants import DEFAULT_VARIANT
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="TopK SAEs on InceptionV1 and branch specialization.")
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="TopK SAEs on InceptionV1 and branch specialization. Errors are one line "
+                       "on stderr (exit 2); --debug shows the traceback.")
 USER_ERROR_RC = 2  # what every refused input or failed stage exits with
 DEBUG_ENV = "BRANCHLENS_DEBUG"
+QUIET_ENV = "BRANCHLENS_QUIET"  # read by branchlens.progress: no progress bars
+log = logging.getLogger("branchlens")
+
+
+def rank() -> int:
+    """This process's rank under torchrun (``RANK``); 0 when not distributed."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+class _Format(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            msg = f"{record.levelname.lower()}: {msg}"
+        return msg if rank() == 0 else f"[rank {rank()}] {msg}"
+
+
+def _version(value: bool) -> None:
+    if value:
+        from branchlens import __version__
+
+        typer.echo(f"branchlens {__version__}")
+        raise typer.Exit()
 
 
 @app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help="show tracebacks of errors")) -> None:
-    """Global options."""
+def _main(
+    debug: bool = typer.Option(False, "--debug", help="show tracebacks of errors"),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True,
+                                help="debug messages on stderr too"),
+    quiet: bool = typer.Option(False, "--quiet", "-q",
+                               help="only warnings and errors on stderr; no progress bars"),
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
+                                 help="print the version and exit"),
+) -> None:
+    """Global options. Under torchrun only rank 0 prints results (other ranks: warnings)."""
     if debug:
         os.environ[DEBUG_ENV] = "1"
+    level = logging.DEBUG if verbose else logging.INFO
+    os.environ.pop(QUIET_ENV, None)
+    if quiet or rank() != 0:
+        level = logging.WARNING
+        os.environ[QUIET_ENV] = "1"
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Format())
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+
+
+def _info(message: str) -> None:
+    """A stage's progress line (stderr; hidden by -q and on ranks other than 0)."""
+    log.info(message)
+
+
+def _out(text: str = "", **kw: Any) -> None:
+    """A result on stdout: rank 0 only."""
+    if rank() == 0:
+        typer.secho(text, **kw)
 
 
 def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -39,8 +97,9 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             msg = str(e) if isinstance(e, (ValueError, RuntimeError, OSError)) \
                 else f"{type(e).__name__}: {e}"
-            typer.secho(f"error: {msg}", fg="red", err=True)
-            typer.echo("(run `branchlens --debug ...` for the traceback)", err=True)
+            msg = "; ".join(ln.strip() for ln in msg.strip().splitlines() if ln.strip())
+            where = "" if rank() == 0 else f"[rank {rank()}] "
+            typer.secho(f"{where}error: {msg}", fg="red", err=True)
             raise typer.Exit(USER_ERROR_RC) from None
     return wrapper
 
@@ -56,10 +115,23 @@ WeightsOpt = typer.Option(
          "variant's env var ($BRANCHLENS_BVLC_WEIGHTS / $BRANCHLENS_INCEPTION5H_WEIGHTS), the "
          "cache, or a download")
 DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]")
+ImageKeyOpt = typer.Option(None, "--image-key", help="hf: sources: the image column")
+LabelKeyOpt = typer.Option(None, "--label-key", help="hf: sources: the label column")
 
 
 def _echo_json(obj) -> None:
-    typer.echo(json.dumps(obj, indent=None))
+    _out(json.dumps(obj, indent=None))
+
+
+JsonOpt = typer.Option(False, "--json", help="the result as one JSON line on stdout, nothing else")
+
+
+def _result(obj: dict[str, Any], as_json: bool, title: str) -> None:
+    """A command's result: one JSON line with ``--json``, else ``title: key value, ...``."""
+    if as_json:
+        _echo_json(obj)
+    else:
+        _out(f"{title}: " + ", ".join(f"{k} {v}" for k, v in obj.items()))
 
 
 @app.command()
@@ -94,7 +166,8 @@ def info(variant: str = VariantOpt, as_json: bool = typer.Option(False, "--json"
         t.add_row(name, "x".join(map(str, d["shape"])),
                   *(f"{br[k][0]}:{br[k][1]}" for k in ("1x1", "3x3", "5x5", "pool")),
                   f"{d['bottlenecks']['3x3']}/{d['bottlenecks']['5x5']}")
-    Console().print(t)
+    if rank() == 0:
+        Console().print(t)
 
 
 @app.command()
@@ -108,19 +181,25 @@ def classify(
     paper_compat: bool = typer.Option(False, "--paper-compat",
                                       help="feed [0,1] RGB like the paper's harvest"),
     show: int = typer.Option(10, "--show", help="predictions to print (-1: all)"),
+    limit: int | None = typer.Option(None, "--limit", help="first N images of SOURCE"),
+    image_key: str | None = ImageKeyOpt,
+    label_key: str | None = LabelKeyOpt,
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Top-5 predictions (with class names) and accuracy when labels are known."""
     from branchlens.classify import classify as run_classify
     from branchlens.classify import format_prediction
+    from branchlens.data import open_source
     from branchlens.devices import resolve_device
+    from branchlens.streaming import with_columns
     from branchlens.weights import load_model
 
     if batch_size < 1 or workers < 0:
         raise ValueError(f"need --batch-size >= 1 and --workers >= 0, got {batch_size}, "
                          f"{workers}")
-    model, winfo = load_model(variant, weights, resolve_device(device))
-    res = run_classify(model, source, batch_size=batch_size, workers=workers,
+    src = open_source(with_columns(source, image_key, label_key), variant, limit=limit)
+    model, winfo = load_model(variant, weights, resolve_device(device))  # after the source check
+    res = run_classify(model, src, batch_size=batch_size, workers=workers,
                        paper_compat=paper_compat)
     if not res.predictions:
         raise ValueError(f"no image of {source!r} could be classified "
@@ -133,13 +212,13 @@ def classify(
         _echo_json({k: summary[k] for k in ("n", "top1", "top5", "skipped")})
         return
     for p in res.predictions[: None if show < 0 else show]:
-        typer.echo(format_prediction(p, model.variant))
-    typer.echo(res.skips.summary())
+        _out(format_prediction(p, model.variant))
+    _out(res.skips.summary())
     if summary["labelled"]:
         n = summary["labelled"]
-        typer.echo(f"top-1 {summary['top1']}/{n}  top-5 {summary['top5']}/{n}")
+        _out(f"top-1 {summary['top1']}/{n}  top-5 {summary['top5']}/{n}")
     if winfo.random:
-        typer.secho("WARNING: random weights — predictions are meaningless", fg="red")
+        _out("WARNING: random weights — predictions are meaningless", fg="red")
 
 
 @app.command()
@@ -164,13 +243,17 @@ def harvest(
                                       help="feed [0,1] RGB like the paper's harvest"),
     limit: int | None = typer.Option(None, "--limit", help="first N images of SOURCE"),
     flip: bool = typer.Option(False, "--flip", help="add every image's mirror as a 2nd view"),
+    image_key: str | None = ImageKeyOpt,
+    label_key: str | None = LabelKeyOpt,
     show_progress: bool = typer.Option(True, "--progress/--no-progress"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Activations of many layers in one pass into a resumable store (torchrun: ranks)."""
     from branchlens.harvest import harvest as run_harvest
     from branchlens.store import StoreError
+    from branchlens.streaming import with_columns
 
+    source = with_columns(source, image_key, label_key)
     try:
         res = run_harvest(source, out, layers, variant=variant, weights=weights, device=device,
                           sampling=sampling, samples_per_image=samples_per_image,
@@ -189,12 +272,12 @@ def harvest(
     if as_json:
         _echo_json(summary)
         return
-    typer.echo(f"store {res.path}: {c['images']} images ({c['images_skipped']} skipped, "
+    _out(f"store {res.path}: {c['images']} images ({c['images_skipped']} skipped, "
                f"{res.resumed_images} already done), world size {res.world_size}")
     for layer, n in c["vectors"].items():
-        typer.echo(f"  {layer}: {n} vectors")
+        _out(f"  {layer}: {n} vectors")
     if res.manifest["skips"]["counts"]:
-        typer.echo(f"  skips: {res.manifest['skips']['counts']}")
+        _out(f"  skips: {res.manifest['skips']['counts']}")
 
 
 @app.command()
@@ -230,7 +313,7 @@ def analyze(
     cfg = AnalysisConfig(**settings, seed=seed, device=device)
     try:
         summary = run_analyze(run, layers=layers.split(",") if layers else None, config=cfg,
-                              log=lambda s: typer.echo(s, err=True))
+                              log=_info)
     except (FileNotFoundError, KeyError, ValueError) as e:
         typer.secho(f"error: {e}", fg="red", err=True)
         raise typer.Exit(2) from None
@@ -243,8 +326,8 @@ def analyze(
                     "robust_dominant": {k: v["robust_dominant_counts"]
                                         for k, v in summary["per_layer"].items()}})
         return
-    typer.echo(format_table(summary))
-    typer.echo(f"written: {run}/analysis/ (summary.json, latents.csv, layers.csv, figures)")
+    _out(format_table(summary))
+    _out(f"written: {run}/analysis/ (summary.json, latents.csv, layers.csv, figures)")
 
 
 def _int_list(s: str | None) -> list[int] | None:
@@ -268,14 +351,15 @@ def visualize(
     weights: str | None = WeightsOpt,
     device: str = DeviceOpt,
     show_progress: bool = typer.Option(True, "--progress/--no-progress"),
+    as_json: bool = JsonOpt,
 ) -> None:
     """Feature visualization of SAE latents (batched) -> RUN/viz/featurevis/<layer>/."""
     from branchlens.viz.stages import visualize_stage
 
     idx = visualize_stage(run, layer, _int_list(latents), n_latents, objective, branch, size,
                           steps, lr, seed, batch_size, weights, device, show_progress)
-    _echo_json({"layer": layer, "images": len(idx["latents"]), "objective": objective,
-                "branch": branch})
+    _result({"layer": layer, "images": len(idx["latents"]), "objective": objective,
+             "branch": branch}, as_json, "feature visualizations")
 
 
 @app.command()
@@ -292,14 +376,15 @@ def examples(
     weights: str | None = WeightsOpt,
     device: str = DeviceOpt,
     show_progress: bool = typer.Option(True, "--progress/--no-progress"),
+    as_json: bool = JsonOpt,
 ) -> None:
     """Top dataset examples of every latent, RF crops -> RUN/viz/examples/<layer>/."""
     from branchlens.viz.stages import examples_stage
 
     idx = examples_stage(run, layer, source, n_top, _int_list(latents), n_strips, maps,
                          batch_size, limit, weights, device, show_progress=show_progress)
-    _echo_json({"layer": layer, "images": idx["n_images"], "strips": len(idx["latents"]),
-                "receptive_field": idx["receptive_field"]})
+    _result({"layer": layer, "images": idx["n_images"], "strips": len(idx["latents"]),
+             "receptive_field": idx["receptive_field"]}, as_json, "dataset examples")
 
 
 @app.command()
@@ -318,6 +403,7 @@ def circuits(
     weights: str | None = WeightsOpt,
     device: str = DeviceOpt,
     show_progress: bool = typer.Option(True, "--progress/--no-progress"),
+    as_json: bool = JsonOpt,
 ) -> None:
     """Latent-to-latent attribution, branch flow vs null, branch ablation -> RUN/viz/circuits/."""
     from branchlens.viz.stages import circuits_stage
@@ -325,8 +411,8 @@ def circuits(
     doc = circuits_stage(run, up, down, _int_list(latents), n_latents, n_images, flow_latents,
                          n_perm, top_k, ablate, source, weights, device,
                          show_progress=show_progress)
-    _echo_json({"up": up, "down": down, "latents": len(doc["latents"]),
-                "error_share_mean": round(doc["error_share_mean"], 4)})
+    _result({"up": up, "down": down, "latents": len(doc["latents"]),
+             "error_share_mean": round(doc["error_share_mean"], 4)}, as_json, "circuits")
 
 
 @app.command()
@@ -363,6 +449,7 @@ def train(
     no_progress: bool = typer.Option(False, "--no-progress"),
     restart: bool = typer.Option(False, "--restart",
                                  help="discard an SAE folder trained with other settings"),
+    as_json: bool = JsonOpt,
 ) -> None:
     """Train TopK SAEs (one per layer) streaming from RUN/store; resumes after a kill.
 
@@ -390,7 +477,7 @@ def train(
     names = [s.strip() for s in layers.split(",") if s.strip()]
     if from_npy is None:
         saes = train_layers(run_dir, names, sae_kw, cfg, expansion=expansion, restart=restart,
-                            log=lambda m: typer.echo(m, err=True))
+                            log=_info)
     else:
         from branchlens.sae import SAEConfig
 
@@ -407,27 +494,54 @@ def train(
         data = ArrayBatches(arr, batch_size, seed)
         saes = {names[0]: train_sae(data, sae_cfg, cfg, Path(run_dir) / "sae" / names[0],
                                     meta={"source_npy": str(from_npy)}, restart=restart,
-                                    log=lambda m: typer.echo(m, err=True))}
+                                    log=_info)}
     for layer, sae in saes.items():
-        _echo_json({"layer": layer, "step": sae.meta["train"]["step"], **sae.meta["eval"]})
+        _result({"layer": layer, "step": sae.meta["train"]["step"], **sae.meta["eval"]},
+                as_json, "trained")
+
+
+@app.command("export-sae")
+def export_sae(
+    run_dir: str = typer.Argument(..., help="run folder holding sae/<layer>/"),
+    layer: str = typer.Option(..., "--layer"),
+    fmt: str = typer.Option("saelens", "--format", help="saelens | paper"),
+    out: str | None = typer.Option(None, "--out", help="default: RUN/export/<layer>-<format>"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Write a trained SAE for SAELens or the paper's notebook (input scale folded in)."""
+    from branchlens.interop import export_run_sae
+
+    path = export_run_sae(run_dir, layer, fmt, out)
+    if as_json:
+        _echo_json({"out": str(path), "layer": layer, "format": fmt})
+    else:
+        _out(f"{fmt} SAE of {layer}: {path}")
 
 
 @app.command("import-sae")
 def import_sae(
-    checkpoint: str = typer.Argument(..., help="the paper notebook's state dict (.pt/.pth)"),
-    out_dir: str = typer.Argument(..., help="writes weights.safetensors + cfg.json here"),
+    source: str = typer.Argument(..., help="a SAELens folder, or the paper notebook's state "
+                                           "dict (.pt/.pth/.safetensors)"),
+    out_dir: str = typer.Argument(..., help="writes weights.safetensors + cfg.json here, e.g. "
+                                            "RUN/sae/<layer>"),
+    fmt: str = typer.Option("auto", "--format", help="auto | saelens | paper"),
     layer: str | None = typer.Option(None, "--layer"),
     variant: str = VariantOpt,
-    k: int = typer.Option(32, "--k"),
+    k: int | None = typer.Option(None, "--k", help="TopK k of a paper state dict"),
+    as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Convert a paper-style SAE checkpoint (tied, W_enc.weight/b_pre/b_latent) to branchlens."""
-    from branchlens.sae import import_paper_checkpoint
+    """Convert a SAELens TopK SAE or a paper-style checkpoint into a branchlens SAE."""
+    from branchlens.interop import import_sae as run_import
 
-    sae = import_paper_checkpoint(checkpoint, k=k, layer=layer,
-                                  variant=variant if layer else None)
-    sae.save(out_dir, {"imported_from": checkpoint})
-    _echo_json({"out": out_dir, **{key: getattr(sae.cfg, key)
-                                   for key in ("d_in", "n_latents", "k", "decoder")}})
+    sae = run_import(source, fmt, k=k, layer=layer, variant=variant if layer else None)
+    sae.save(out_dir, {"imported_from": source})
+    summary = {"out": out_dir, **{key: getattr(sae.cfg, key)
+                                  for key in ("d_in", "n_latents", "k", "decoder")}}
+    if as_json:
+        _echo_json(summary)
+    else:
+        _out(f"imported {source} -> {out_dir} (d_in {sae.cfg.d_in}, "
+                   f"{sae.cfg.n_latents} latents, k {sae.cfg.k})")
 
 
 @app.command()
@@ -436,6 +550,7 @@ def report(
     out: str | None = typer.Option(None, "--out", help="default: RUN/report/index.html"),
     cards_per_layer: int = typer.Option(48, "--cards-per-layer",
                                         help="gallery cards per layer (plus rendered latents)"),
+    as_json: bool = JsonOpt,
 ) -> None:
     """One self-contained HTML report of a run (works on partial runs)."""
     from branchlens.config import check_block
@@ -443,14 +558,20 @@ def report(
 
     check_block("report", {"cards_per_layer": cards_per_layer})
     path = build_report(run_dir, out, cards_per_layer=cards_per_layer)
-    typer.echo(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    size = path.stat().st_size
+    if as_json:
+        _echo_json({"report": str(path), "bytes": size})
+    else:
+        _out(f"report: {path} ({size / 1e6:.1f} MB)")
 
 
 @app.command("run")
 def run_cmd(
     source: str | None = typer.Argument(None, help="images; default: the preset's source"),
     out: Path = typer.Option(Path("runs/demo"), "--out", help="run directory"),
-    preset: str = typer.Option("demo", "--preset", help="demo | sample16x | paper"),
+    preset: str | None = typer.Option(None, "--preset",
+                                      help="demo | sample16x | paper (default: the config "
+                                           "file's, else demo); see `branchlens presets`"),
     variant: str | None = typer.Option(None, "--variant", help="override the preset's"),
     weights: str | None = WeightsOpt,
     device: str = DeviceOpt,
@@ -461,19 +582,16 @@ def run_cmd(
     force: bool = typer.Option(False, "--force", help="re-run stages even if up to date"),
     set_: list[str] = typer.Option([], "--set", help="override, e.g. --set train.steps=1000"),
     config: Path | None = typer.Option(None, "--config",
-                                       help="JSON file shaped like a preset, applied before "
-                                            "--set"),
+                                       help="TOML or JSON file shaped like a preset (`branchlens "
+                                            "presets NAME` prints one), or a run's run.json to "
+                                            "repeat it; applied before --set"),
+    as_json: bool = typer.Option(False, "--json", help="print the run record's summary as JSON"),
 ) -> None:
     """Harvest → train → analyze → visualize/examples/circuits → report, resumable."""
-    from branchlens.artifacts import read_json
-    from branchlens.config import ConfigError, parse_set
+    from branchlens.config import ConfigError, load_config_file, parse_set
     from branchlens.pipeline import run
 
-    overrides: dict[str, Any] = {}
-    if config is not None:
-        overrides = read_json(config)
-        if not isinstance(overrides, dict):
-            raise ConfigError(f"{config} must hold a JSON object shaped like a preset")
+    overrides: dict[str, Any] = load_config_file(config) if config is not None else {}
     for item in set_:
         block, name, value = parse_set(item)
         if not isinstance(overrides.get(block, {}), dict):
@@ -482,12 +600,41 @@ def run_cmd(
     record = run(out, preset=preset, source=source, weights=weights, device=device,
                  variant=variant, paper_compat=paper_compat, seed=seed, overrides=overrides,
                  stages=[s.strip() for s in stages.split(",")] if stages else None, force=force,
-                 log=lambda m: typer.echo(m, err=True))
+                 log=_info)
+    if rank() != 0:
+        return
     total = sum(s.get("seconds", 0) for s in record["stages"].values())
     report = out / "report" / "index.html"
-    typer.echo(f"run {out} finished ({total:.0f}s of stage time)")
+    if as_json:
+        _echo_json({"run": str(out), "seconds": round(total, 2),
+                    "stages": {k: v.get("status") for k, v in record["stages"].items()},
+                    "report": str(report.resolve()) if report.is_file() else None})
+        return
+    _out(f"run {out} finished ({total:.0f}s of stage time)")
     if report.is_file():
-        typer.echo(f"report: {report.resolve()}")
+        _out(f"report: {report.resolve()}")
+
+
+@app.command()
+def presets(
+    name: str | None = typer.Argument(None, help="one preset, printed as a TOML config file"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """The presets of `branchlens run` and their values (edit one into a --config file)."""
+    from branchlens.config import ConfigError, to_toml
+    from branchlens.pipeline import PRESET_NOTES, PRESETS
+
+    if name is not None and name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    chosen = {name: PRESETS[name]} if name else PRESETS
+    if as_json:
+        _echo_json({k: {"preset": k, **v} for k, v in chosen.items()})
+        return
+    for i, (key, values) in enumerate(chosen.items()):
+        if i:
+            _out("")
+        _out(f"# preset {key}: {PRESET_NOTES.get(key, '')}")
+        _out(to_toml({"preset": key, **values}), nl=False)
 
 
 for _cmd in app.registered_commands:

@@ -1,8 +1,9 @@
 """One validated run configuration: the stage dataclasses and signatures are its schema.
 
-Presets, ``--set`` overrides and ``--config`` files all go through :func:`validate_config`, which
-refuses unknown blocks, unknown keys, wrong types and out-of-range values up front, naming the
-valid choices, so a typo can never be accepted and silently ignored.
+Presets, ``--set`` overrides and ``--config`` files (TOML, JSON, or a run's ``run.json``) all
+go through :func:`validate_config`, which refuses unknown blocks, unknown keys, wrong types and
+out-of-range values up front, naming the valid choices, so a typo can never be accepted and
+silently ignored.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 STAGES = ("harvest", "train", "analyze", "visualize", "examples", "circuits", "report")
@@ -81,6 +83,7 @@ class SAEOptions:
         from branchlens.sae import SAEConfig
 
         _check(self.expansion >= 1, f"sae.expansion must be >= 1, got {self.expansion}")
+        _check(self.k >= 1, f"sae.k must be >= 1, got {self.k}")
         kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         kw.pop("expansion")
         SAEConfig(d_in=self.k, n_latents=self.k * self.expansion, **kw)  # its own range checks
@@ -247,3 +250,53 @@ def parse_set(item: str) -> tuple[str, str, Any]:
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"--set {item!r}: non-finite numbers are not allowed")
     return block, name, value
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """A ``.toml`` or ``.json`` file shaped like a preset, or a run's ``run.json`` (its recorded
+    config), as overrides for :func:`branchlens.pipeline.make_config` (validated there)."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {p}: {e.strerror or e}") from None
+    if p.suffix.lower() == ".toml":
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            import tomli as tomllib  # type: ignore[no-redef]
+        try:
+            doc = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: invalid TOML ({e})") from None
+    else:
+        import json
+
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{p}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    if isinstance(doc, dict) and isinstance(doc.get("stages"), dict) and \
+            isinstance(doc.get("config"), dict):
+        doc = doc["config"]  # a run record: repeat that run
+    _check(isinstance(doc, dict), f"{p} must hold a table/object shaped like a preset")
+    return doc
+
+
+def to_toml(cfg: dict[str, Any]) -> str:
+    """A config as TOML (top-level keys, then one table per block); ``None`` values are
+    written as comments, since TOML has no null."""
+    import json
+
+    def value(v: Any) -> str:
+        return json.dumps(v) if not isinstance(v, float) else repr(v)
+
+    def lines(d: dict[str, Any]) -> list[str]:
+        return [f"# {k} = (none)" if v is None else f"{k} = {value(v)}" for k, v in d.items()
+                if not isinstance(v, dict)]
+
+    out = lines(cfg)
+    for k, v in cfg.items():
+        if isinstance(v, dict):
+            out += ["", f"[{k}]", *lines(v)]
+    return "\n".join(out) + "\n"

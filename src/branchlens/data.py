@@ -8,8 +8,10 @@ skipped and counted by reason, never raised and never turned into NaNs. Image id
 Source specs accepted by :func:`open_source`:
 ``embedded[:N]`` (photos shipped in scikit-image, expanded to N seeded views), a folder
 (recursive; ImageNet ``<wnid>/`` subfolders or ``<wnid>_name.JPEG`` files give labels), a ``.txt``
-file list (``path [label]`` per line), ``hf:NAME[:SPLIT]`` (HF datasets, streaming) and
-``wds:URL_OR_PATTERN`` (WebDataset tar shards).
+file list (``path [label]`` per line), ``hf:NAME[:SPLIT][?image=KEY&label=KEY]`` (a hub
+dataset, streamed under a limit, or a local ``save_to_disk``/imagefolder/parquet folder) and
+``wds:SHARDS`` (WebDataset shards as ``webdataset`` expands them: braces, ``::``, URLs,
+``pipe:``). The last two live in :mod:`branchlens.streaming`.
 """
 
 from __future__ import annotations
@@ -323,82 +325,6 @@ class _EmbeddedView:
         return ImageOps.mirror(img) if rng.random() < 0.5 else img
 
 
-class HFSource(ImageSource):
-    """A Hugging Face ``datasets`` split (needs the ``hf`` extra); ``limit`` caps streaming."""
-
-    def __init__(self, name: str, split: str = "train", limit: int | None = None,
-                 image_key: str = "image", label_key: str = "label"):
-        try:
-            import datasets
-        except ImportError as e:
-            raise ImportError("hf: sources need `pip install branchlens[hf]`") from e
-        ds = datasets.load_dataset(name, split=split, streaming=limit is not None)
-        if limit is not None:
-            ds = list(ds.take(limit))
-        self.ds, self.image_key, self.label_key = ds, image_key, label_key
-        self.description = f"hf:{name}:{split}"
-        self.name = name
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, i: int) -> RawRecord:
-        row = self.ds[i]
-        label = row.get(self.label_key)
-        return RawRecord(f"hf:{self.name}:{i}", int(label) if label is not None else None,
-                         row[self.image_key])
-
-
-class WebDatasetSource(ImageSource):
-    """Images from WebDataset tar shards (read with the standard library; no extra needed).
-
-    Samples are grouped by key; the first member with an image suffix is the image, a ``cls``
-    member the label.
-    """
-
-    def __init__(self, pattern: str):
-        import glob
-        import tarfile
-
-        shards = sorted(glob.glob(pattern)) or [pattern]
-        self.items: list[tuple[str, int | None, str, str]] = []
-        for shard in shards:
-            groups: dict[str, dict[str, str]] = {}
-            with tarfile.open(shard) as tf:
-                for m in tf.getmembers():
-                    if m.isfile():
-                        key, _, ext = m.name.partition(".")
-                        groups.setdefault(key, {})[ext.lower()] = m.name
-                for key, members in groups.items():
-                    img = next((members[e] for e in members if f".{e}" in IMAGE_SUFFIXES), None)
-                    if img is None:
-                        continue
-                    label = None
-                    if "cls" in members:
-                        label = int(tf.extractfile(members["cls"]).read().decode().strip())
-                    self.items.append((f"wds:{Path(shard).name}:{key}", label, shard, img))
-        self.description = f"wds:{pattern}"
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> RawRecord:
-        image_id, label, shard, member = self.items[i]
-        return RawRecord(image_id, label, _TarMember(shard, member))
-
-
-@dataclass
-class _TarMember:
-    shard: str
-    member: str
-
-    def __call__(self) -> bytes:
-        import tarfile
-
-        with tarfile.open(self.shard) as tf:
-            return tf.extractfile(self.member).read()
-
-
 class FlipViews(ImageSource):
     """Every image of ``source`` followed by its horizontal mirror (2× the views).
 
@@ -416,9 +342,11 @@ class FlipViews(ImageSource):
         if not 0 <= i < len(self):
             raise IndexError(i)
         rec = self.source[i // 2]
-        if i % 2 == 0:
-            return rec
-        return RawRecord(f"{rec.image_id}{VIEW_SEP}flip", rec.label, _Mirrored(rec.payload))
+        return rec if i % 2 == 0 else _flipped(rec)
+
+
+def _flipped(rec: RawRecord) -> RawRecord:
+    return RawRecord(f"{rec.image_id}{VIEW_SEP}flip", rec.label, _Mirrored(rec.payload))
 
 
 @dataclass
@@ -429,29 +357,80 @@ class _Mirrored:
         return ImageOps.mirror(decode_image(self.payload))
 
 
+class _Truncated(ImageSource):
+    """The first ``n`` records of a random-access source."""
+
+    def __init__(self, source: ImageSource, n: int):
+        self.source, self.n = source, min(n, len(source))
+        self.description = source.description
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> RawRecord:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return self.source[i]
+
+
 def open_source(spec: str | ImageSource, variant: str | Variant = "bvlc_googlenet",
-                seed: int = 0, flip: bool = False) -> ImageSource:
+                seed: int = 0, flip: bool = False, limit: int | None = None,
+                image_key: str | None = None, label_key: str | None = None) -> ImageSource:
     """Parse a source spec (see module docstring) into an :class:`ImageSource`.
 
-    ``flip`` adds the horizontal mirror of every image as a second view.
+    Cheap and strict: a bad spec, a missing path or library, an unknown HF column fails here
+    with one line, before any weights load. ``flip`` adds the horizontal mirror of every image
+    as a second view; ``limit`` keeps the first N views (a streamed source reads no further).
+    ``image_key``/``label_key`` name the columns of an ``hf:`` dataset.
     """
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {limit}")
     if flip:
-        return FlipViews(open_source(spec, variant, seed))
+        base = open_source(spec, variant, seed, limit=None if limit is None else -(-limit // 2),
+                           image_key=image_key, label_key=label_key)
+        from branchlens.streaming import FlipStream, StreamSource
+
+        src: ImageSource = (FlipStream(base, limit) if isinstance(base, StreamSource)
+                            else FlipViews(base))
+    else:
+        src = _open(spec, variant, seed, limit, image_key, label_key)
+    if limit is not None and not _is_stream(src):
+        src = _Truncated(src, limit)
+    return src
+
+
+def _is_stream(src: ImageSource) -> bool:
+    from branchlens.streaming import StreamSource
+
+    return isinstance(src, StreamSource)
+
+
+def _open(spec: str | ImageSource, variant: str | Variant, seed: int, limit: int | None,
+          image_key: str | None, label_key: str | None) -> ImageSource:
     if isinstance(spec, ImageSource):
         return spec
+    if (image_key or label_key) and not spec.startswith("hf:"):
+        raise ValueError("--image-key/--label-key apply to hf: sources only")
     if spec == "embedded" or spec.startswith("embedded:"):
         n = spec.partition(":")[2]
+        if n and not n.isdigit():
+            raise ValueError(f"embedded:N wants a count, got {spec!r}")
         return EmbeddedSource(int(n) if n else None, seed=seed)
     if spec.startswith("hf:"):
-        name, _, split = spec[3:].partition(":")
-        return HFSource(name, split or "train")
+        from branchlens.streaming import open_hf
+
+        return open_hf(spec[3:], variant, limit, image_key, label_key)
     if spec.startswith("wds:"):
-        return WebDatasetSource(spec[4:])
+        from branchlens.streaming import WebDatasetSource
+
+        return WebDatasetSource(spec[4:], limit)
     p = Path(spec).expanduser()
     if p.is_dir():
         return FolderSource(p, variant)
-    if p.suffix == ".tar":
-        return WebDatasetSource(str(p))
+    if p.suffix == ".tar" and p.is_file():
+        from branchlens.streaming import WebDatasetSource
+
+        return WebDatasetSource(str(p), limit)
     if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
         raise ValueError(f"image source {spec!r} is a single image: give the folder that holds "
                          "it, or a .txt file list naming it")
@@ -459,7 +438,29 @@ def open_source(spec: str | ImageSource, variant: str | Variant = "bvlc_googlene
         return FileListSource(p)
     raise FileNotFoundError(
         f"image source {spec!r} is not a folder, a .txt file list, a .tar shard, "
-        "'embedded[:N]', 'hf:NAME[:SPLIT]' or 'wds:PATTERN'")
+        "'embedded[:N]', 'hf:NAME[:SPLIT]' or 'wds:SHARDS'")
+
+
+def split_for_rank(src: ImageSource, indices: Sequence[int], world: int, rank: int
+                   ) -> list[int]:
+    """This rank's share of ``indices``: contiguous blocks; for a streamed source whole units
+    (shards), so no rank reads another rank's shard."""
+    indices = [int(i) for i in indices]
+    if world <= 1:
+        return indices
+    if not _is_stream(src):
+        return [int(i) for i in np.array_split(np.asarray(indices, np.int64), world)[rank]]
+    by_unit: dict[int, list[int]] = {}
+    for i in indices:
+        by_unit.setdefault(src.unit_of(i), []).append(i)
+    units = sorted(by_unit)
+    total, done, mine = len(indices), 0, []
+    for u in units:  # balanced contiguous blocks of units by their image counts
+        owner = min(world - 1, (2 * done + len(by_unit[u])) * world // (2 * total))
+        if owner == rank:
+            mine += by_unit[u]
+        done += len(by_unit[u])
+    return mine
 
 
 # -- batching -----------------------------------------------------------------------------------
@@ -470,6 +471,21 @@ class Batch:
     image_ids: list[str]
     labels: list[int | None]
     images: torch.Tensor  # [B, 3, H, W] model input
+    skipped: list[tuple[int, str, str]] = field(default_factory=list)  # (index, id, reason)
+
+
+def _decode_one(i: int, rec: RawRecord, variant: Variant, paper_compat: bool,
+                max_pixels: int) -> tuple:
+    try:
+        img = decode_image(rec.payload, max_pixels)
+        x = preprocess(img, variant, paper_compat)
+        if not torch.isfinite(x).all():
+            raise BadImage("non_finite", rec.image_id)
+        return i, rec.image_id, rec.label, x, None
+    except BadImage as e:
+        return i, rec.image_id, rec.label, None, e.reason
+    except Exception as e:  # a decoder bug on one file must not end a long harvest
+        return i, rec.image_id, rec.label, None, f"error:{type(e).__name__}"
 
 
 class _Decoded(torch.utils.data.Dataset):
@@ -483,17 +499,7 @@ class _Decoded(torch.utils.data.Dataset):
 
     def __getitem__(self, j: int):
         i = self.indices[j]
-        rec = self.source[i]
-        try:
-            img = decode_image(rec.payload, self.max_pixels)
-            x = preprocess(img, self.variant, self.paper_compat)
-            if not torch.isfinite(x).all():
-                raise BadImage("non_finite", rec.image_id)
-            return i, rec.image_id, rec.label, x, None
-        except BadImage as e:
-            return i, rec.image_id, rec.label, None, e.reason
-        except Exception as e:  # a decoder bug on one file must not end a long harvest
-            return i, rec.image_id, rec.label, None, f"error:{type(e).__name__}"
+        return _decode_one(i, self.source[i], self.variant, self.paper_compat, self.max_pixels)
 
 
 def _collate(items):
@@ -509,22 +515,38 @@ def iter_batches(
     paper_compat: bool = False,
     skips: SkipStats | None = None,
     max_pixels: int = MAX_PIXELS,
+    with_skips: bool = False,
 ) -> Iterator[Batch]:
-    """Decoded, preprocessed batches in source order; bad inputs are counted in ``skips``."""
+    """Decoded, preprocessed batches; bad inputs are counted in ``skips``.
+
+    Random-access sources come in index order. A streamed source is read unit by unit, each
+    DataLoader worker reading its own units, so batches of different workers interleave; with
+    ``with_skips`` every batch lists its skipped indices (a batch may then hold only skips),
+    which is what an order-independent consumer needs.
+    """
     v = get_variant(variant)
     indices = list(range(len(source))) if indices is None else list(indices)
     skips = skips if skips is not None else SkipStats()
-    ds = _Decoded(source, indices, v, paper_compat, max_pixels)
+    if _is_stream(source):
+        from branchlens.streaming import StreamedDecode
+
+        ds: torch.utils.data.Dataset = StreamedDecode(source, indices, v, paper_compat,
+                                                      max_pixels)
+        workers = min(workers, ds.n_units)
+    else:
+        ds = _Decoded(source, indices, v, paper_compat, max_pixels)
     loader = torch.utils.data.DataLoader(
         ds, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
         persistent_workers=False, prefetch_factor=4 if workers else None)
     for items in loader:
-        good = []
+        good, bad = [], []
         for i, image_id, label, x, reason in items:
             if reason is not None:
                 skips.add(reason, image_id)
+                bad.append((i, image_id, reason))
             else:
                 good.append((i, image_id, label, x))
-        if good:
+        if good or (with_skips and bad):
+            images = torch.stack([g[3] for g in good]) if good else torch.empty(0)
             yield Batch([g[0] for g in good], [g[1] for g in good], [g[2] for g in good],
-                        torch.stack([g[3] for g in good]))
+                        images, bad)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from branchlens.data import SkipStats, iter_batches, open_source
+from branchlens.data import SkipStats, iter_batches, open_source, split_for_rank
 from branchlens.distributed import Dist
 from branchlens.model import InceptionV1, layer_names
 from branchlens.progress import progress
@@ -212,6 +212,7 @@ def harvest(
     unknown = [n for n in layers if n not in layer_names(v)]
     if unknown:
         raise ValueError(f"unknown layer(s) {unknown}; see branchlens.model.layer_names()")
+    src = open_source(source, v, seed=seed, flip=flip, limit=limit)  # errors before weights
     comm = Dist()
     lock: StoreLock | None = None
     try:
@@ -235,7 +236,6 @@ def harvest(
                                  f"small for {small}")
         if sampling == "norm":
             samples_per_image = cap_samples(samples_per_image, layers, shapes)
-        src = open_source(source, v, seed=seed, flip=flip)
         n = len(src) if limit is None else min(limit, len(src))
         if n == 0:
             raise StoreError(f"image source {source!r} has no images "
@@ -254,8 +254,7 @@ def harvest(
         if isinstance(setup, tuple):
             raise StoreError(f"rank 0 could not open the store: {setup[0]}: {setup[1]}")
         remaining = setup
-        mine = [int(i) for i in np.array_split(np.asarray(remaining, np.int64), comm.world)[
-            comm.rank]]
+        mine = split_for_rank(src, remaining, comm.world, comm.rank)
         writer = ShardWriter(Path(out), comm.rank, layers, {k: shapes[k][0] for k in layers},
                              dtype, shard_size, seq=next_seq(out, comm.rank))
         result = HarvestResult(Path(out), None, comm.rank, comm.world, n - len(remaining))
@@ -343,43 +342,29 @@ def _loop(model: InceptionV1, src, mine: list[int], writer: ShardWriter, result:
     result.skips = skips
     groups = sampling_groups(layers, shapes, aligned)
     torch_dtype = torch.float16 if dtype == "fp16" else torch.float32
-    mine_arr = np.asarray(mine, np.int64)
-    pos = 0
-
-    def record_decode_skips(until: int, present: set[int]) -> int:
-        for k in range(pos, until):
-            if mine[k] not in present:
-                reason, image_id = skips.events.popleft() if skips.events else (
-                    "unknown", src[mine[k]].image_id)
-                writer.skip(mine[k], image_id, reason)
-        return until
-
     batches = iter_batches(src, model.variant, batch_size, workers, indices=mine,
-                           paper_compat=paper_compat, skips=skips)
+                           paper_compat=paper_compat, skips=skips, with_skips=True)
     with torch.inference_mode(), progress(len(mine), "harvest", "img", disable=not show) as bar:
-        for b in batches:
-            end = int(np.searchsorted(mine_arr, b.indices[-1])) + 1
-            before = pos
-            pos = record_decode_skips(end, set(b.indices))
-            x = b.images.to(device, non_blocking=True)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            acts = model(x, layers)
-            vecs, provs, bad = sample_batch(acts, b.indices, groups, shapes, sampling,
-                                             n_samples, seed, torch_dtype)
-            for i, idx in enumerate(b.indices):
-                if bad[i]:
-                    skips.add_unqueued(bad[i], b.image_ids[i])
-                    writer.skip(idx, b.image_ids[i], bad[i])
-                    continue
-                writer.add(idx, b.image_ids[i], b.labels[i], {k: vecs[k][i] for k in layers},
-                           {k: provs[k][i] for k in layers})
-                result.vectors += sum(len(vecs[k][i]) for k in layers)
-            bar.update(pos - before, vectors=result.vectors, skipped=skips.total,
-                       shards=writer.written_shards)
-        before = pos
-        pos = record_decode_skips(len(mine), set())
-        bar.update(pos - before, vectors=result.vectors, skipped=skips.total)
+        for b in batches:  # streamed sources: workers' batches interleave, so skips come by index
+            for idx, image_id, reason in b.skipped:
+                writer.skip(idx, image_id, reason)
+            if b.indices:
+                x = b.images.to(device, non_blocking=True)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                acts = model(x, layers)
+                vecs, provs, bad = sample_batch(acts, b.indices, groups, shapes, sampling,
+                                                 n_samples, seed, torch_dtype)
+                for i, idx in enumerate(b.indices):
+                    if bad[i]:
+                        skips.add_unqueued(bad[i], b.image_ids[i])
+                        writer.skip(idx, b.image_ids[i], bad[i])
+                        continue
+                    writer.add(idx, b.image_ids[i], b.labels[i],
+                               {k: vecs[k][i] for k in layers}, {k: provs[k][i] for k in layers})
+                    result.vectors += sum(len(vecs[k][i]) for k in layers)
+            bar.update(len(b.indices) + len(b.skipped), vectors=result.vectors,
+                       skipped=skips.total, shards=writer.written_shards)
     result.images = len(mine)
     if skips.total:
         log.warning("harvest: %s", skips.summary())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -92,6 +93,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
+PRESET_NOTES: dict[str, str] = {
+    "demo": "embedded photos, small SAEs, every stage; minutes on a 2-core CPU",
+    "sample16x": "an ImageNet folder plus mirrors, 16x SAEs (k=32); about an hour on 2 cores",
+    "paper": "the paper's SAE settings on inception5h; ImageNet train on a GPU machine",
+}
+
 # Config blocks each stage's artifacts depend on (besides every upstream stage's): the ``sae``
 # block is no stage of its own but shapes the trained weights.
 STAGE_BLOCKS: dict[str, tuple[str, ...]] = {s: (s,) for s in STAGES} | {"train": ("sae", "train")}
@@ -123,17 +130,21 @@ class RunContext:
         return HarvestConfig(**self.config.get("harvest", {}))
 
 
-def make_config(preset: str, source: str | None = None, variant: str | None = None,
+def make_config(preset: str | None, source: str | None = None, variant: str | None = None,
                 overrides: dict[str, Any] | None = None,
                 paper_compat: bool = False, seed: int | None = None) -> dict[str, Any]:
-    """The preset, then ``overrides`` (blocks merge key by key; a config file or ``--set``),
-    then the explicit arguments; validated as a whole (:func:`branchlens.config.validate_config`).
+    """The preset (``None``: the overrides' ``preset`` key, else ``demo``), then ``overrides``
+    (blocks merge key by key; a config file or ``--set``), then the explicit arguments;
+    validated as a whole (:func:`branchlens.config.validate_config`).
     """
+    overrides = dict(overrides or {})
+    named = overrides.pop("preset", None)  # a config file's preset; an explicit one wins
+    preset = preset or named or "demo"
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     cfg = copy.deepcopy(PRESETS[preset])
     cfg["preset"] = preset
-    for key, value in (overrides or {}).items():
+    for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(cfg.get(key), dict):
             cfg[key].update(value)
         else:
@@ -206,7 +217,11 @@ def _harvest(ctx: RunContext) -> dict:
     except StoreConfigMismatch:  # harvested under other settings: never mixed into the new one
         discard_dir(Run(ctx.out).store_dir, ctx.log, "harvest settings changed")
         res = go()
-    return {"images": res.images, "vectors": res.vectors, "skipped": res.skips.total}
+    c = (res.manifest or {}).get("counts")
+    if c is None or res.world_size == 1:
+        return {"images": res.images, "vectors": res.vectors, "skipped": res.skips.total}
+    return {"images": c["images"], "vectors": sum(c["vectors"].values()),  # all ranks
+            "skipped": c["images_skipped"], "world_size": res.world_size}
 
 
 def _train(ctx: RunContext) -> dict:
@@ -292,7 +307,7 @@ def discard_dir(path: Path, log: Callable[[str], None], why: str) -> None:
 
 # -- driver ---------------------------------------------------------------------------------------
 
-def run(out: str | Path, preset: str = "demo", source: str | None = None,
+def run(out: str | Path, preset: str | None = "demo", source: str | None = None,
         weights: str | None = None, device: str = "auto", variant: str | None = None,
         paper_compat: bool = False, seed: int | None = None,
         overrides: dict[str, Any] | None = None,
@@ -308,11 +323,58 @@ def run(out: str | Path, preset: str = "demo", source: str | None = None,
     check_stages(stages)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(out, "run folder").acquire()
+    group = _process_group(device)
     try:
-        return _run_locked(out, cfg, weights, device, stages, force, log)
+        if int(os.environ.get("RANK", "0")) != 0:
+            return _run_follower(out, cfg, weights, device, stages, force)
+        lock = RunLock(out, "run folder").acquire()
+        try:
+            return _run_locked(out, cfg, weights, device, stages, force, log)
+        finally:
+            lock.release()
     finally:
-        lock.release()
+        if group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _process_group(device: str) -> bool:
+    """Under torchrun: one process group for all stages (harvest's and train's collectives
+    reuse it; a second group in one process races the rendezvous). gloo for objects and CPU
+    tensors, nccl for CUDA ones. Returns whether this call created it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    cuda = torch.cuda.is_available() and not str(device).startswith("cpu")
+    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
+    return True
+
+
+DISTRIBUTED_STAGES = ("harvest", "train")  # the stages every torchrun rank takes part in
+
+
+def _run_follower(out: Path, cfg: dict[str, Any], weights: str | None, device: str,
+                  stages: list[str] | None, force: bool) -> dict[str, Any]:
+    """A torchrun rank other than 0: joins the distributed stages that rank 0 will run (same
+    decision from the same run.json) and writes no run-level file; rank 0 does the rest."""
+    weights_id = None if weights is None else str(weights)
+    record = _read_record(out / "run.json")
+    record.setdefault("stages", {})
+    ctx = RunContext(out, cfg, weights, device, lambda m: None)
+    stages = stages if stages is not None else cfg.get("stages")
+    for stage in DISTRIBUTED_STAGES:
+        if stages is not None and stage not in stages:
+            continue
+        prev = record.get("stages", {}).get(stage)
+        if force or not _up_to_date(ctx, prev if isinstance(prev, dict) else {}, stage,
+                                    stage_hash(cfg, stage, weights_id)):
+            STAGE_FUNCS[stage](ctx)
+    return record
 
 
 def _read_record(path: Path) -> dict[str, Any]:

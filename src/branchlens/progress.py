@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import contextmanager
 
@@ -32,7 +33,7 @@ def progress(total: float | None, desc: str, unit: str = "it", disable: bool = F
 
     Writes to stderr so ``--json`` output on stdout stays machine-readable.
     """
-    if disable:
+    if disable or os.environ.get("BRANCHLENS_QUIET") == "1":  # `branchlens -q`, ranks > 0
         yield _Bar(None, None, unit)
         return
     from rich.console import Console

@@ -245,15 +245,23 @@ class TopKSAE(nn.Module):
         vals = _TopKGather.apply(xc, self.W_enc, self.b_latent, pre, idx)
         return F.relu(vals), idx
 
-    def encode(self, x: Tensor) -> Tensor:
-        """Dense code z [B, n] = ReLU(TopK(pre)); for analysis, not for training."""
-        vals, idx = self.encode_sparse(x)
-        return torch.zeros(x.shape[0], self.cfg.n_latents, dtype=vals.dtype,
-                           device=vals.device).scatter(1, idx, vals)
+    def encode(self, x: Tensor, channel_dim: int = -1) -> Tensor:
+        """Dense code z = ReLU(TopK(pre)) of ``x`` [..., d] -> [..., n]; for analysis, not for
+        training. ``channel_dim=1`` takes a feature map [B, d, H, W] and gives one code per
+        position, [B, n, H, W]."""
+        x = x.movedim(channel_dim, -1)
+        flat = x.reshape(-1, x.shape[-1])
+        vals, idx = self.encode_sparse(flat)
+        z = torch.zeros(flat.shape[0], self.cfg.n_latents, dtype=vals.dtype,
+                        device=vals.device).scatter(1, idx, vals)
+        return z.reshape(*x.shape[:-1], self.cfg.n_latents).movedim(-1, channel_dim)
 
-    def decode(self, z: Tensor) -> Tensor:
-        """x̂ in input units from a dense code z [B, n]."""
-        return (z @ self.W_dec_rows + self.b_pre) / self.cfg.scale
+    def decode(self, z: Tensor, channel_dim: int = -1) -> Tensor:
+        """x̂ in input units from a dense code z [..., n] -> [..., d] (``channel_dim`` as in
+        :meth:`encode`)."""
+        z = z.movedim(channel_dim, -1)
+        x = (z @ self.W_dec_rows + self.b_pre) / self.cfg.scale
+        return x.movedim(-1, channel_dim)
 
     def decode_sparse(self, vals: Tensor, idx: Tensor) -> Tensor:
         """x̂ in input units from the sparse code; never forms [B, n]."""

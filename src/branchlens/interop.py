@@ -1,0 +1,175 @@
+"""SAE files for other tools: SAELens folders and the paper notebook's state dict.
+
+branchlens keeps a fixed input scale ``s`` inside its SAE (``z = TopK(W(s·x − b_pre) +
+b_latent)``, ``x̂ = (W_dec z + b_pre)/s``). Both exports fold ``s`` into the weights, so the
+files compute the same codes and reconstructions on raw activations with the plain formulas of
+their tools:
+
+- SAELens (``cfg.json`` + ``sae_weights.safetensors``, architecture ``topk``):
+  ``z = ReLU(TopK_k((x − b_dec) W_enc + b_enc))``, ``x̂ = z W_dec + b_dec`` with ``W_enc``
+  [d_in, d_sae] and ``W_dec`` [d_sae, d_in];
+- the paper notebook (``sae.pt``): ``W_enc.weight`` [n, d], ``b_pre``, ``b_latent``, and
+  ``W_dec.weight`` [d, n] (an ``nn.Linear``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from branchlens.artifacts import load_tensors, read_json, save_tensors, write_json
+from branchlens.sae import SAEConfig, TopKSAE, export_paper_state_dict, import_paper_checkpoint
+
+FORMATS = ("saelens", "paper")
+SAELENS_WEIGHTS, SAELENS_CFG = "sae_weights.safetensors", "cfg.json"
+PAPER_FILE = "sae.pt"
+
+
+def saelens_tensors(sae: TopKSAE) -> dict[str, torch.Tensor]:
+    """W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_in], b_dec with the input scale folded in."""
+    s = sae.cfg.scale
+    return {"W_enc": (sae.W_enc.detach().float() * s).t().contiguous(),
+            "b_enc": sae.b_latent.detach().float().clone(),
+            "W_dec": (sae.W_dec_rows.detach().float() / s).contiguous(),
+            "b_dec": (sae.b_pre.detach().float() / s).contiguous()}
+
+
+def export_saelens(sae: TopKSAE, out_dir: str | Path, hook_name: str | None = None,
+                   model_name: str | None = None) -> Path:
+    """Write a SAELens TopK folder. The config names the architecture both ways SAELens has
+    used (``architecture: topk`` with ``k``, and ``activation_fn: topk`` with its kwargs)."""
+    cfg = sae.cfg
+    out = Path(out_dir)
+    hook = hook_name or cfg.layer
+    doc = {
+        "architecture": "topk", "d_in": cfg.d_in, "d_sae": cfg.n_latents, "k": cfg.k,
+        "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
+        "normalize_activations": "none", "reshape_activations": "none",
+        "rescale_acts_by_decoder_norm": False,
+        "activation_fn": "topk", "activation_fn_str": "topk", "activation_fn_kwargs": {"k": cfg.k},
+        "hook_name": hook, "model_name": model_name or cfg.variant,
+        "metadata": {"hook_name": hook, "model_name": model_name or cfg.variant,
+                     "branchlens": {"layer": cfg.layer, "variant": cfg.variant,
+                                    "branch_slices": cfg.branch_slices,
+                                    "decoder": cfg.decoder, "input_scale_folded": cfg.scale}},
+    }
+    save_tensors(out / SAELENS_WEIGHTS, saelens_tensors(sae))
+    write_json(out / SAELENS_CFG, doc)
+    return out
+
+
+def _saelens_k(doc: dict[str, Any], where: Path) -> int:
+    arch = str(doc.get("architecture", "")).lower()
+    act = str(doc.get("activation_fn") or doc.get("activation_fn_str") or "").lower()
+    if arch != "topk" and act != "topk":
+        raise ValueError(f"{where}: a {arch or act or 'non-TopK'} SAE; only TopK SAEs import")
+    k = doc.get("k", (doc.get("activation_fn_kwargs") or {}).get("k"))
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"{where}: no TopK k in the config")
+    for key, ok in (("normalize_activations", ("none", None)),
+                    ("rescale_acts_by_decoder_norm", (False, None)),
+                    ("reshape_activations", ("none", None))):
+        if doc.get(key) not in ok:
+            raise ValueError(f"{where}: {key}={doc.get(key)!r} cannot be imported (only "
+                             f"{ok[0]!r})")
+    return k
+
+
+def import_saelens(in_dir: str | Path, layer: str | None = None,
+                   variant: str | None = None) -> TopKSAE:
+    """A SAELens TopK folder -> a branchlens SAE computing the same function (scale 1).
+
+    Without ``apply_b_dec_to_input`` the encoder sees raw ``x``; that is folded into
+    ``b_latent`` (``b_enc + b_dec·W_enc``) since branchlens always centres by ``b_pre``."""
+    where = Path(in_dir)
+    if not (where / SAELENS_CFG).is_file() or not (where / SAELENS_WEIGHTS).is_file():
+        raise FileNotFoundError(f"{where} is not a SAELens folder ({SAELENS_CFG} + "
+                                f"{SAELENS_WEIGHTS})")
+    doc = read_json(where / SAELENS_CFG)
+    k = _saelens_k(doc, where)
+    t, _ = load_tensors(where / SAELENS_WEIGHTS)
+    missing = [n for n in ("W_enc", "b_enc", "W_dec", "b_dec") if n not in t]
+    if missing:
+        raise ValueError(f"{where / SAELENS_WEIGHTS} lacks {missing}")
+    w_enc, w_dec = t["W_enc"].float(), t["W_dec"].float()
+    d, n = w_enc.shape
+    if w_dec.shape != (n, d) or t["b_enc"].shape != (n,) or t["b_dec"].shape != (d,):
+        raise ValueError(f"{where}: tensor shapes do not fit W_enc {tuple(w_enc.shape)}")
+    meta = (doc.get("metadata") or {}).get("branchlens", {})
+    layer = layer or meta.get("layer")
+    variant = variant or meta.get("variant")
+    try:
+        cfg = SAEConfig.for_layer(variant, layer, expansion=1, k=k) if layer and variant else None
+    except KeyError:
+        cfg = None
+    if cfg is None or cfg.d_in != d:
+        cfg = SAEConfig(d_in=d, n_latents=n, k=k, layer=layer, variant=variant)
+    cfg.n_latents, cfg.decoder, cfg.aux, cfg.scale = n, "untied", False, 1.0
+    b_dec, b_enc = t["b_dec"].float(), t["b_enc"].float()
+    if doc.get("apply_b_dec_to_input") is False:
+        b_enc = b_enc + b_dec @ w_enc
+    sae = TopKSAE(cfg)
+    with torch.no_grad():
+        sae.W_enc.copy_(w_enc.t())
+        sae.W_dec.copy_(w_dec)
+        sae.b_latent.copy_(b_enc)
+        sae.b_pre.copy_(b_dec)
+    return sae
+
+
+def export_paper(sae: TopKSAE, out_dir: str | Path) -> Path:
+    """``sae.pt`` (the notebook's state dict, scale folded) plus a small ``cfg.json`` (k)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{PAPER_FILE}.tmp"
+    torch.save({k: v.float().contiguous() for k, v in export_paper_state_dict(sae).items()}, tmp)
+    tmp.replace(out / PAPER_FILE)
+    write_json(out / "cfg.json", {"format": "paper", "k": sae.cfg.k, "layer": sae.cfg.layer,
+                                  "variant": sae.cfg.variant, "d_in": sae.cfg.d_in,
+                                  "n_latents": sae.cfg.n_latents})
+    return out
+
+
+def detect_format(path: str | Path) -> str:
+    p = Path(path)
+    if p.is_dir() and (p / SAELENS_WEIGHTS).is_file():
+        return "saelens"
+    if (p.is_dir() and (p / PAPER_FILE).is_file()) or p.suffix in (".pt", ".pth",
+                                                                   ".safetensors"):
+        return "paper"
+    raise ValueError(f"{p}: neither a SAELens folder ({SAELENS_WEIGHTS}) nor a paper state "
+                     f"dict (.pt/.pth, or a folder with {PAPER_FILE})")
+
+
+def import_sae(path: str | Path, fmt: str = "auto", k: int | None = None,
+               layer: str | None = None, variant: str | None = None) -> TopKSAE:
+    """Either format into a branchlens SAE (``k`` is needed for a bare paper state dict)."""
+    fmt = detect_format(path) if fmt == "auto" else fmt
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown SAE format {fmt!r}; choose from {', '.join(FORMATS)}")
+    if fmt == "saelens":
+        return import_saelens(path, layer, variant)
+    p = Path(path)
+    if p.is_dir():
+        info = read_json(p / "cfg.json") if (p / "cfg.json").is_file() else {}
+        k = k or info.get("k")
+        layer, variant = layer or info.get("layer"), variant or info.get("variant")
+        p = p / PAPER_FILE
+    if not k:
+        raise ValueError(f"{p}: the paper's state dict does not record k; pass --k")
+    return import_paper_checkpoint(p, k=k, layer=layer, variant=variant if layer else None)
+
+
+def export_run_sae(run_dir: str | Path, layer: str, fmt: str, out: str | Path | None = None
+                   ) -> Path:
+    """Export ``RUN/sae/<layer>`` in ``fmt``; default folder ``RUN/export/<layer>-<fmt>``."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    src = Path(run_dir) / "sae" / layer
+    if not (src / "weights.safetensors").is_file():
+        raise FileNotFoundError(f"no trained SAE for {layer} in {run_dir} ({src})")
+    sae = TopKSAE.load(src)
+    dest = Path(out) if out is not None else Path(run_dir) / "export" / f"{layer}-{fmt}"
+    return export_saelens(sae, dest) if fmt == "saelens" else export_paper(sae, dest)
