@@ -639,11 +639,3 @@ def presets(
 
 for _cmd in app.registered_commands:
     _cmd.callback = _friendly(_cmd.callback)
-
-
-def main() -> None:  # pragma: no cover
-    app()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()
