@@ -1,8 +1,8 @@
 """Open a report in real headless Chromium (Playwright, system browser): checks and screenshots.
 
-Used by the tests and by ``scripts/report_screenshot.py``. Playwright is a dev dependency and
-never downloads a browser here: it drives the system ``chromium`` (Debian package; see
-``scripts/ensure_chromium.sh``).
+A test helper (not part of the package): used by the tests, ``benchmarks/report.py`` and
+``scripts/report_screenshot.py``. Playwright is a dev dependency and never downloads a browser
+here: it drives the system ``chromium`` (Debian package; see ``scripts/ensure_chromium.sh``).
 """
 
 from __future__ import annotations
@@ -90,25 +90,56 @@ def broken_images(page: Any) -> list[str]:
         ".map(i => i.alt || i.src.slice(0, 40))")
 
 
-def visible_cards(page: Any) -> int:
-    return page.evaluate("document.querySelectorAll('#cards .card:not([hidden])').length")
+def wait_ready(page: Any) -> None:
+    """Until the latent browser has started (or the page has no browser)."""
+    page.wait_for_function("window.BL === undefined || window.BL.ready === true || "
+                           "!document.getElementById('tbody')")
 
 
-def screenshot(html_path: str | Path, out: str | Path, width: int = 1400,
-               height: int = 1500) -> Path:
-    """A docs picture: the top of the report stacked over the top of the feature gallery."""
+def shown_count(page: Any) -> int:
+    """Latents the table's filters let through (the counter reads "N of M latents")."""
+    return int(page.inner_text("#f-count").split(" of ")[0])
+
+
+def open_latent(page: Any, layer: str, latent: int) -> float:
+    """Open one latent page through its URL hash; returns milliseconds until it is drawn."""
+    page.evaluate("([l, j]) => { window.BL.lastOpenMs = null; "
+                  "location.hash = '#latent/' + encodeURIComponent(l) + '/' + j; }",
+                  [layer, latent])
+    page.wait_for_function("([l, j]) => { const a = document.getElementById('latent'); "
+                           "return !a.hidden && a.dataset.layer === l && "
+                           "a.dataset.latent === String(j) && window.BL.lastOpenMs !== null; }",
+                           arg=[layer, latent])
+    return float(page.evaluate("window.BL.lastOpenMs"))
+
+
+def screenshots(html_path: str | Path, report_png: str | Path, latent_png: str | Path,
+                latent: tuple[str, int] | None = None, width: int = 1400,
+                height: int = 1100) -> tuple[Path, Path]:
+    """Docs pictures: the report's top over the latent browser, and one latent page."""
     import io
 
     from PIL import Image
 
     with open_page(html_path, width, height) as (page, _):
-        top = page.screenshot()
-        parts = [top]
-        if page.query_selector("#gallery"):
-            page.evaluate("window.scrollTo(0, document.getElementById('gallery')"
-                          ".getBoundingClientRect().top + window.scrollY - 40)")
-            page.wait_for_timeout(100)
-            parts.append(page.screenshot())
+        wait_ready(page)
+        parts = [page.screenshot()]
+        page.evaluate("window.scrollTo(0, document.getElementById('latents')"
+                      ".getBoundingClientRect().top + window.scrollY - 40)")
+        page.wait_for_timeout(150)
+        parts.append(page.screenshot())
+        if latent is None:
+            latent = page.evaluate("(() => { const r = document.querySelector('#tbody .trow');"
+                                   " const id = +r.dataset.id; return [window.BL && "
+                                   "JSON.parse(document.getElementById('bl-meta').textContent)"
+                                   ".layers[(id / 1048576) | 0].name, id % 1048576]; })()")
+        open_latent(page, latent[0], latent[1])
+        page.wait_for_timeout(300)  # lazy images
+        box = page.query_selector("#latent").bounding_box()
+        page.set_viewport_size({"width": width, "height": int(min(box["height"] + 80, 2400))})
+        page.evaluate("document.getElementById('latent').scrollIntoView()")
+        page.wait_for_timeout(200)
+        lat_png = page.screenshot()
     images = [Image.open(io.BytesIO(b)).convert("RGB") for b in parts]
     canvas = Image.new("RGB", (width, sum(i.height for i in images) + 8 * (len(images) - 1)),
                        (200, 200, 200))
@@ -116,7 +147,11 @@ def screenshot(html_path: str | Path, out: str | Path, width: int = 1400,
     for im in images:
         canvas.paste(im, (0, y))
         y += im.height + 8
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(out, format="PNG", optimize=True)
-    return out
+    outs = []
+    for img, out in ((canvas, report_png), (Image.open(io.BytesIO(lat_png)).convert("RGB"),
+                                            latent_png)):
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        img.save(out, format="PNG", optimize=True)
+        outs.append(out)
+    return outs[0], outs[1]
