@@ -522,6 +522,7 @@
     window.addEventListener("hashchange", route);
     apply();
     route();
+    BL.readyMs = performance.now();
     BL.ready = true;
   }
   if (document.readyState === "loading") { document.addEventListener("DOMContentLoaded", init); } else { init(); }
