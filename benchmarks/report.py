@@ -74,7 +74,7 @@ def add_sprites(run: Path, tiles: int = 6, px: int = 40, per_sheet: int = 256,
             sheets.append(name)
         (d / "sprites.json").write_text(json.dumps(
             {"layer": layer, "tile": px, "n_tiles": tiles, "per_sheet": per_sheet,
-             "sheets": sheets, "latents": n, "with_examples": n}))
+             "sheets": sheets, "n_latents": n, "with_examples": n}))
 
 
 def old_builder(tmp: Path):

@@ -67,8 +67,8 @@ def open_page(html_path: str | Path, width: int = 1400, height: int = 1000
                     if m.type == "error" else None)
             page.on("pageerror", lambda e: log.console_errors.append(f"pageerror: {e}"))
             page.on("dialog", _dismiss(log.dialogs))
-            page.on("request", lambda r: log.requests.append(r.url)
-                    if not r.url.startswith(("file:", "data:")) else None)
+            page.on("request", lambda r: log.requests.append(r.url)  # blob: = our downloads
+                    if not r.url.startswith(("file:", "data:", "blob:")) else None)
             page.goto(Path(html_path).resolve().as_uri(), wait_until="load")
             yield page, log
         finally:
@@ -84,10 +84,11 @@ def _dismiss(sink: list[str]) -> Callable[[Any], None]:
 
 
 def broken_images(page: Any) -> list[str]:
-    """Alt texts of ``<img>`` elements that did not decode (naturalWidth 0)."""
+    """Alt texts of ``<img>`` elements that do not decode (lazy ones are loaded first)."""
     return page.evaluate(
-        "Array.from(document.images).filter(i => !(i.complete && i.naturalWidth > 0))"
-        ".map(i => i.alt || i.src.slice(0, 40))")
+        "Promise.all(Array.from(document.images).map(i => { i.loading = 'eager'; "
+        "return i.decode().then(() => null, () => i.alt || i.src.slice(-40)); }))"
+        ".then(r => r.filter(x => x))")
 
 
 def wait_ready(page: Any) -> None:

@@ -111,7 +111,7 @@ def save_sprites(
             sheets.append(name)
         del mm
     index = {"layer": top.layer, "tile": tile, "n_tiles": k, "per_sheet": per_sheet,
-             "sheets": sheets, "latents": n, "with_examples": int((vals[:, 0] > 0).sum()),
+             "sheets": sheets, "n_latents": n, "with_examples": int((vals[:, 0] > 0).sum()),
              "n_images": top.n_images,
              "receptive_field": {"size": rf.size, "stride": rf.stride, "offset": rf.offset},
              "order": "top.safetensors (best first); row j % per_sheet of sheet j // per_sheet",
