@@ -45,10 +45,30 @@ def _round(a: np.ndarray, digits: int) -> list:
     return [None if not math.isfinite(x) else x for x in r.tolist()]
 
 
+def sig_round(a: np.ndarray, digits: int = 3) -> np.ndarray:
+    """``a`` rounded to ``digits`` significant digits, vectorised (p- and q-values span many
+    decades). Dividing or multiplying by an exact power of ten keeps each value the double
+    nearest its short decimal, so JSON writes it short."""
+    a = np.asarray(a, dtype=np.float64)
+    out = a.copy()
+    ok = np.isfinite(a) & (a != 0)
+    v = a[ok]
+    e = np.floor(np.log10(np.abs(v))).astype(np.int64) - (digits - 1)
+    r = v.copy()
+    up, down = e >= 0, (e < 0) & (e > -300)
+    r[up] = np.round(v[up] / 10.0 ** e[up]) * 10.0 ** e[up]
+    r[down] = np.round(v[down] * 10.0 ** -e[down]) / 10.0 ** -e[down]
+    out[ok] = r
+    return out
+
+
+def _nulls(x: list) -> list:
+    return [None if v != v or v in (math.inf, -math.inf) else v for v in x]
+
+
 def _sig(a: np.ndarray, digits: int = 3) -> list:
-    """Significant digits (p- and q-values span many decades)."""
-    return [None if not math.isfinite(x) else float(f"{x:.{digits}g}")
-            for x in np.asarray(a, dtype=np.float64).tolist()]
+    """A column as a JSON list, ``digits`` significant digits, NaN -> null."""
+    return _nulls(sig_round(a, digits).tolist())
 
 
 def _ints(a: np.ndarray, fill: int = -1) -> list[int]:
@@ -214,9 +234,18 @@ def write_layer(ctx: ReportContext, li: int, layer: str, cols: LayerColumns | No
     size = _script(data_dir / f"t{li}.js", "table", li, t)
 
     labels = _class_names(ctx.variant)
+    pre = {key: [_nulls(r) for r in sig_round(np.stack(
+        [cols.f(f"{col}_{b}") for b in branches], 1)).tolist()]
+        for key, col in (("pr", "p_raw"), ("ps", "p_scale"), ("qr", "q_raw"),
+                         ("qs", "q_scale"), ("en", "enrichment"), ("at", "attribution"))}
+    facts = [k for k in ("mean_activation", "mean_when_active", "d_eff", "animal_fraction",
+                         "dog_fraction") if k in cols.num]
+    fact_rows = sig_round(np.stack([cols.f(k) for k in facts], 1)).tolist() if facts else []
+    pre["m"] = [{k: v for k, v in zip(facts, r, strict=True) if v == v} for r in fact_rows]
+    band_l = np.round(band.astype(np.float64), 3).tolist() if band is not None else None
     chunks = 0
     for c0 in range(0, n, CHUNK):
-        items = [_detail(ctx, layer, j, cols, branches, band, nb, ex, assets, labels, li)
+        items = [_detail(ctx, layer, j, cols, pre, band_l, nb, ex, assets, labels, li)
                  for j in range(c0, min(n, c0 + CHUNK))]
         size += _script(data_dir / f"d{li}_{c0 // CHUNK}.js", "detail", li, c0 // CHUNK, items)
         chunks += 1
@@ -227,25 +256,18 @@ def write_layer(ctx: ReportContext, li: int, layer: str, cols: LayerColumns | No
             "tile": int((ex or {}).get("index", {}).get("tile", 0) or 0)}
 
 
-def _detail(ctx: ReportContext, layer: str, j: int, cols: LayerColumns, branches: list[str],
-            band: np.ndarray | None, nb: np.ndarray | None, ex: dict | None, assets: Assets,
-            labels: list[str], li: int) -> dict:
-    """Everything a latent page shows beyond the table columns."""
+def _detail(ctx: ReportContext, layer: str, j: int, cols: LayerColumns,
+            pre: dict[str, list], band: list | None, nb: np.ndarray | None, ex: dict | None,
+            assets: Assets, labels: list[str], li: int) -> dict:
+    """Everything a latent page shows beyond the table columns (``pre``: per-layer columns
+    already rounded, indexed by latent)."""
     f = cols.num
-    d: dict[str, Any] = {}
-    for key, pre in (("pr", "p_raw"), ("ps", "p_scale"), ("qr", "q_raw"), ("qs", "q_scale"),
-                     ("en", "enrichment"), ("at", "attribution")):
-        vals = [f[f"{pre}_{b}"][j] if f"{pre}_{b}" in f else np.nan for b in branches]
-        d[key] = _sig(np.array(vals))
-    m = {k: f[k][j] for k in ("mean_activation", "mean_when_active", "d_eff",
-                              "animal_fraction", "dog_fraction") if k in f}
-    d["m"] = {k: v for k, v in zip(m, _sig(np.array(list(m.values()))), strict=True)
-              if v is not None}
+    d: dict[str, Any] = {key: rows[j] for key, rows in pre.items() if key != "m"}
+    d["m"] = pre["m"][j] if pre["m"] else {}
     if "dead_in_training" in f and f["dead_in_training"][j] == 1:
         d["dead"] = 1
     if band is not None:
-        d["band"] = [[None if not math.isfinite(x) else round(float(x), 3) for x in band[j, b]]
-                     for b in range(band.shape[1])]
+        d["band"] = [[None if x != x else x for x in pair] for pair in band[j]]
     if nb is not None:
         d["nb"] = [int(x) for x in nb[j] if x >= 0]
     tops = [s for s in cols.s("top_images")[j].split(";") if s]
