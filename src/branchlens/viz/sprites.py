@@ -50,9 +50,10 @@ def tiles_for_image(image01: Tensor, maps: Tensor, rf: ReceptiveField, ys: Tenso
     ux = left[:, None] + step[None]
     gy = (2 * uy / size - 1)[:, :, None].expand(s, tile, tile)
     gx = (2 * ux / size - 1)[:, None, :].expand(s, tile, tile)
-    img = torch.cat([image01, torch.ones(1, size, size)])[None].expand(s, 4, size, size)
-    px = F.grid_sample(img, torch.stack([gx, gy], -1), mode="bilinear", padding_mode="zeros",
-                       align_corners=False)
+    img = torch.cat([image01, torch.ones(1, size, size)])[None]  # 4th channel: inside mask
+    grid = torch.stack([gx, gy], -1).reshape(1, s * tile, tile, 2)  # all crops, one call
+    px = F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    px = px[0].reshape(4, s, tile, tile).permute(1, 0, 2, 3)
     rgb, inside = px[:, :3], px[:, 3:4]
     my = (uy - 0.5 - rf.offset) / rf.stride  # unit coordinates of each pixel centre
     mx = (ux - 0.5 - rf.offset) / rf.stride
