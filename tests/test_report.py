@@ -10,6 +10,7 @@ file names, one category label and (in the synthetic run) a layer name carry HTM
 from __future__ import annotations
 
 import csv
+import html
 import json
 import os
 import re
@@ -156,7 +157,9 @@ def test_report_folder_from_real_run(real_run: Path) -> None:
     assert out == real_run / "report" / "index.html"
     page = out.read_text()
     # offline: CSP forbids the network; every script and image is a file in assets/
-    assert "default-src 'none'" in page and "script-src 'self'" in page
+    csp = re.search(r'http-equiv="Content-Security-Policy" content="([^"]+)"', page).group(1)
+    assert "default-src 'none'" in html.unescape(csp) and "script-src 'self'" in \
+        html.unescape(csp)
     for bad in ("http:", "https:", "url(", "@import", "<script>"):
         assert bad not in page
     refs = re.findall(r'(?:src|href)="([^"#]+)"', page)
@@ -191,6 +194,7 @@ def test_report_folder_from_real_run(real_run: Path) -> None:
             for bi, b in enumerate(br):
                 q = r[f"q_raw_{b}"]
                 assert (t[f"qr{bi}"][j] is None) == (q == "")
+                assert (t["sr"][j] >> bi) & 1 == (q != "" and float(q) <= meta["q"])
                 if q:
                     assert t[f"qr{bi}"][j] == pytest.approx(float(q), rel=0.06, abs=1e-12)
                 ratio = float(r[f"paper_ratio_{b}"] or "nan")
@@ -320,6 +324,7 @@ def _click_point(page, layer_index: int) -> tuple[str, int]:
         const s = (520 - 16) / 1000;
         return [best, 8 + t.x[best] * s, 8 + t.y[best] * s];
     }""", layer_index)
+    page.query_selector("#scatter").scroll_into_view_if_needed()
     box = page.query_selector("#scatter").bounding_box()
     page.mouse.move(box["x"] + x, box["y"] + y)
     assert page.is_visible("#tip") and f"#{j} " in page.inner_text("#tip")
@@ -427,7 +432,8 @@ def test_report_40k_latents_in_chromium(big_run: Path) -> None:
         assert page.inner_text("#f-count") == "40960 of 40960 latents"
         assert len(_rows_in_dom(page)) < 60  # virtualised
         page.eval_on_selector("#tbody", "e => { e.scrollTop = e.scrollHeight; }")
-        page.wait_for_timeout(100)
+        page.wait_for_function("Array.from(document.querySelectorAll('#tbody .trow'))"
+                               ".some(r => parseFloat(r.style.top) === 40959 * 22)")
         last = _rows_in_dom(page)[-1]
         assert last[:2] == ["mixed4d", "10239"]
         assert HOSTILE_LAYER in page.evaluate(  # text, not markup

@@ -24,7 +24,7 @@
   }
   function fmt(x, d) {
     if (x === null || x === undefined || (typeof x === "number" && isNaN(x))) { return "—"; }
-    if (typeof x !== "number") { return String(x); }
+    if (typeof x !== "number" || Number.isInteger(x)) { return String(x); }
     if (x !== 0 && Math.abs(x) < 1e-3) { return x.toExponential(1); }
     return String(Number(x.toPrecision(d || 3)));
   }
@@ -79,8 +79,8 @@
       if (f.layer !== "" && lay(r) !== +f.layer) { return false; }
       if (f.dom && domName(r, "dom") !== f.dom) { return false; }
       if (f.rdom && domName(r, "rdom") !== f.rdom) { return false; }
-      if (f.sigraw) { var a = minQ(r, "qr"); if ((a !== null && a <= Q) !== (f.sigraw === "yes")) { return false; } }
-      if (f.sigscale) { var s = minQ(r, "qs"); if ((s !== null && s <= Q) !== (f.sigscale === "yes")) { return false; } }
+      if (f.sigraw && (col(r, "sr") > 0) !== (f.sigraw === "yes")) { return false; }
+      if (f.sigscale && (col(r, "ss") > 0) !== (f.sigscale === "yes")) { return false; }
       if (f.rb && f.rmin > 0) { var v = ratio(r, f.rb); if (v === null || v < f.rmin) { return false; } }
       if (f.rate > 0) { var fr = col(r, "rate"); if (fr === null || fr < f.rate) { return false; } }
       if (f.cat && catName(r) !== f.cat) { return false; }
@@ -367,8 +367,7 @@
         track.appendChild(fill);
       }
       row.appendChild(track);
-      var q = t["qr" + bi][j];
-      row.appendChild(h("span", "bv", fmt(v, 2) + (q !== null && q <= Q ? " ★" : "")));
+      row.appendChild(h("span", "bv", fmt(v, 2) + ((t.sr[j] >> bi) & 1 ? " ★" : "")));
       bars.appendChild(row);
     });
     left.appendChild(bars);
@@ -380,7 +379,8 @@
     lay0.branches.forEach(function (b, bi) {
       var row = h("tr"), c0 = h("td"); c0.appendChild(tag(b)); row.appendChild(c0);
       [d.pr, d.qr, d.ps, d.qs, d.en, d.at].forEach(function (a, k) {
-        var v = a ? a[bi] : null, td = h("td", (k === 1 || k === 3) && v !== null && v <= Q ? "sig" : "", fmt(v));
+        var v = a ? a[bi] : null, bits = k === 1 ? t.sr[j] : (k === 3 ? t.ss[j] : 0);
+        var td = h("td", (bits >> bi) & 1 ? "sig" : "", fmt(v));
         row.appendChild(td);
       });
       tb.appendChild(row);

@@ -212,10 +212,15 @@ def write_layer(ctx: ReportContext, li: int, layer: str, cols: LayerColumns | No
                           len(doms) - 1),
         "cat": _index_of(cols.s("top_category"), cats, -1),
     }
+    sr, ss = np.zeros(n, np.int64), np.zeros(n, np.int64)  # bit b: q of branch b <= q
     for bi, b in enumerate(branches):
         t[f"r{bi}"] = _round(cols.f(f"paper_ratio_{b}"), 3)
         t[f"qr{bi}"] = _sig(cols.f(f"q_raw_{b}"), 2)
         t[f"qs{bi}"] = _sig(cols.f(f"q_scale_{b}"), 2)
+        with np.errstate(invalid="ignore"):
+            sr |= (cols.f(f"q_raw_{b}") <= q).astype(np.int64) << bi
+            ss |= (cols.f(f"q_scale_{b}") <= q).astype(np.int64) << bi
+    t["sr"], t["ss"] = sr.tolist(), ss.tolist()  # exact decisions; q columns are rounded
     emb = _embedding(ctx.run_dir, layer, n)
     if emb is not None:
         t["x"], t["y"] = emb
