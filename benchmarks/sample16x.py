@@ -1,8 +1,9 @@
 """Wall time of the real-data preset: ``branchlens run IMAGES --preset sample16x``.
 
-The shared 1000 ImageNet images plus mirrors, every position, 16× SAEs (k=32) on ≈2 M vectors (480 steps × 4096, five passes)
-for each of mixed4a–4e, then analysis and the report. The budget (baseline) is one hour on a
-2-core CPU, so ratio > 1 means it fits. Prints each stage's time and the analysis' share.
+The shared 1000 ImageNet images plus mirrors, every position, 16× SAEs (k=32) on ≈2 M vectors
+(480 steps × 4096, five passes) for each of mixed4a–4e, then analysis and the report. The
+budget (baseline) is one hour on a 2-core CPU, so ratio > 1 means it fits. Prints each
+stage's time and the analysis' share.
 
     python benchmarks/sample16x.py [--images ../shared/data/imagenet-sample] [--out runs/sample16x]
 
