@@ -173,7 +173,7 @@ def main() -> None:
                                  cards_per_layer=per_layer)
     t_base = time.perf_counter() - t0
     bsize = base_html.stat().st_size
-    print(f"baseline: build {t_base:6.1f} s", flush=True)
+    print(f"(baseline built in {t_base:.1f} s; loading its single file in Chromium)", flush=True)
     bch = {} if args.no_baseline_browser else chromium_times(base_html, False, [])
     cards = base_html.read_text().count('class="card"')
     print(f"baseline: build {t_base:6.1f} s, {bsize / 1e6:7.1f} MB (one file, no crops), "
