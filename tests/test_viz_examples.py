@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import _vizkit as K
@@ -21,6 +22,7 @@ from branchlens.viz.examples import (
     top_examples,
 )
 from branchlens.viz.receptive import receptive_field
+from branchlens.viz.sprites import save_sprites, sprite_tile, tiles_for_image
 
 
 def test_streaming_topk_equals_brute_force_with_bounded_state():
@@ -91,3 +93,62 @@ def test_real_pass_maps_strips_and_index(tmp_path):
     save_top_table(top, tmp_path / "top.safetensors")
     back = load_top_table(tmp_path / "top.safetensors")
     assert torch.equal(back.values, top.values) and back.image_ids == top.image_ids
+
+
+def test_sprite_tiles_are_the_full_size_crops_sampled_small():
+    """At tile = receptive-field size the batched sampler reproduces crop_with_overlay, border
+    (grey padding) and heatmap included; smaller tiles are its downsampling."""
+    rf = receptive_field("bvlc_googlenet", "mixed4a")
+    g = torch.Generator().manual_seed(1)
+    img = F.interpolate(torch.rand(1, 3, 8, 8, generator=g), size=(224, 224), mode="bilinear",
+                        align_corners=False)[0]  # smooth: point samples ≈ area averages
+    maps = torch.rand(3, 14, 14, generator=g)
+    ys, xs = torch.tensor([0, 7, 13]), torch.tensor([2, 7, 13])  # two at the border
+    vmax = maps.flatten(1).max(1).values
+    tiles = tiles_for_image(img, maps, rf, ys, xs, vmax, rf.size)
+    for s in range(3):
+        ref = torch.from_numpy(np.array(crop_with_overlay(
+            img, rf, int(ys[s]), int(xs[s]), maps[s], float(vmax[s]), tile=rf.size))).float()
+        got = (tiles[s].clamp(0, 1) * 255).permute(1, 2, 0)
+        assert (got - ref).abs().max() <= 2.0  # uint8 rounding only
+    small = tiles_for_image(img, maps, rf, ys, xs, vmax, 19)
+    assert small.shape == (3, 3, 19, 19)
+    down = F.interpolate(tiles, size=(19, 19), mode="area")
+    assert (small - down).abs().mean() < 0.02
+
+
+def test_sprites_hold_every_firing_latent_in_order(tmp_path):
+    K.need_shared()
+    model, sae, src = K.model(), K.trained_sae("mixed4a"), K.source()
+    idx = K.image_indices()[:10]
+    top = top_examples(model, sae, "mixed4a", src, n_top=4, batch_size=5, indices=idx,
+                       show_progress=False)
+    doc = save_sprites(model, sae, top, src, tmp_path, model.variant, n_tiles=3, tile=24,
+                       per_sheet=100, batch_size=4, show_progress=False)
+    n = top.values.shape[0]
+    assert doc["sheets"] == [f"sprites_{s:03d}.jpg" for s in range((n + 99) // 100)]
+    assert json.loads((tmp_path / "sprites.json").read_text())["with_examples"] == int(
+        (top.values[:, 0] > 0).sum()) > 0
+    assert not list(tmp_path.glob("tmp*"))  # the tile buffer is gone
+    rf = receptive_field(model.variant, "mixed4a")
+    firing = [j for j in range(n) if top.values[j, 0] > 0]
+    silent = [j for j in range(n) if top.values[j, 0] <= 0]
+    for j in firing[:5] + firing[-3:]:
+        entries = top.entries(j)
+        for k, e in enumerate(entries[:3]):
+            ref = crop_with_overlay(K_unit(src, e["image_index"], model.variant), rf, e["y"],
+                                    e["x"], None, None, tile=24)
+            got = np.asarray(sprite_tile(tmp_path, j, k)).astype(float)
+            # the overlay only reddens: green/blue of the crop never exceed the plain crop's
+            assert np.mean(got[..., 1:] - np.asarray(ref)[..., 1:]) < 6
+            assert np.abs(got - np.asarray(ref)).mean() < 60
+        for k in range(len(entries), 3):  # fewer examples than tiles: white
+            assert np.asarray(sprite_tile(tmp_path, j, k)).min() > 240
+    for j in silent[:3]:
+        assert np.asarray(sprite_tile(tmp_path, j, 0)).min() > 240
+
+
+def K_unit(src, i, variant):
+    from branchlens.viz.examples import unit_image
+
+    return unit_image(src, i, variant)

@@ -1,78 +1,178 @@
-"""One self-contained HTML report per run: ``build_report(run_dir) -> RUN/report/index.html``.
+"""The report of a run as a folder opened straight from disk: ``build_report(run_dir)`` ->
+``RUN/report/index.html`` + ``RUN/report/assets/``.
 
-Self-contained because reports get mailed, archived and opened from disk: images are inlined as
-data URIs, CSS and JS are inline, and a Content-Security-Policy forbids any network access.
+A folder, because a 16× run on five layers has tens of thousands of latents: the page holds the
+overview (claims, run, SAE quality, tests) and a browser for every latent whose data lives in
+one compact script file per layer plus detail chunks and images loaded only when needed (see
+:mod:`branchlens.report.browse`). It works offline from ``file://``: no server, no remote
+resource, and a Content-Security-Policy forbids any network access. HTML goes through Jinja2
+with autoescaping; the page script builds the browser with ``textContent`` only.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
+import uuid
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from string import Template
+from typing import Any
 
 from branchlens.artifacts import atomic_path
 from branchlens.report import sections as S
-from branchlens.report.builder import ReportContext, gather
-from branchlens.report.gallery import gallery
+from branchlens.report.builder import ReportContext, find_key, gather
 
 __all__ = ["ReportContext", "build_report", "gather", "render"]
 
+ASSETS = "assets"
+MARKER = ".branchlens-report"  # marks an assets folder this module may replace
+CSP = ("default-src 'none'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+       "script-src 'self'; base-uri 'none'; form-action 'none'")
+
 SECTIONS = (
-    ("claims", "The paper's claims"),
     ("data", "Data"),
     ("sae", "SAE quality"),
     ("specialization", "Branch specialization"),
     ("curves", "Sorted-ratio curves"),
     ("crosslayer", "Cross-layer consistency"),
     ("categories", "Category test"),
-    ("embedding", "Latent embedding (UMAP)"),
     ("circuits", "Circuits"),
-    ("gallery", "Feature gallery"),
 )
+VERDICT_CLASS = {"supported": "ok", "not supported": "bad", "explained by channel scale": "warn",
+                 "not testable": "na"}
 
 
 def _asset(name: str) -> str:
     return resources.files("branchlens.report").joinpath(name).read_text(encoding="utf-8")
 
 
-def render(ctx: ReportContext, cards_per_layer: int = 48) -> str:
-    """The whole page as a string (no file I/O besides reading artifacts and assets)."""
-    generated = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    bodies = {
-        "claims": S.claims_section, "data": S.data_section, "sae": S.sae_section,
-        "specialization": S.specialization_section, "curves": S.curves_section,
-        "crosslayer": S.crosslayer_section, "categories": S.category_section,
-        "embedding": S.embedding_section, "circuits": S.circuits_section,
-        "gallery": lambda c: gallery(c, cards_per_layer),
+def _env():
+    import jinja2
+
+    return jinja2.Environment(loader=jinja2.FunctionLoader(_asset), autoescape=True,
+                              undefined=jinja2.StrictUndefined, trim_blocks=True,
+                              lstrip_blocks=True)
+
+
+def overview(ctx: ReportContext, generated: str) -> dict[str, Any]:
+    """Facts of the run header (plain values: the template escapes them)."""
+    w = ctx.weights or {}
+    prov = find_key(ctx.summary, "provenance") or next(
+        (s.cfg for s in ctx.saes.values()), None) or find_key(ctx.manifest, "provenance") or {}
+    wtxt = None
+    if w:
+        parts = [w.get("source"), w.get("path") and str(w["path"]).rsplit("/", 1)[-1],
+                 w.get("sha256") and f"sha256 {str(w['sha256'])[:12]}…",
+                 w.get("seed") is not None and w.get("random") and f"seed {w['seed']}"]
+        wtxt = ", ".join(str(p) for p in parts if p)
+    run = ctx.run if isinstance(ctx.run, dict) else {}
+    stages = run.get("stages") if isinstance(run.get("stages"), dict) else {}
+    return {
+        "facts": [("run", str(ctx.run_dir)), ("model variant", ctx.variant), ("weights", wtxt),
+                  ("layers", ", ".join(ctx.layers) or None),
+                  ("branchlens", prov.get("branchlens_version")),
+                  ("torch", prov.get("torch_version")), ("report generated", generated)],
+        "stages": [(name, st.get("status"), st.get("seconds"), st.get("error") or "")
+                   for name, st in stages.items() if isinstance(st, dict)],
     }
-    parts = [f'<section id="overview">{S.header(ctx, generated)}</section>']
-    for key, title in SECTIONS:
-        try:
-            inner = bodies[key](ctx)
-        except Exception as e:  # noqa: BLE001 - one odd artifact must not sink the report
-            inner = (f'<p class="na">this section failed to render: '
-                     f"{S.esc(type(e).__name__)}: {S.esc(e)}</p>")
-        parts.append(f'<section id="{key}"><h2>{S.esc(title)}</h2>{inner}</section>')
-    nav = '<a href="#overview">Overview</a>' + "".join(
-        f'<a href="#{key}">{S.esc(title)}</a>' for key, title in SECTIONS)
-    return Template(_asset("template.html")).substitute(
-        title=S.esc(f"branchlens report: {ctx.run_dir.name}"), css=_asset("report.css"),
-        js=_asset("report.js"), nav=nav, body="\n".join(parts))
+
+
+def claims(ctx: ReportContext) -> list[dict[str, Any]] | None:
+    """The analysis' claims table (None: no analysis yet)."""
+    if ctx.summary is None:
+        return None
+    return [{"claim": c.get("claim"), "verdict": c.get("verdict"),
+             "cls": VERDICT_CLASS.get(c.get("verdict"), ""), "evidence": c.get("evidence"),
+             "rule": c.get("rule")} for c in ctx.summary.get("claims") or []
+            if isinstance(c, dict)]
+
+
+def _section(fn: Callable[[ReportContext], str], ctx: ReportContext) -> str:
+    try:
+        return fn(ctx)
+    except Exception as e:  # noqa: BLE001 - one odd artifact must not sink the report
+        return (f'<p class="na">this section failed to render: '
+                f"{S.esc(type(e).__name__)}: {S.esc(e)}</p>")
+
+
+def render(ctx: ReportContext, browser: dict[str, Any]) -> str:
+    """The page (``browser``: the latent browser's meta, as :func:`write_assets` returns it)."""
+    from markupsafe import Markup
+
+    bodies = {"data": S.data_section, "sae": S.sae_section,
+              "specialization": S.specialization_section, "curves": S.curves_section,
+              "crosslayer": S.crosslayer_section, "categories": S.category_section,
+              "circuits": S.circuits_section}
+    # the older overview sections escape every value themselves (sections.esc)
+    secs = [(k, t, Markup(_section(bodies[k], ctx))) for k, t in SECTIONS]
+    q = float(((ctx.summary or {}).get("config") or {}).get("q", 0.05))
+    return _env().get_template("index.html.j2").render(
+        title=f"branchlens report: {ctx.run_dir.name}", csp=CSP, assets=ASSETS,
+        random_weights=ctx.random_weights, notes=ctx.notes,
+        overview=overview(ctx, time.strftime("%Y-%m-%d %H:%M:%S %Z")), claims=claims(ctx),
+        run_dir=str(ctx.run_dir), sections=secs, browser=browser, q=q,
+        na=lambda what, cmd: f"{what} not available: run branchlens {cmd} {ctx.run_dir}")
+
+
+def write_assets(ctx: ReportContext, root: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """Scripts, styles and the browser's data files under ``root``; returns the browser meta."""
+    from branchlens.report.browse import Assets, write_layer
+
+    (root / "data").mkdir(parents=True)
+    (root / MARKER).write_text("written by branchlens.report; replaced on every build\n")
+    for name in ("app.js", "report.css"):
+        (root / name).write_text(_asset(name), encoding="utf-8")
+    ctx.assets = Assets(root)
+    q = float(((ctx.summary or {}).get("config") or {}).get("q", 0.05))
+    layers = [layer for layer in ctx.layers if layer in ctx.columns or layer in ctx.saes]
+    entries = [write_layer(ctx, i, layer, ctx.columns.get(layer), root / "data", ctx.assets,
+                           q, log) for i, layer in enumerate(layers)]
+    return {"layers": entries, "q": q, "run": str(ctx.run_dir), "base": ASSETS,
+            "colors": S.BRANCH_COLORS}
 
 
 def build_report(run_dir: str | Path, out: str | Path | None = None,
-                 cards_per_layer: int = 48) -> Path:
-    """Write the report of ``run_dir`` (default ``RUN/report/index.html``, atomically).
+                 cards_per_layer: int = 48, log: Callable[[str], None] | None = None) -> Path:
+    """Write the report of ``run_dir``; returns the path of its ``index.html``.
 
-    Works on partial runs: sections whose stage has not run say which command to run.
+    ``out``: a folder (default ``RUN/report``) or an ``.html`` file name in one. The folder gets
+    ``index.html`` and ``assets/``; an existing ``assets/`` is replaced only if an earlier build
+    made it. Works on partial runs: what a stage has not made is named with its command.
+    ``cards_per_layer`` is accepted for configuration compatibility; every latent is browsable.
     """
+    del cards_per_layer
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"no run directory {run_dir}")
-    page = render(gather(run_dir), cards_per_layer)
-    out = Path(out) if out is not None else run_dir / "report" / "index.html"
-    with atomic_path(out) as tmp:
-        tmp.write_text(page, encoding="utf-8")
-        tmp.chmod(0o644)  # a report is for sharing (the temp file starts private)
-    return out
+    out = Path(out) if out is not None else run_dir / "report"
+    folder, entry = ((out.parent, out.name) if out.suffix.lower() in (".html", ".htm")
+                     else (out, "index.html"))
+    final = folder / ASSETS
+    if final.exists() and not (final / MARKER).is_file():
+        raise FileExistsError(f"{final} exists and was not written by branchlens; "
+                              "choose another report folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    tmp, old = folder / f".{ASSETS}-new-{tag}", folder / f".{ASSETS}-old-{tag}"
+    try:
+        ctx = gather(run_dir)
+        browser = write_assets(ctx, tmp, log or (lambda s: None))
+        page = render(ctx, browser)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        _public(final)
+        path = folder / entry
+        with atomic_path(path) as t:
+            t.write_text(page, encoding="utf-8")
+            t.chmod(0o644)  # a report is for sharing (the temp file starts private)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def _public(root: Path) -> None:
+    for p in [root, *root.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)

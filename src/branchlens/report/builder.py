@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from branchlens.report.columns import LayerColumns, read_columns
 
 BRANCH_ORDER = ("1x1", "3x3", "5x5", "pool")
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".svg")
@@ -60,18 +61,19 @@ class ReportContext:
     manifest: dict[str, Any] | None = None
     saes: dict[str, SaeInfo] = field(default_factory=dict)
     summary: dict[str, Any] | None = None
-    latents: list[dict[str, Any]] = field(default_factory=list)
+    columns: dict[str, LayerColumns] = field(default_factory=dict)  # analysis/latents.csv
     viz: dict[tuple[str, int], LatentViz] = field(default_factory=dict)
     circuits: list[dict[str, Any]] = field(default_factory=list)  # viz/circuits/<up>__<down>
     circuits_found: bool = False
     notes: list[str] = field(default_factory=list)
+    assets: Any = None  # browse.Assets of the report being written (figures are copied there)
 
     @property
     def layers(self) -> list[str]:
         """Layers known to any stage, in the analysis order when there is one."""
         seen: list[str] = []
         for name in [*(self.summary or {}).get("layers", []), *self.saes,
-                     *(r["layer"] for r in self.latents)]:
+                     *self.columns]:
             if name not in seen:
                 seen.append(name)
         return seen
@@ -99,13 +101,18 @@ class ReportContext:
         docs = (self.run, self.manifest, *(s.cfg for s in self.saes.values()))
         return any(_has_random(find_key(d, "weights")) for d in docs)
 
-    def branches(self, layer: str) -> list[str]:
+    def slices(self, layer: str) -> dict[str, list[int]]:
+        """Branch -> [start, stop] channels (analysis summary, else the SAE config)."""
         per = ((self.summary or {}).get("per_layer") or {}).get(layer) or {}
         slices = per.get("branch_slices") or (self.saes[layer].sae.get("branch_slices")
                                               if layer in self.saes else None)
-        if isinstance(slices, dict) and slices:
-            return list(slices)
-        return list(BRANCH_ORDER)
+        if isinstance(slices, dict) and all(isinstance(v, list | tuple) and len(v) == 2
+                                            for v in slices.values()):
+            return {str(b): [int(v[0]), int(v[1])] for b, v in slices.items()}
+        return {}
+
+    def branches(self, layer: str) -> list[str]:
+        return list(self.slices(layer)) or list(BRANCH_ORDER)
 
 
 def find_key(doc: Any, key: str, depth: int = 4) -> Any:
@@ -153,41 +160,6 @@ def _read_jsonl(path: Path, notes: list[str]) -> list[dict[str, Any]]:
         if isinstance(row, dict):
             rows.append(row)
     return rows
-
-
-def _num(s: str) -> Any:
-    """CSV cell to int/float/bool/None when it looks like one (analysis writes plain text)."""
-    if s == "":
-        return None
-    if s in ("True", "False"):
-        return s == "True"
-    try:
-        return int(s)
-    except ValueError:
-        pass
-    try:
-        f = float(s)
-    except ValueError:
-        return s
-    return None if math.isnan(f) else f
-
-
-def read_latents(path: Path, notes: list[str]) -> list[dict[str, Any]]:
-    """``analysis/latents.csv`` rows with numeric cells converted; string columns stay text."""
-    if not path.is_file():
-        return []
-    keep_text = {"layer", "dominant", "top_category", "top_images", "top_labels"}
-    try:
-        with open(path, newline="") as f:
-            rows = []
-            for r in csv.DictReader(f):
-                row = {k: (v if k in keep_text else _num(v)) for k, v in r.items() if k}
-                if row.get("layer") and isinstance(row.get("latent"), int):
-                    rows.append(row)
-            return rows
-    except (OSError, csv.Error) as e:
-        notes.append(f"could not read latents.csv: {type(e).__name__}: {e}")
-        return []
 
 
 def _find_image(base: Path, name: Any, root: Path) -> Path | None:
@@ -346,7 +318,15 @@ def gather(run_dir: str | Path) -> ReportContext:
                                        curves)
     summary = _read_json(run / "analysis" / "summary.json", ctx.notes)
     ctx.summary = summary if isinstance(summary, dict) else None
-    ctx.latents = read_latents(run / "analysis" / "latents.csv", ctx.notes)
+    table = run / "analysis" / "latents.csv"
+    if table.is_file():
+        from branchlens.report.browse import numeric_columns
+
+        names = {b for layer in ctx.layers for b in ctx.branches(layer)} | set(BRANCH_ORDER)
+        try:
+            ctx.columns = read_columns(table, numeric_columns(sorted(names)))
+        except (OSError, ValueError, csv.Error) as e:
+            ctx.notes.append(f"could not read latents.csv: {type(e).__name__}: {e}")
     read_viz(run / "viz", ctx)
     for path in sorted((run / "analysis").glob("circuits*.json")):  # circuits may live here
         for doc in _subdocs(_read_json(path, ctx.notes)):

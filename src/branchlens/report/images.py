@@ -1,76 +1,56 @@
-"""Images as ``data:`` URIs (the report is one file) and tiny inline SVG line charts.
+"""Figures as files next to the page (loaded lazily), and tiny inline SVG line charts.
 
-Raster images are re-encoded at thumbnail size: a gallery of a few hundred latents with full-size
-feature visualizations would be tens of megabytes. Each thumbnail is stored as PNG, or as JPEG
-when that is much smaller (noisy feature visualizations and photo crops compress badly as PNG).
-Files that do not decode are left out (the caller shows a note) so that every ``<img>`` in the
-report decodes.
+The report is a folder, so figures are copied into ``assets/img`` and referenced relatively
+instead of inlined as ``data:`` URIs: the page stays small and the browser loads a figure only
+when it scrolls into view. PNG is preferred over SVG (matplotlib SVGs of thousands of latents
+are megabytes); an SVG is only used when it is the only file, and as an ``<img>`` its scripts
+never run.
 """
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import math
 from pathlib import Path
-
-SVG_MAX_BYTES = 1_500_000  # larger SVG figures fall back to their PNG sibling
-
-
-def _b64(data: bytes, mime: str) -> str:
-    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+from typing import Any
 
 
-def svg_uri(path: Path) -> str | None:
-    """An SVG file as a base64 data URI (an ``<img>`` source: its scripts never run)."""
-    try:
-        data = path.read_bytes()
-    except OSError:
-        return None
-    if b"<svg" not in data[:4096]:
-        return None
-    return _b64(data, "image/svg+xml")
-
-
-def raster_uri(path: Path, max_w: int = 0, max_h: int = 0) -> str | None:
-    """A raster image re-encoded (fit into max_w × max_h when given) as a data URI, or None."""
+def _check_raster(path: Path) -> bool:
     try:
         from PIL import Image
 
         with Image.open(path) as im:
-            im.load()
-            img = im.convert("RGBA") if im.mode in ("RGBA", "LA", "P") else im.convert("RGB")
+            im.verify()
+        return True
     except Exception:  # noqa: BLE001 - any undecodable file is simply left out
+        return False
+
+
+def image_src(ctx: Any, path: Path) -> str | None:
+    """Copy ``path`` into the report's assets; its relative URL, or None if it is unreadable."""
+    if ctx.assets is None:
         return None
-    if max_w or max_h:
-        img.thumbnail((max_w or 10**6, max_h or 10**6))
-    png = io.BytesIO()
-    img.save(png, format="PNG", optimize=True)
-    if img.mode == "RGB":
-        jpg = io.BytesIO()
-        img.save(jpg, format="JPEG", quality=88)
-        if jpg.tell() < 0.6 * png.tell():
-            return _b64(jpg.getvalue(), "image/jpeg")
-    return _b64(png.getvalue(), "image/png")
+    if path.suffix.lower() == ".svg":
+        try:
+            ok = b"<svg" in path.read_bytes()[:4096]
+        except OSError:
+            ok = False
+    else:
+        ok = _check_raster(path)
+    if not ok:
+        return None
+    stem = "".join(c if c.isalnum() or c in "_-" else "_" for c in path.stem)[:60]
+    return ctx.assets.copy(path, f"fig{len(ctx.assets.done)}_{stem}{path.suffix.lower()}")
 
 
-def figure_uri(stem: Path) -> str | None:
-    """A matplotlib figure saved as ``stem.svg`` and/or ``stem.png``: SVG when small enough."""
-    svg, png = stem.with_suffix(".svg"), stem.with_suffix(".png")
-    if svg.is_file() and svg.stat().st_size <= SVG_MAX_BYTES:
-        uri = svg_uri(svg)
-        if uri:
-            return uri
-    if png.is_file():
-        return raster_uri(png)
-    if svg.is_file():
-        return svg_uri(svg)
+def figure_src(ctx: Any, stem: Path) -> str | None:
+    """A matplotlib figure saved as ``stem.png`` and/or ``stem.svg``: the PNG when readable."""
+    for p in (stem.with_suffix(".png"), stem.with_suffix(".svg")):
+        if p.is_file():
+            src = image_src(ctx, p)
+            if src:
+                return src
     return None
-
-
-def image_uri(path: Path, max_w: int = 0, max_h: int = 0) -> str | None:
-    return svg_uri(path) if path.suffix.lower() == ".svg" else raster_uri(path, max_w, max_h)
 
 
 def sparkline(xs: list[float], ys: list[float], title: str, width: int = 220,

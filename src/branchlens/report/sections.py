@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from branchlens.report.builder import ReportContext, find_key
-from branchlens.report.images import figure_uri, image_uri, sparkline
+from branchlens.report.images import figure_src, image_src, sparkline
 
 BRANCH_COLORS = {"1x1": "#1f77b4", "3x3": "#2ca02c", "5x5": "#d62728", "pool": "#9467bd",
                  "none": "#9a9a9a"}
@@ -60,7 +60,7 @@ def figure(uri: str | None, alt: str, caption: str = "") -> str:
     if not uri:
         return f'<p class="na">{esc(alt)}: figure file missing or unreadable</p>'
     cap = f"<figcaption>{esc(caption)}</figcaption>" if caption else ""
-    return f'<figure><img src="{uri}" alt="{esc(alt)}" loading="eager">{cap}</figure>'
+    return f'<figure><img src="{esc(uri)}" alt="{esc(alt)}" loading="lazy">{cap}</figure>'
 
 
 def branch_tag(b: Any) -> str:
@@ -85,47 +85,6 @@ def _trim(o: Any, n: int = 8) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
-def header(ctx: ReportContext, generated: str) -> str:
-    """Title block: model variant, weights, versions; the red banner for random weights."""
-    w = ctx.weights or {}
-    banner = ""
-    if ctx.random_weights:
-        banner = ('<div class="banner" role="alert">RANDOM WEIGHTS: this run used randomly '
-                  'initialised model weights (a smoke test). No number or picture in this report '
-                  'says anything about InceptionV1.</div>')
-    prov = find_key(ctx.summary, "provenance") or next(
-        (s.cfg for s in ctx.saes.values()), None) or find_key(ctx.manifest, "provenance") or {}
-    wtxt = "—"
-    if w:
-        parts = [w.get("source"), w.get("path") and str(w["path"]).rsplit("/", 1)[-1],
-                 w.get("sha256") and f"sha256 {str(w['sha256'])[:12]}…",
-                 w.get("seed") is not None and w.get("random") and f"seed {w['seed']}"]
-        wtxt = esc(", ".join(str(p) for p in parts if p))
-    pairs = [("run", esc(ctx.run_dir)), ("model variant", esc(ctx.variant)),
-             ("weights", wtxt), ("layers", esc(", ".join(ctx.layers) or None)),
-             ("branchlens", esc(prov.get("branchlens_version"))),
-             ("torch", esc(prov.get("torch_version"))), ("report generated", esc(generated))]
-    notes = "".join(f"<li>{esc(n)}</li>" for n in ctx.notes)
-    notes = f'<ul class="warn">{notes}</ul>' if notes else ""
-    return (f"{banner}<h1>branchlens report: {esc(ctx.run_dir.name)}</h1>"
-            f"{kv(pairs)}{notes}{stages_table(ctx)}")
-
-
-def stages_table(ctx: ReportContext) -> str:
-    """Stage status from run.json (written by ``branchlens run``), with the run config."""
-    run = ctx.run if isinstance(ctx.run, dict) else {}
-    stages = run.get("stages") if isinstance(run.get("stages"), dict) else {}
-    if not stages:
-        return ""
-    rows = [(esc(name), esc(st.get("status")), fmt(st.get("seconds")), esc(st.get("started")),
-             esc(st.get("error") or ""))
-            for name, st in stages.items() if isinstance(st, dict)]
-    cfg = run.get("config")
-    return ("<h3>Stages (run.json)</h3>" + table(["stage", "status", "seconds", "started",
-                                                  "error"], rows)
-            + (json_details("run configuration (JSON)", cfg) if cfg else ""))
-
-
 def data_section(ctx: ReportContext) -> str:
     """Image source, counts and skipped files from the store manifest (run.json as fallback)."""
     m = ctx.manifest
@@ -182,7 +141,7 @@ def sae_section(ctx: ReportContext) -> str:
                      fmt(ev.get("dead_frac")),
                      f"{fmt(s.cfg.get('train_images'))} / {fmt(s.cfg.get('heldout_images'))}"))
         if s.curves is not None:
-            curves.append(figure(image_uri(s.curves), f"{layer} training curves",
+            curves.append(figure(image_src(ctx, s.curves), f"{layer} training curves",
                                  f"{layer}: training curves"))
         elif s.metrics:
             log = [m for m in s.metrics if "step" in m and not m.get("final")]
@@ -196,28 +155,6 @@ def sae_section(ctx: ReportContext) -> str:
     note = ('<p class="note">FVU = reconstruction MSE / variance. Held-out FVU is measured on '
             "images never seen in training; a clearly higher value means the SAE overfits.</p>")
     return table(head, rows) + note + '<div class="figs">' + "".join(curves) + "</div>"
-
-
-VERDICT_CLASS = {"supported": "ok", "not supported": "bad", "explained by channel scale": "warn",
-                 "not testable": "na"}
-
-
-def claims_section(ctx: ReportContext) -> str:
-    """The paper's claims, each with our number and a verdict (analysis/summary.json claims)."""
-    claims = (ctx.summary or {}).get("claims")
-    if ctx.summary is None:
-        return na("claims table", "analyze", ctx)
-    if not claims:
-        return ('<p class="na">no claims in the analysis (re-run '
-                '<code>branchlens analyze</code>)</p>')
-    rows = [(esc(c.get("claim")),
-             f'<span class="verdict {VERDICT_CLASS.get(c.get("verdict"), "")}">'
-             f'{esc(c.get("verdict"))}</span>',
-             esc(c.get("evidence")), f'<small>{esc(c.get("rule"))}</small>') for c in claims]
-    return (table(["claim (Bozoukov 2025)", "verdict", "our numbers", "rule"], rows, "claims")
-            + '<p class="note">“explained by channel scale”: holds on the raw decoder (activation '
-              "units, the paper's definition) but not once values are only permuted among "
-              "channels of equal activation std.</p>")
 
 
 def specialization_section(ctx: ReportContext) -> str:
@@ -289,7 +226,7 @@ def _analysis_figure(ctx: ReportContext, layer: str, prefix: str) -> str | None:
     names = [f.rsplit("/", 1)[-1] for f in per.get("figures") or [] if isinstance(f, str)]
     stems = [n.rsplit(".", 1)[0] for n in names if n.startswith(prefix)]
     for stem in [*stems, f"{prefix}_{layer}"]:
-        uri = figure_uri(adir / stem)
+        uri = figure_src(ctx, adir / stem)
         if uri:
             return uri
     return None
@@ -416,24 +353,6 @@ def category_section(ctx: ReportContext) -> str:
               "of their held-out top images (ImageNet labels), against the animal fraction of "
               "the held-out images themselves. Latents share images, so the interval and p come "
               "from an image-cluster bootstrap (an image and its mirror resampled together).</p>")
-
-
-def embedding_section(ctx: ReportContext) -> str:
-    """UMAP (or PCA fallback) of the latents' decoder directions, coloured by branch."""
-    per = (ctx.summary or {}).get("per_layer")
-    if not per:
-        return na("latent embedding", "analyze", ctx)
-    figs = []
-    for layer, s in per.items():
-        emb = s.get("embedding") or {}
-        if emb.get("method") in (None, "none"):
-            figs.append(f'<p class="na">{esc(layer)}: no embedding (embed = none)</p>')
-            continue
-        cap = f"{layer}: {emb.get('method')} of {emb.get('n_points')} latents"
-        if emb.get("note"):
-            cap += f" ({emb['note']})"
-        figs.append(figure(_analysis_figure(ctx, layer, "embedding"), f"{layer} embedding", cap))
-    return '<div class="figs">' + "".join(figs) + "</div>"
 
 
 def circuits_section(ctx: ReportContext) -> str:

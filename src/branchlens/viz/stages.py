@@ -95,9 +95,18 @@ def examples_stage(
     run_dir: str | Path, layer: str, source: str | None = None, n_top: int = 16,
     latents: Sequence[int] | None = None, n_strips: int = 32, maps: bool = True,
     batch_size: int = 16, limit: int | None = None, weights: str | None = None,
-    device: str = "auto", seed: int = 0, show_progress: bool = True,
+    device: str = "auto", seed: int = 0, show_progress: bool = True, sprites: bool = True,
+    sprite_tiles: int = 6, sprite_px: int = 40, heldout: bool = True,
 ) -> dict:
+    """Top-``n_top`` held-out images of every latent in one streaming pass
+    (``top.safetensors``), crops of every latent that fires as sprite sheets (``sprites``), and
+    full-size strips for ``latents`` (or ``n_strips`` sampled ones).
+
+    ``heldout``: only the SAE's held-out images of the run's store (the images the analysis
+    measures on; all of the source when the run has no store); ``limit``: the first N of them.
+    """
     from branchlens.viz.examples import example_maps, save_examples, save_top_table, top_examples
+    from branchlens.viz.sprites import heldout_indices, save_sprites
 
     _validate("examples", locals())
     sae = load_sae(run_dir, layer)
@@ -105,17 +114,23 @@ def examples_stage(
     model, winfo = _model(_variant_of(sae), weights, device, run_dir)
     sae = sae.to(next(model.parameters()).device)
     src, n_used = run_source(run_dir, source)
-    n = min(len(src), limit or n_used or len(src))
+    held, note = heldout_indices(run_dir, sae) if heldout else (None, "all images")
+    pool = held if held is not None else list(range(min(len(src), n_used or len(src))))
+    pool = [i for i in pool if i < len(src)][:limit or None]
     top = top_examples(model, sae, layer, src, n_top=n_top, batch_size=batch_size,
-                       indices=range(n), show_progress=show_progress)
+                       indices=pool, show_progress=show_progress)
     out = Run(run_dir).examples_dir(layer)
     save_top_table(top, out / "top.safetensors")
+    meta = {"variant": model.variant.name, "weights": winfo.to_dict(),
+            "source": getattr(src, "description", ""), "images": note}
+    if sprites:
+        save_sprites(model, sae, top, src, out, model.variant, n_tiles=sprite_tiles,
+                     tile=sprite_px, batch_size=batch_size, meta=meta,
+                     show_progress=show_progress)
     lats = list(latents) if latents else [j for j in pick_latents(sae, 10 * n_strips, seed)
                                           if top.values[j, 0] > 0][:n_strips]
     m = example_maps(model, sae, top, lats, src, batch_size) if maps else None
-    return save_examples(top, lats, src, out, model.variant, m,
-                         meta={"variant": model.variant.name, "weights": winfo.to_dict(),
-                               "source": getattr(src, "description", "")})
+    return save_examples(top, lats, src, out, model.variant, m, meta=meta)
 
 
 def dominant_for(run_dir: str | Path, layer: str) -> tuple[np.ndarray, list[str]]:

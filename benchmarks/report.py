@@ -1,0 +1,197 @@
+"""Report of a 16×-scale run: build time, size, first render and opening a latent in Chromium.
+
+A synthetic run in the stages' artifact formats (tests/_report_run.py: five layers mixed4a–4e
+with 8,192–13,312 latents, 46,336 in all; SAE decoders, latents.csv, summary, embeddings, and
+sprite sheets + top tables like the examples stage writes) is reported twice:
+
+- ours: the report folder (index.html + per-layer data scripts + lazily loaded detail chunks
+  and sprite sheets) of this checkout;
+- baseline: the single-file report builder exactly as it was at commit ed95b4d (its files are
+  read from git and imported under another package name, unchanged otherwise), asked for a
+  card per latent (``cards_per_layer`` = the largest layer) so that it too shows every latent.
+  It embeds no crops (it has no way to show them for every latent), so its size is text only.
+
+First render = navigation start until the browser is usable (ours: ``BL.ready``; baseline:
+the load event, after its script sorted the cards). Opening a latent = from the click (hash
+change) until its page is drawn, detail chunk loaded from disk (median of several).
+
+    python benchmarks/report.py [--out /tmp/branchlens-report-bench] [--no-baseline]
+
+Ends with ``RESULT report_first_render_every_latent ours=<s> baseline=<s> unit=s ratio=<x>``
+(``report_build_every_latent`` when Chromium is unavailable or skipped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from _report_run import SIXTEEN_X, make_run  # noqa: E402
+
+BASELINE_COMMIT = "ed95b4d"
+OLD_FILES = ("__init__.py", "builder.py", "gallery.py", "images.py", "sections.py",
+             "report.css", "report.js", "template.html")
+
+
+def add_sprites(run: Path, tiles: int = 6, px: int = 40, per_sheet: int = 256,
+                seed: int = 0) -> None:
+    """Sheets and top tables as the examples stage writes them (smooth random crops)."""
+    from PIL import Image
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+    summary = json.loads((run / "analysis" / "summary.json").read_text())
+    for layer in summary["layers"]:
+        n = summary["per_layer"][layer]["latents"]
+        d = run / "viz" / "examples" / layer
+        d.mkdir(parents=True, exist_ok=True)
+        values = np.sort(rng.exponential(1.0, (n, 16)).astype(np.float32), 1)[:, ::-1].copy()
+        images = rng.integers(0, 1000, (n, 16)).astype(np.int64)
+        ys, xs = rng.integers(0, 14, (2, n, 16)).astype(np.int64)
+        ids = [f"n{i:08d}_{i}.JPEG" for i in range(1000)]
+        save_file({"values": values, "images": images, "ys": ys, "xs": xs},
+                  str(d / "top.safetensors"),
+                  metadata={"layer": json.dumps(layer), "grid": "[14, 14]",
+                            "n_images": "1000", "image_ids": json.dumps(ids)})
+        sheets = []
+        for s0 in range(0, n, per_sheet):
+            rows = min(per_sheet, n - s0)
+            small = rng.integers(0, 255, (rows * 4, tiles * 4, 3), dtype=np.uint8)
+            img = Image.fromarray(small).resize((tiles * px, rows * px), Image.BILINEAR)
+            name = f"sprites_{s0 // per_sheet:03d}.jpg"
+            img.save(d / name, format="JPEG", quality=82)
+            sheets.append(name)
+        (d / "sprites.json").write_text(json.dumps(
+            {"layer": layer, "tile": px, "n_tiles": tiles, "per_sheet": per_sheet,
+             "sheets": sheets, "n_latents": n, "with_examples": n}))
+
+
+def old_builder(tmp: Path):
+    """The report package of commit ed95b4d, importable as ``branchlens_report_ed95b4d``."""
+    name = f"branchlens_report_{BASELINE_COMMIT}"
+    pkg = tmp / name
+    pkg.mkdir(parents=True, exist_ok=True)
+    for f in OLD_FILES:
+        try:
+            text = subprocess.run(["git", "-C", str(ROOT), "show",
+                                   f"{BASELINE_COMMIT}:src/branchlens/report/{f}"],
+                                  check=True, capture_output=True, text=True).stdout
+        except (OSError, subprocess.CalledProcessError) as e:
+            raise SystemExit(f"baseline needs the git history ({BASELINE_COMMIT}): {e}") from e
+        (pkg / f).write_text(text.replace("branchlens.report", name))
+    sys.path.insert(0, str(tmp))
+    return importlib.import_module(name)
+
+
+def folder_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def chromium_times(html: Path, ours: bool, latents: list[tuple[str, int]]) -> dict:
+    from _browser import chromium_path, open_latent, unavailable_reason
+
+    why = unavailable_reason()
+    if why:
+        print(f"(no Chromium timings: {why})")
+        return {}
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path(),
+                                    args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(600_000)
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(html.resolve().as_uri(), wait_until="load")
+        if ours:
+            page.wait_for_function("window.BL && window.BL.ready === true")
+            first = page.evaluate("window.BL.readyMs")
+            opens = [open_latent(page, layer, j) for layer, j in latents]
+        else:
+            first = page.evaluate("performance.timing.loadEventEnd - "
+                                  "performance.timing.navigationStart")
+            opens = []
+        browser.close()
+    return {"first_render_ms": float(first), "open_ms": opens, "errors": errors}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="/tmp/branchlens-report-bench")
+    ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--no-sprites", action="store_true")
+    ap.add_argument("--no-baseline-browser", action="store_true",
+                    help="skip loading the baseline's one big file in Chromium (slow)")
+    args = ap.parse_args()
+    from branchlens.report import build_report
+
+    out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    run = make_run(out / "run", SIXTEEN_X)
+    if not args.no_sprites:
+        add_sprites(run)
+    n = sum(SIXTEEN_X.values())
+    print(f"synthetic run: {len(SIXTEEN_X)} layers, {n} latents ({time.perf_counter() - t0:.1f} s)")
+
+    t0 = time.perf_counter()
+    html = build_report(run, out / "ours")
+    t_ours = time.perf_counter() - t0
+    size = folder_size(out / "ours")
+    text = size - folder_size(out / "ours" / "assets" / "img") if (
+        out / "ours" / "assets" / "img").is_dir() else size
+    probe = [("mixed4a", 17), ("mixed4c", 5000), ("mixed4e", 13311), ("mixed4b", 8191),
+             ("mixed4d", 4242)]
+    ch = chromium_times(html, True, probe)
+    print(f"ours:     build {t_ours:6.1f} s, {size / 1e6:7.1f} MB ({text / 1e6:.1f} MB without "
+          f"images), index.html {html.stat().st_size / 1e3:.0f} kB")
+    if ch:
+        print(f"          first render {ch['first_render_ms']:.0f} ms, open a latent median "
+              f"{statistics.median(ch['open_ms']):.0f} ms (max {max(ch['open_ms']):.0f}), "
+              f"page errors {len(ch['errors'])}")
+    if args.no_baseline:
+        print(f"RESULT report_build_every_latent ours={t_ours:.1f} baseline=nan unit=s "
+              "ratio=nan")
+        return
+    old = old_builder(out / "old")
+    per_layer = max(SIXTEEN_X.values())
+    t0 = time.perf_counter()
+    base_html = old.build_report(run, out / "baseline" / "index.html",
+                                 cards_per_layer=per_layer)
+    t_base = time.perf_counter() - t0
+    bsize = base_html.stat().st_size
+    print(f"(baseline built in {t_base:.1f} s; loading its single file in Chromium)", flush=True)
+    bch = {} if args.no_baseline_browser else chromium_times(base_html, False, [])
+    cards = base_html.read_text().count('class="card"')
+    print(f"baseline: build {t_base:6.1f} s, {bsize / 1e6:7.1f} MB (one file, no crops), "
+          f"{cards} cards")
+    if bch:
+        print(f"          first render {bch['first_render_ms']:.0f} ms, open a latent: scroll "
+              f"(all cards in the DOM), page errors {len(bch['errors'])}")
+    print(f"size: ours {text / 1e6:.1f} MB text + {(size - text) / 1e6:.1f} MB crops vs "
+          f"baseline {bsize / 1e6:.1f} MB text")
+    print(f"build: ours {t_ours:.1f} s vs baseline {t_base:.1f} s")
+    if ch and bch:
+        a, b = ch["first_render_ms"] / 1e3, bch["first_render_ms"] / 1e3
+        print(f"RESULT report_first_render_every_latent ours={a:.2f} baseline={b:.1f} unit=s "
+              f"ratio={b / a:.1f}")
+    else:
+        print(f"RESULT report_build_every_latent ours={t_ours:.1f} baseline={t_base:.1f} unit=s "
+              f"ratio={t_base / t_ours:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""Open a report in real headless Chromium (Playwright, system browser): checks and screenshots.
+
+A test helper (not part of the package): used by the tests, ``benchmarks/report.py`` and
+``scripts/report_screenshot.py``. Playwright is a dev dependency and never downloads a browser
+here: it drives the system ``chromium`` (Debian package; see ``scripts/ensure_chromium.sh``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
+
+
+def chromium_path() -> str | None:
+    """``$BRANCHLENS_CHROMIUM``, a chromium on PATH, or a usual system location."""
+    for c in (os.environ.get("BRANCHLENS_CHROMIUM"), shutil.which("chromium"),
+              shutil.which("chromium-browser"), *CANDIDATES):
+        if c and Path(c).is_file() and os.access(c, os.X_OK):
+            return c
+    return None
+
+
+def unavailable_reason() -> str | None:
+    """Why a browser check cannot run here (None when it can)."""
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "the playwright package is not installed (pip install -e '.[dev]')"
+    if chromium_path() is None:
+        return "no system chromium (run scripts/ensure_chromium.sh)"
+    return None
+
+
+@dataclass
+class PageLog:
+    """What the page reported while it was open."""
+
+    console_errors: list[str] = field(default_factory=list)
+    dialogs: list[str] = field(default_factory=list)  # alert()/confirm(): injected script ran
+    requests: list[str] = field(default_factory=list)  # anything but file:/data: URLs
+
+
+@contextmanager
+def open_page(html_path: str | Path, width: int = 1400, height: int = 1000
+              ) -> Iterator[tuple[Any, PageLog]]:
+    """Yield (playwright Page, PageLog) for ``html_path`` loaded from ``file://``."""
+    from playwright.sync_api import sync_playwright
+
+    exe = chromium_path()
+    if exe is None:
+        raise RuntimeError(unavailable_reason() or "no chromium")
+    log = PageLog()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe,
+                                    args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": width, "height": height})
+            page.set_default_timeout(10_000)
+            page.on("console", lambda m: log.console_errors.append(m.text)
+                    if m.type == "error" else None)
+            page.on("pageerror", lambda e: log.console_errors.append(f"pageerror: {e}"))
+            page.on("dialog", _dismiss(log.dialogs))
+            page.on("request", lambda r: log.requests.append(r.url)  # blob: = our downloads
+                    if not r.url.startswith(("file:", "data:", "blob:")) else None)
+            page.goto(Path(html_path).resolve().as_uri(), wait_until="load")
+            yield page, log
+        finally:
+            browser.close()
+
+
+def _dismiss(sink: list[str]) -> Callable[[Any], None]:
+    def handler(dialog: Any) -> None:
+        sink.append(dialog.message)
+        dialog.dismiss()
+
+    return handler
+
+
+def broken_images(page: Any) -> list[str]:
+    """Alt texts of ``<img>`` elements that do not decode (lazy ones are loaded first)."""
+    return page.evaluate(
+        "Promise.all(Array.from(document.images).map(i => { i.loading = 'eager'; "
+        "return i.decode().then(() => null, () => i.alt || i.src.slice(-40)); }))"
+        ".then(r => r.filter(x => x))")
+
+
+def wait_ready(page: Any) -> None:
+    """Until the latent browser has started (or the page has no browser)."""
+    page.wait_for_function("window.BL === undefined || window.BL.ready === true || "
+                           "!document.getElementById('tbody')")
+
+
+def shown_count(page: Any) -> int:
+    """Latents the table's filters let through (the counter reads "N of M latents")."""
+    return int(page.inner_text("#f-count").split(" of ")[0])
+
+
+def open_latent(page: Any, layer: str, latent: int) -> float:
+    """Open one latent page through its URL hash; returns milliseconds until it is drawn."""
+    page.evaluate("([l, j]) => { window.BL.lastOpenMs = null; "
+                  "location.hash = '#latent/' + encodeURIComponent(l) + '/' + j; }",
+                  [layer, latent])
+    page.wait_for_function("([l, j]) => { const a = document.getElementById('latent'); "
+                           "return !a.hidden && a.dataset.layer === l && "
+                           "a.dataset.latent === String(j) && window.BL.lastOpenMs !== null; }",
+                           arg=[layer, latent])
+    return float(page.evaluate("window.BL.lastOpenMs"))
+
+
+def screenshots(html_path: str | Path, report_png: str | Path, latent_png: str | Path,
+                latent: tuple[str, int] | None = None, width: int = 1400,
+                height: int = 1100) -> tuple[Path, Path]:
+    """Docs pictures: the report's top over the latent browser, and one latent page."""
+    import io
+
+    from PIL import Image
+
+    with open_page(html_path, width, height) as (page, _):
+        wait_ready(page)
+        parts = [page.screenshot()]
+        page.evaluate("window.scrollTo(0, document.getElementById('latents')"
+                      ".getBoundingClientRect().top + window.scrollY - 40)")
+        page.wait_for_timeout(150)
+        parts.append(page.screenshot())
+        if latent is None:
+            latent = page.evaluate("(() => { const r = document.querySelector('#tbody .trow');"
+                                   " const id = +r.dataset.id; return [window.BL && "
+                                   "JSON.parse(document.getElementById('bl-meta').textContent)"
+                                   ".layers[(id / 1048576) | 0].name, id % 1048576]; })()")
+        open_latent(page, latent[0], latent[1])
+        page.wait_for_timeout(300)  # lazy images
+        box = page.query_selector("#latent").bounding_box()
+        page.set_viewport_size({"width": width, "height": int(min(box["height"] + 80, 2400))})
+        page.evaluate("document.getElementById('latent').scrollIntoView()")
+        page.wait_for_timeout(200)
+        lat_png = page.screenshot()
+    images = [Image.open(io.BytesIO(b)).convert("RGB") for b in parts]
+    canvas = Image.new("RGB", (width, sum(i.height for i in images) + 8 * (len(images) - 1)),
+                       (200, 200, 200))
+    y = 0
+    for im in images:
+        canvas.paste(im, (0, y))
+        y += im.height + 8
+    outs = []
+    for img, out in ((canvas, report_png), (Image.open(io.BytesIO(lat_png)).convert("RGB"),
+                                            latent_png)):
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        img.save(out, format="PNG", optimize=True)
+        outs.append(out)
+    return outs[0], outs[1]
