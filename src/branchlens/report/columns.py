@@ -12,7 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-TEXT = ("layer", "dominant", "robust_dominant", "top_category", "top_images", "top_labels")
+from branchlens.analysis.table import LIST_COLUMNS, STR_COLUMNS
+
+TEXT = tuple(sorted(STR_COLUMNS | set(LIST_COLUMNS)))  # the table's schema: kept as text here
 
 
 @dataclass
