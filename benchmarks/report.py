@@ -100,7 +100,7 @@ def folder_size(path: Path) -> int:
 
 
 def chromium_times(html: Path, ours: bool, latents: list[tuple[str, int]]) -> dict:
-    from _browser import chromium_path, open_latent, unavailable_reason
+    from _browser import LAUNCH_ARGS, chromium_path, open_latent, unavailable_reason, wait_until
 
     why = unavailable_reason()
     if why:
@@ -109,15 +109,14 @@ def chromium_times(html: Path, ours: bool, latents: list[tuple[str, int]]) -> di
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium_path(),
-                                    args=["--no-sandbox", "--disable-gpu"])
+        browser = p.chromium.launch(executable_path=chromium_path(), args=LAUNCH_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.set_default_timeout(600_000)
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.goto(html.resolve().as_uri(), wait_until="load")
         if ours:
-            page.wait_for_function("window.BL && window.BL.ready === true")
+            wait_until(page, "() => window.BL && window.BL.ready === true")
             first = page.evaluate("window.BL.readyMs")
             opens = [open_latent(page, layer, j) for layer, j in latents]
         else:

@@ -8,6 +8,7 @@ here: it drives the system ``chromium`` (Debian package; see ``scripts/ensure_ch
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -15,16 +16,59 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
+# Debian's /usr/bin/chromium is a shell wrapper around /usr/lib/chromium/chromium. Its
+# /etc/chromium.d/dev-shm does `[ $(findmnt ... -T /dev/shm) -lt N ]`, which prints
+# "[: 25276059648: unexpected operator" wherever /dev/shm is mounted twice (containers): findmnt
+# then prints two numbers. Harmless, but noise on every launch, so the real binary comes first
+# (the flag that script would add, --disable-dev-shm-usage, is passed by open_page).
+CANDIDATES = ("/usr/lib/chromium/chromium", "/usr/bin/chromium", "/usr/bin/chromium-browser",
+              "/usr/bin/google-chrome")
+LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
 
 
 def chromium_path() -> str | None:
-    """``$BRANCHLENS_CHROMIUM``, a chromium on PATH, or a usual system location."""
-    for c in (os.environ.get("BRANCHLENS_CHROMIUM"), shutil.which("chromium"),
-              shutil.which("chromium-browser"), *CANDIDATES):
+    """``$BRANCHLENS_CHROMIUM``, a usual system location, or a chromium on PATH."""
+    for c in (os.environ.get("BRANCHLENS_CHROMIUM"), *CANDIDATES, shutil.which("chromium"),
+              shutil.which("chromium-browser")):
         if c and Path(c).is_file() and os.access(c, os.X_OK):
             return c
     return None
+
+
+def browser_version() -> str:
+    """"Chromium 156.0.8078.114 (/usr/lib/chromium/chromium), playwright 1.65.2", or why not:
+    printed in the test header so that a browser failure names the browser it ran against."""
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version
+
+    why = unavailable_reason()
+    if why is not None:
+        return f"unavailable: {why}"
+    exe = chromium_path()
+    try:
+        out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30)
+        name = out.stdout.strip() or f"unknown version (exit {out.returncode})"
+    except (OSError, subprocess.TimeoutExpired) as e:
+        name = f"unknown version ({e})"
+    try:
+        pw = version("playwright")
+    except PackageNotFoundError:
+        pw = "?"
+    return f"{name} ({exe}), playwright {pw}"
+
+
+def wait_until(page: Any, predicate: str, arg: Any = None, timeout: float | None = None) -> None:
+    """``page.wait_for_function`` for a *function* predicate only.
+
+    Playwright polls a bare expression string with ``eval`` inside the page, which the report's
+    CSP (``script-src 'self'``, no 'unsafe-eval') forbids; a function source is not eval'd. An
+    expression that happens to be true at the first check passes, so the mistake would only
+    show on a slower machine: refuse it here instead.
+    """
+    src = predicate.lstrip()
+    if not (src.startswith(("(", "function", "async")) or re.match(r"^\w+\s*=>", src)):
+        raise ValueError(f"wait_until needs a function predicate like '() => ...', got {src!r}")
+    page.wait_for_function(predicate, arg=arg, timeout=timeout)
 
 
 def unavailable_reason() -> str | None:
@@ -58,8 +102,7 @@ def open_page(html_path: str | Path, width: int = 1400, height: int = 1000
         raise RuntimeError(unavailable_reason() or "no chromium")
     log = PageLog()
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=exe,
-                                    args=["--no-sandbox", "--disable-gpu"])
+        browser = p.chromium.launch(executable_path=exe, args=LAUNCH_ARGS)
         try:
             page = browser.new_page(viewport={"width": width, "height": height})
             page.set_default_timeout(10_000)
@@ -93,8 +136,8 @@ def broken_images(page: Any) -> list[str]:
 
 def wait_ready(page: Any) -> None:
     """Until the latent browser has started (or the page has no browser)."""
-    page.wait_for_function("window.BL === undefined || window.BL.ready === true || "
-                           "!document.getElementById('tbody')")
+    wait_until(page, "() => window.BL === undefined || window.BL.ready === true || "
+                     "!document.getElementById('tbody')")
 
 
 def shown_count(page: Any) -> int:
@@ -107,10 +150,10 @@ def open_latent(page: Any, layer: str, latent: int) -> float:
     page.evaluate("([l, j]) => { window.BL.lastOpenMs = null; "
                   "location.hash = '#latent/' + encodeURIComponent(l) + '/' + j; }",
                   [layer, latent])
-    page.wait_for_function("([l, j]) => { const a = document.getElementById('latent'); "
-                           "return !a.hidden && a.dataset.layer === l && "
-                           "a.dataset.latent === String(j) && window.BL.lastOpenMs !== null; }",
-                           arg=[layer, latent])
+    wait_until(page, "([l, j]) => { const a = document.getElementById('latent'); "
+                     "return !a.hidden && a.dataset.layer === l && "
+                     "a.dataset.latent === String(j) && window.BL.lastOpenMs !== null; }",
+               arg=[layer, latent])
     return float(page.evaluate("window.BL.lastOpenMs"))
 
 

@@ -14,6 +14,17 @@ IMAGENET_SAMPLE = SHARED / "data" / "imagenet-sample"
 os.environ.setdefault("BRANCHLENS_CACHE", str(Path(__file__).parent / ".cache-unused"))
 
 
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The browser the Chromium tests drove, printed under every run (``-q`` too), so that a
+    browser failure names the browser and Playwright it ran against."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _browser import browser_version
+
+    terminalreporter.write_line(f"browser: {browser_version()}")
+
+
 @pytest.fixture(scope="session")
 def bvlc_weights() -> Path:
     if not BVLC_WEIGHTS.is_file():

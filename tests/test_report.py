@@ -22,6 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
+from _browser import wait_until
 from _report_run import make_run
 from branchlens.report import build_report
 from branchlens.report.builder import gather
@@ -302,6 +303,26 @@ def _require_browser() -> None:
     pytest.skip(f"browser test skipped: {why}")
 
 
+def test_browser_waits_work_under_the_report_csp(tmp_path: Path) -> None:
+    """The report forbids eval (script-src 'self'); Playwright polls an expression *string*
+    predicate with eval, so every wait is a function predicate. This page becomes ready only
+    after a delay, so the predicate must be polled (a true-at-once check never reaches eval)."""
+    _require_browser()
+    from _browser import open_page
+
+    (tmp_path / "p.js").write_text("setTimeout(() => { window.ready = 1; }, 400);")
+    (tmp_path / "p.html").write_text(
+        "<!doctype html><html><head><meta http-equiv='Content-Security-Policy' "
+        "content=\"default-src 'none'; script-src 'self'\"><script src='p.js'></script>"
+        "</head><body>x</body></html>")
+    with open_page(tmp_path / "p.html") as (page, log):
+        with pytest.raises(ValueError, match="function predicate"):
+            wait_until(page, "window.ready === 1")  # would be an EvalError under the CSP
+        wait_until(page, "() => window.ready === 1")
+        assert page.evaluate("() => window.ready") == 1
+        assert log.console_errors == []
+
+
 def _rows_in_dom(page) -> list[list[str]]:
     return page.evaluate("Array.from(document.querySelectorAll('#tbody .trow'))"
                          ".sort((a, b) => parseFloat(a.style.top) - parseFloat(b.style.top))"
@@ -329,8 +350,7 @@ def _click_point(page, layer_index: int) -> tuple[str, int]:
     page.mouse.move(box["x"] + x, box["y"] + y)
     assert page.is_visible("#tip") and f"#{j} " in page.inner_text("#tip")
     page.mouse.click(box["x"] + x, box["y"] + y)
-    page.wait_for_function("j => document.getElementById('latent').dataset.latent === String(j)",
-                           arg=j)
+    wait_until(page, "j => document.getElementById('latent').dataset.latent === String(j)", arg=j)
     return page.inner_text("#latent h3"), j
 
 
@@ -387,9 +407,9 @@ def test_report_in_chromium(real_run: Path) -> None:
         assert page.inner_text("#latent h3").startswith("mixed3b #0")
         assert page.query_selector_all("#latent .bar .band")
         page.click("#latent .links ol a")  # upstream latent in mixed3a
-        page.wait_for_function("document.getElementById('latent').dataset.layer === 'mixed3a'")
+        wait_until(page, "() => document.getElementById('latent').dataset.layer === 'mixed3a'")
         page.click("#latent .nbs a")  # a decoder-space neighbour
-        page.wait_for_function("document.getElementById('latent').dataset.layer === 'mixed3a'")
+        wait_until(page, "() => document.getElementById('latent').dataset.layer === 'mixed3a'")
         j = next(k for k in range(meta["layers"][1]["n"])
                  if "ex" in _detail(out.parent, meta, "mixed3b", k))
         open_latent(page, "mixed3b", j)
@@ -432,8 +452,8 @@ def test_report_40k_latents_in_chromium(big_run: Path) -> None:
         assert page.inner_text("#f-count") == "40960 of 40960 latents"
         assert len(_rows_in_dom(page)) < 60  # virtualised
         page.eval_on_selector("#tbody", "e => { e.scrollTop = e.scrollHeight; }")
-        page.wait_for_function("Array.from(document.querySelectorAll('#tbody .trow'))"
-                               ".some(r => parseFloat(r.style.top) === 40959 * 22)")
+        wait_until(page, "() => Array.from(document.querySelectorAll('#tbody .trow'))"
+                         ".some(r => parseFloat(r.style.top) === 40959 * 22)")
         last = _rows_in_dom(page)[-1]
         assert last[:2] == ["mixed4d", "10239"]
         assert HOSTILE_LAYER in page.evaluate(  # text, not markup
