@@ -148,3 +148,57 @@ def test_torchrun_run_two_ranks_one_record_and_one_result_line(tmp_path):
     rec = json.loads((tmp_path / "r" / "run.json").read_text())
     assert rec["stages"]["harvest"]["info"]["images"] == 6
     assert (tmp_path / "r" / "sae" / "mixed3a" / "weights.safetensors").is_file()
+
+
+def _copy_run(e2e_run, tmp_path):
+    src, _ = e2e_run
+    dst = tmp_path / "run"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_visualize_refuses_bad_targets_in_one_line_before_rendering(e2e_run, tmp_path):
+    run = str(_copy_run(e2e_run, tmp_path))
+    from branchlens.sae import TopKSAE
+
+    sae = TopKSAE.load(tmp_path / "run" / "sae" / "mixed4a")
+    n = sae.cfg.n_latents
+    base = ["visualize", run, "--layer", "mixed4a", "--steps", "1", "--size", "32",
+            "--weights", "random", "--device", "cpu", "--no-progress"]
+    cases = {
+        ("--latents", str(n)): f"latent {n} is out of range for mixed4a: valid latents are "
+                               f"0..{n - 1}",
+        ("--latents", "1", "--branch", "7x7"): "mixed4a has no branch '7x7'; branches: 1x1, "
+                                               "3x3, 5x5, pool",
+        ("--latents", "1", "--objective", "beauty"): "unknown objective 'beauty'; choose one of",
+        ("--channels", "512"): "channel 512 is out of range for mixed4a: valid channels are "
+                               "0..511",
+        ("--channels", "3", "--objective", "latent"): "--channels takes --objective channel or "
+                                                      "neuron",
+        ("--latents", "x,1"): "expected comma-separated integer ids, got 'x,1'",
+    }
+    for extra, msg in cases.items():
+        r = runner.invoke(app, base + list(extra))
+        assert r.exit_code == 2, (extra, r.output)
+        lines = [ln for ln in r.output.splitlines() if ln.strip()]
+        assert any(ln.startswith("error: ") and msg in ln for ln in lines), (extra, r.output)
+        assert not list((tmp_path / "run" / "viz" / "featurevis").rglob("*channel*"))
+    # a dead latent, as the SAE's own counter says
+    sae.since_fired[5] = 10**9
+    sae.save(tmp_path / "run" / "sae" / "mixed4a")
+    r = runner.invoke(app, base + ["--latents", "5"])
+    assert r.exit_code == 2 and "latent 5 of mixed4a is dead" in r.output, r.output
+
+
+def test_visualize_channels_of_the_network(e2e_run, tmp_path):
+    run = _copy_run(e2e_run, tmp_path)
+    r = runner.invoke(app, ["visualize", str(run), "--layer", "mixed4a", "--channels", "5,150",
+                            "--steps", "2", "--size", "48", "--weights", "random",
+                            "--device", "cpu", "--no-progress", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout.splitlines()[-1])["objective"] == "channel"
+    idx = json.loads((run / "viz" / "featurevis" / "mixed4a" / "index_channel.json").read_text())
+    assert [e["latent"] for e in idx["latents"]] == [5, 150]
+    assert idx["render"]["redirect_relu_steps"] == 16
+    for e in idx["latents"]:
+        assert (run / "viz" / "featurevis" / "mixed4a" / e["file"]).is_file()

@@ -24,6 +24,7 @@ from PIL import Image
 
 from _browser import wait_until
 from _report_run import make_run
+from branchlens.analysis.table import read_latent_table
 from branchlens.report import build_report
 from branchlens.report.builder import gather
 from branchlens.report.geometry import paper_ratios
@@ -84,6 +85,7 @@ def _set_category(run: Path, row_index: int, value: str) -> None:
 def real_run(tmp_path_factory) -> Path:
     from branchlens.analysis import AnalysisConfig, analyze
     from branchlens.harvest import harvest
+    from branchlens.sae import TopKSAE
     from branchlens.train import TrainConfig, train_layers
     from branchlens.viz.stages import circuits_stage, examples_stage, visualize_stage
 
@@ -112,8 +114,12 @@ def real_run(tmp_path_factory) -> Path:
 
     with pytest.warns(UserWarning, match="RANDOM WEIGHTS"):
         # one layer each keeps the test fast; each stage loads the model and runs it
-        visualize_stage(run, "mixed3a", [0, 1, 2, 3], size=48, steps=2, weights="random",
-                        device="cpu", show_progress=False)
+        alive = (~TopKSAE.load(run / "sae" / "mixed3a").dead_mask()).nonzero().squeeze(1)
+        visualize_stage(run, "mixed3a", alive[:4].tolist(), size=48, steps=2,
+                        weights="random", device="cpu", show_progress=False)
+        # the latents the claims rest on (the planted mixed3b cells), full and per branch
+        visualize_stage(run, "mixed3b", select="evidence", n_latents=6, per_cell=2, pairs=1,
+                        size=32, steps=1, weights="random", device="cpu", show_progress=False)
         examples_stage(run, "mixed3b", n_top=4, latents=[0, 1, 2, 3], batch_size=8,
                        weights="random", device="cpu", show_progress=False, heldout=False,
                        sprite_tiles=3, sprite_px=24)
@@ -122,6 +128,29 @@ def real_run(tmp_path_factory) -> Path:
                        device="cpu", batch_size=8, show_progress=False)
     return run
 
+
+
+def test_claims_show_the_latents_they_rest_on(real_run: Path) -> None:
+    """Each claim's gallery holds exactly the evidence latents the visualize stage chose, their
+    pictures (full and branch-restricted) decode, and each tile links to the latent's page."""
+    ev = json.loads((real_run / "viz" / "featurevis" / "mixed3b" / "evidence.json").read_text())
+    rows = {r["latent"]: r for r in read_latent_table(real_run / "analysis" / "latents.csv",
+                                                      "mixed3b")}
+    assert ev["cells"], "planted branches give robust cells"
+    for b, js in ev["cells"].items():
+        assert all(rows[j]["robust_dominant"] == b for j in js)
+        assert all(set(ev["pictures"][str(j)]) >= {"full", b} for j in js)
+    out = build_report(real_run)
+    page = out.read_text()
+    claims = page[page.index('<section id="claims">'):page.index("</section>",
+                                                                 page.index('id="claims"'))]
+    assert '<details class="evidence">' in claims
+    for js in ev["cells"].values():
+        for j in js:
+            assert f'href="#latent/mixed3b/{j}"' in claims
+    srcs = re.findall(r'<a class="ev"[^>]*>(.*?)</a>', claims, re.S)
+    imgs = [m for s in srcs for m in re.findall(r'src="([^"]+)"', s)]
+    assert imgs and all(Image.open(out.parent / html.unescape(i)).size == (32, 32) for i in imgs)
 
 
 def _call(path: Path) -> list:
@@ -218,11 +247,15 @@ def test_report_folder_from_real_run(real_run: Path) -> None:
             assert all(lo <= hi for lo, hi in d["band"])
             assert d["pr"] == [pytest.approx(float(rows[(layer, j)][f"p_raw_{b}"]), rel=0.01)
                                for b in br]
-    # viz: feature visualizations (mixed3a 0-3), crops of every firing mixed3b latent,
-    # upstream latents of mixed3b 0-3 from the circuits stage
-    for j in range(4):
+    # viz: feature visualizations (4 alive mixed3a latents), crops of every firing mixed3b
+    # latent, upstream latents of mixed3b 0-3 from the circuits stage
+    shown = [e["latent"] for e in json.loads((real_run / "viz" / "featurevis" / "mixed3a" /
+                                              "index_latent.json").read_text())["latents"]]
+    assert len(shown) == 4
+    for j in shown:
         fv = _detail(out.parent, meta, "mixed3a", j)["fv"]
         assert fv and all((out.parent / src).is_file() for _, src in fv)
+    for j in range(4):
         up = _detail(out.parent, meta, "mixed3b", j)["up"]
         assert up and all(u[0] == "mixed3a" and isinstance(u[1], int) for u in up)
     idx = json.loads((real_run / "viz" / "examples" / "mixed3b" / "sprites.json").read_text())
@@ -286,7 +319,9 @@ def test_report_tolerates_missing_and_broken_artifacts(real_run: Path, tmp_path:
     meta = _meta(out)
     assert [x["embedding"] for x in meta["layers"]] == [True, False]
     fv = {}
-    for j in range(4):
+    shown = [e["latent"] for e in json.loads((real_run / "viz" / "featurevis" / "mixed3a" /
+                                              "index_latent.json").read_text())["latents"]]
+    for j in shown:
         for cap, src in _detail(out.parent, meta, "mixed3a", j)["fv"]:
             fv[cap, j] = src
     assert sorted(v is None for v in fv.values()) == [False, False, False, True]
@@ -401,7 +436,9 @@ def test_report_in_chromium(real_run: Path) -> None:
         page.select_option("#f-layer", "")
 
         # a latent with crops, a feature visualization and upstream links
-        open_latent(page, "mixed3a", 1)
+        shown = json.loads((real_run / "viz" / "featurevis" / "mixed3a" / "index_latent.json")
+                           .read_text())["latents"][1]["latent"]
+        open_latent(page, "mixed3a", shown)
         assert page.query_selector_all("#latent .fvs img")
         open_latent(page, "mixed3b", 0)
         assert page.inner_text("#latent h3").startswith("mixed3b #0")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -91,3 +92,40 @@ def test_branch_restricted_objective_moves_only_through_that_branch():
     with torch.no_grad():
         grey = model(normalize(torch.full((1, 3, 64, 64), 0.5), model.variant), [LAYER])
     assert v5.values[0] > start(grey)[0] + 1.0
+
+
+def test_redirected_relu_passes_gradient_only_where_none_gets_through():
+    from branchlens.viz.relu import redirected_relu
+
+    x = torch.tensor([[-1.0, -2.0, 3.0], [-1.0, -2.0, -3.0]], requires_grad=True)
+    g = torch.tensor([[-1.0, 1.0, 2.0], [-1.0, 1.0, 2.0]])
+    y = redirected_relu(x)
+    assert torch.equal(y, torch.relu(x))
+    y.backward(g)
+    # image 0: the positive unit passes its gradient, so the plain ReLU gradient is used;
+    # image 1: nothing passes, so the gradient is redirected except where it would push a
+    # negative input lower (grad > 0 at x < 0, since the optimiser moves along -grad)
+    assert torch.equal(x.grad, torch.tensor([[0.0, 0.0, 2.0], [-1.0, 0.0, 0.0]]))
+
+
+@pytest.mark.slow
+def test_targets_silent_on_grey_become_pictures():
+    """mixed4c channel 400 (5x5) and 470 (pool) are exactly 0 on a grey image: with plain ReLU
+    gradients the objective never moves; with the redirected first steps it rises, and the
+    picture is neither grey nor mostly clipped."""
+    K.need_shared()
+    model = K.model()
+    obj = O.channel("mixed4c", [400, 470])
+    grey = torch.full((2, 3, 96, 96), 0.5)
+    from branchlens.viz.render import evaluate
+
+    assert torch.all(evaluate(model, obj, grey) == 0)
+    cfg = RenderConfig(size=96, steps=40, seed=0, transforms=LIGHT)
+    stuck = render(model, obj, 2, replace(cfg, redirect_relu_steps=0))
+    assert torch.all(stuck.values == 0)
+    res = render(model, obj, 2, cfg)
+    assert torch.all(res.values > 0.5), res.values
+    img = res.images
+    assert torch.all(img.flatten(1).std(1) > 0.05)  # not grey
+    clipped = ((img < 0.02) | (img > 0.98)).float().flatten(1).mean(1)
+    assert torch.all(clipped < 0.3), clipped

@@ -31,6 +31,29 @@ def test_fft_image_has_one_over_f_spectrum_and_is_seeded():
     assert not torch.equal(img, P.fft_image(8, 64, seed=4)[1]().detach())
 
 
+def test_initial_image_is_near_grey_at_every_size():
+    """Lucid's start: pre-sigmoid std ≈ 0.02, so the sigmoid is linear and nothing is clipped
+    (the sqrt(h*w)-too-large spectrum gave std 4.46 at 224 px: saturated speckle)."""
+    for size in (64, 128, 224):
+        _, fn = P.fft_image(4, size, seed=0)
+        pre = P.decorrelated_to_rgb(fn().detach())
+        assert 0.005 < float(pre.std()) < 0.05, (size, float(pre.std()))
+        rgb = P.image(4, size, seed=0)[1]().detach()
+        assert float((rgb - 0.5).abs().max()) < 0.1
+
+
+def test_fft_amplitude_is_the_orthonormal_transform():
+    """Each free rfft coefficient of the image (x4, Lucid's constant) is exactly the parameter
+    times 1/max(|f|, 1/size): the spectrum's amplitude, not only its shape."""
+    h, w = 48, 64
+    params, fn = P.fft_image(2, (h, w), seed=1)
+    img = fn().detach()
+    got = torch.fft.rfft2(4.0 * img, norm="ortho")
+    want = torch.view_as_complex(params[0].detach()) / P.rfft2d_freqs(h, w).clamp(min=1 / w)
+    inner = slice(1, w // 2)  # columns 0 and w/2 are made Hermitian by irfft2
+    assert torch.allclose(got[..., inner], want[..., inner], rtol=1e-4, atol=1e-6)
+
+
 def test_valid_rgb_range_and_gradients_reach_parameters():
     params, fn = P.image(2, 32, seed=0)
     x = fn()

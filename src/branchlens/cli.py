@@ -331,7 +331,10 @@ def analyze(
 
 
 def _int_list(s: str | None) -> list[int] | None:
-    return [int(t) for t in s.split(",") if t.strip()] if s else None
+    try:
+        return [int(t) for t in s.split(",") if t.strip()] if s else None
+    except ValueError:
+        raise ValueError(f"expected comma-separated integer ids, got {s!r}") from None
 
 
 @app.command()
@@ -339,13 +342,25 @@ def visualize(
     run: str = typer.Argument(..., help="run directory (reads RUN/sae/<layer>/)"),
     layer: str = typer.Option(..., "--layer"),
     latents: str | None = typer.Option(None, "--latents", help="comma-separated latent ids"),
-    n_latents: int = typer.Option(16, "--n-latents", help="random alive latents if no --latents"),
-    objective: str = typer.Option("latent", "--objective",
-                                  help="latent | latent_mean | direction | direction_mean"),
+    channels: str | None = typer.Option(
+        None, "--channels", help="comma-separated channel ids of the layer: visualize the "
+        "network's own units (--objective channel, or neuron) instead of SAE latents"),
+    n_latents: int = typer.Option(16, "--n-latents",
+                                  help="without --latents: how many (at most, with evidence)"),
+    select: str = typer.Option(
+        "random", "--select", help="without --latents: random (alive latents) | evidence (the "
+        "latents the claims rest on, from the analysis, also restricted to their branch)"),
+    per_cell: int = typer.Option(4, "--per-cell", help="evidence: latents per (layer, branch)"),
+    pairs: int = typer.Option(4, "--pairs", help="evidence: best cross-layer matched pairs"),
+    objective: str | None = typer.Option(
+        None, "--objective", help="latent (default) | latent_mean | direction | direction_mean; "
+        "channel (default with --channels) | neuron"),
     branch: str | None = typer.Option(None, "--branch", help="restrict to one branch, e.g. 5x5"),
     size: int = typer.Option(224, "--size"),
     steps: int = typer.Option(512, "--steps"),
     lr: float = typer.Option(0.05, "--lr"),
+    redirect: int = typer.Option(16, "--redirect-relu-steps",
+                                 help="first steps with Lucid's redirected ReLU gradient (0: off)"),
     batch_size: int = typer.Option(16, "--batch-size", help="latents optimised together"),
     seed: int = typer.Option(0, "--seed"),
     weights: str | None = WeightsOpt,
@@ -353,11 +368,21 @@ def visualize(
     show_progress: bool = typer.Option(True, "--progress/--no-progress"),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Feature visualization of SAE latents (batched) -> RUN/viz/featurevis/<layer>/."""
+    """Feature visualization of SAE latents or channels (batched) -> RUN/viz/featurevis/<layer>/."""
     from branchlens.viz.stages import visualize_stage
 
-    idx = visualize_stage(run, layer, _int_list(latents), n_latents, objective, branch, size,
-                          steps, lr, seed, batch_size, weights, device, show_progress)
+    if channels is not None and latents is not None:
+        raise ValueError("give --latents (SAE latents) or --channels (units), not both")
+    if objective is None:
+        objective = "channel" if channels is not None else "latent"
+    elif channels is not None and objective not in ("channel", "neuron"):
+        raise ValueError(f"--channels takes --objective channel or neuron, not {objective!r}")
+    targets = _int_list(channels if channels is not None else latents)
+    idx = visualize_stage(run, layer, targets, n_latents=n_latents, objective=objective,
+                          branch=branch, size=size, steps=steps, lr=lr, seed=seed,
+                          batch_size=batch_size, weights=weights, device=device,
+                          show_progress=show_progress, redirect_relu_steps=redirect,
+                          select=select, per_cell=per_cell, pairs=pairs)
     _result({"layer": layer, "images": len(idx["latents"]), "objective": objective,
              "branch": branch}, as_json, "feature visualizations")
 

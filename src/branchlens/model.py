@@ -58,6 +58,10 @@ class _Outputs:
 
 
 class InceptionV1(nn.Module):
+    # The nonlinearity after every conv; feature visualization swaps in a redirected-gradient
+    # ReLU for its first steps (viz/relu.py). The forward value is always the plain ReLU.
+    relu_fn = staticmethod(F.relu)
+
     def __init__(self, variant: str | Variant = "bvlc_googlenet"):
         super().__init__()
         self.variant = get_variant(variant)
@@ -86,7 +90,7 @@ class InceptionV1(nn.Module):
     def _conv(self, name: str, x: torch.Tensor, out: _Outputs) -> torch.Tensor:
         pre = self.convs[name](x)
         out(f"{name}_pre_relu", pre)
-        y = F.relu(pre)
+        y = self.relu_fn(pre)
         out(name, y)
         return y
 

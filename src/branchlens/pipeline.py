@@ -44,7 +44,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train": {"batch_size": 1024, "steps": 300, "lr": 1e-3, "warmup_steps": 20,
                   "log_every": 25, "ckpt_every": 100},
         "analyze": {"n_perm": 500, "curve_reps": 100, "bootstrap": 500, "embed": "auto"},
-        "visualize": {"n_latents": 4, "steps": 96, "size": 128, "batch_size": 8},
+        # the pictures of the latents the claims rest on: per layer the best robust latent of
+        # (at most) two branches, each also restricted to its branch (4 renders per layer)
+        "visualize": {"select": "evidence", "n_latents": 2, "per_cell": 1, "pairs": 1,
+                      "steps": 96, "size": 128, "batch_size": 8},
         "examples": {"n_top": 8, "n_strips": 12, "batch_size": 16},
         "circuits": {"n_latents": 3, "n_images": 4, "flow_latents": 32, "n_perm": 500,
                      "ablate": 2, "batch_size": 16},
@@ -66,7 +69,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         # PCA: UMAP of 8–13k latents costs ~1.5 min per layer on 2 cores (`--set
         # analyze.embed="umap"` to have it anyway).
         "analyze": {"embed": "pca"},
-        "visualize": {"n_latents": 4, "steps": 96, "size": 128, "batch_size": 8},
+        "visualize": {"select": "evidence", "n_latents": 16, "per_cell": 2, "pairs": 2,
+                      "steps": 256, "size": 128, "batch_size": 16},
         "examples": {"n_top": 8, "n_strips": 12, "batch_size": 16},
         "circuits": {"n_latents": 3, "n_images": 4, "flow_latents": 32, "n_perm": 500,
                      "ablate": 2, "batch_size": 16},
@@ -85,7 +89,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train": {"batch_size": 4096, "epochs": 100, "lr": 1e-3, "warmup_steps": 0,
                   "decay": "none"},
         "analyze": {},
-        "visualize": {"n_latents": 16, "steps": 512, "size": 224, "batch_size": 16},
+        "visualize": {"select": "evidence", "n_latents": 64, "per_cell": 8, "pairs": 8,
+                      "steps": 512, "size": 224, "batch_size": 16},
         "examples": {"n_top": 16, "n_strips": 64, "batch_size": 64},
         "circuits": {"n_latents": 8, "n_images": 8, "flow_latents": 256, "n_perm": 1000,
                      "ablate": 4, "batch_size": 32},

@@ -112,6 +112,10 @@ class Run:
     def featurevis_dir(self, layer: str) -> Path:
         return self.path / "viz" / "featurevis" / layer
 
+    def evidence_path(self, layer: str) -> Path:
+        """Which latents of ``layer`` the claims rest on, and their pictures (visualize stage)."""
+        return self.featurevis_dir(layer) / "evidence.json"
+
     def examples_dir(self, layer: str) -> Path:
         return self.path / "viz" / "examples" / layer
 

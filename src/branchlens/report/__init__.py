@@ -82,10 +82,15 @@ def claims(ctx: ReportContext) -> list[dict[str, Any]] | None:
     """The analysis' claims table (None: no analysis yet)."""
     if ctx.summary is None:
         return None
+    from markupsafe import Markup
+
+    from branchlens.report.evidence import claim_gallery
+
     return [{"claim": c.get("claim"), "verdict": c.get("verdict"),
              "cls": VERDICT_CLASS.get(c.get("verdict"), ""), "evidence": c.get("evidence"),
-             "rule": c.get("rule")} for c in ctx.summary.get("claims") or []
-            if isinstance(c, dict)]
+             "rule": c.get("rule"),
+             "gallery": Markup(_section(lambda x, i=c.get("id"): claim_gallery(x, str(i)), ctx))}
+            for c in ctx.summary.get("claims") or [] if isinstance(c, dict)]
 
 
 def _section(fn: Callable[[ReportContext], str], ctx: ReportContext) -> str:

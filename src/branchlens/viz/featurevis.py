@@ -23,6 +23,7 @@ from branchlens.viz.latents import SAELike, encoder_affine, sae_d_in
 from branchlens.viz.render import RenderConfig, render
 
 OBJECTIVES = ("latent", "latent_mean", "direction", "direction_mean")
+UNIT_OBJECTIVES = ("channel", "neuron")  # the network's own units, as Distill studied them
 
 
 @dataclass
@@ -32,6 +33,64 @@ class FeatureVis:
     values: Tensor  # [N] objective on the final images
     objective: str
     branch: str | None
+
+
+def check_targets(
+    layer: str, targets: Sequence[int], objective: str, branch: str | None, variant,
+    n_units: int, dead: Tensor | None = None,
+) -> None:
+    """One-line errors, with the valid choices, before any rendering starts: an unknown
+    objective, a branch the layer does not have, a target out of range or a dead latent."""
+    from branchlens.variants import branch_slices
+
+    if objective not in OBJECTIVES + UNIT_OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; choose one of "
+                         f"{', '.join(OBJECTIVES + UNIT_OBJECTIVES)}")
+    unit = "channel" if objective in UNIT_OBJECTIVES else "latent"
+    if branch is not None:
+        if unit == "channel":
+            raise ValueError(f"--branch restricts an SAE objective; a {objective} objective "
+                             "is one channel, which already lies in one branch")
+        names = list(branch_slices(variant, layer))
+        if branch not in names:
+            raise ValueError(f"{layer} has no branch {branch!r}; branches: {', '.join(names)}")
+    if not targets:
+        raise ValueError(f"no {unit}s to visualize")
+    bad = [t for t in targets if not 0 <= int(t) < n_units]
+    if bad:
+        raise ValueError(f"{unit} {bad[0]} is out of range for {layer}: valid {unit}s are "
+                         f"0..{n_units - 1}")
+    if dead is not None and unit == "latent":
+        gone = [int(t) for t in targets if bool(dead[int(t)])]
+        if gone:
+            alive = (~dead).nonzero().squeeze(1)[:5].tolist()
+            raise ValueError(f"latent {gone[0]} of {layer} is dead (it stopped firing in "
+                             f"training; no picture can show it); alive ones include {alive}")
+
+
+def unit_objective(layer: str, channels: Sequence[int], kind: str = "channel") -> O.Objective:
+    """``channel``: mean over positions; ``neuron``: the centre position."""
+    return O.channel(layer, list(channels)) if kind == "channel" else O.neuron(layer,
+                                                                                list(channels))
+
+
+def visualize_units(
+    model: nn.Module, layer: str, channels: Sequence[int], *, objective: str = "channel",
+    cfg: RenderConfig | None = None, batch_size: int = 16, show_progress: bool = True,
+) -> FeatureVis:
+    """One optimised image per channel of ``layer`` (channel or neuron objective)."""
+    cfg = cfg or RenderConfig()
+    channels = [int(c) for c in channels]
+    chunks = [channels[i:i + batch_size] for i in range(0, len(channels), batch_size)]
+    images, values = [], []
+    with progress(cfg.steps * len(chunks), f"featurevis {layer} {objective}s", "step",
+                  disable=not show_progress) as bar:
+        for c, chunk in enumerate(chunks):
+            res = render(model, unit_objective(layer, chunk, objective), len(chunk),
+                         replace(cfg, seed=cfg.seed + c), bar)
+            images.append(res.images)
+            values.append(res.values)
+    return FeatureVis(channels, torch.cat(images), torch.cat(values), objective, None)
 
 
 def latent_objective(

@@ -72,13 +72,17 @@ def fft_image(
 ) -> tuple[list[torch.Tensor], ImageFn]:
     """Fourier parameterization: (params, fn) where ``fn()`` -> decorrelated image [B, 3, H, W].
 
-    Coefficients are scaled by ``1 / max(|f|, 1/max(h, w)) ** decay_power``.
+    Coefficients are scaled by ``1 / max(|f|, 1/max(h, w)) ** decay_power`` and inverted with
+    the orthonormal transform, so the initial image is near grey (pre-sigmoid std ≈ 0.02 at
+    224 px). Lucid multiplies the spectrum by ``sqrt(h*w)`` only because TensorFlow's
+    ``irfft2d`` divides by ``h*w``: the net transform is the orthonormal one. Multiplying by
+    ``sqrt(h*w)`` *and* using ``norm="ortho"`` starts (and keeps) the optimisation in the
+    sigmoid's clipped regime: saturated speckle instead of a picture.
     """
     h, w = (size, size) if isinstance(size, int) else size
     gen = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
     freqs = rfft2d_freqs(h, w)
-    scale = 1.0 / freqs.clamp(min=1.0 / max(h, w)) ** decay_power
-    scale = (scale * np.sqrt(h * w)).to(device)
+    scale = (1.0 / freqs.clamp(min=1.0 / max(h, w)) ** decay_power).to(device)
     spectrum = (torch.randn(batch, 3, *freqs.shape, 2, generator=gen) * sd).to(device)
     spectrum.requires_grad_(True)
 

@@ -17,12 +17,14 @@ from torch import Tensor, nn
 from branchlens.data import normalize
 from branchlens.viz import param as P
 from branchlens.viz.objectives import Objective
+from branchlens.viz.relu import redirect_relu_gradients
 from branchlens.viz.transform import Transform, compose, standard_transforms
 
 
 @dataclass
 class RenderConfig:
-    """Lucid defaults: 512 steps of Adam(lr 0.05) on a 224 px FFT/decorrelated image."""
+    """Lucid defaults: 512 steps of Adam(lr 0.05) on a 224 px FFT/decorrelated image, with the
+    ReLU gradient redirected for the first 16 steps (so units silent on grey can be reached)."""
 
     size: int = 224
     steps: int = 512
@@ -31,9 +33,11 @@ class RenderConfig:
     fft: bool = True
     decorrelate: bool = True
     transforms: Sequence[Transform] | None = None  # None: the paper's standard set
+    redirect_relu_steps: int = 16  # 0: plain ReLU gradients throughout
 
     def to_dict(self) -> dict:
-        d = {k: getattr(self, k) for k in ("size", "steps", "lr", "seed", "fft", "decorrelate")}
+        d = {k: getattr(self, k) for k in ("size", "steps", "lr", "seed", "fft", "decorrelate",
+                                           "redirect_relu_steps")}
         return d | {"transforms": "standard" if self.transforms is None else "custom"}
 
 
@@ -42,6 +46,7 @@ class RenderResult:
     images: Tensor  # [B, 3, H, W] in [0, 1]
     values: Tensor  # [B] objective on the final, untransformed images
     history: list[float] = field(default_factory=list)  # batch-mean objective per step
+    trace: Tensor | None = None  # [steps, B] each image's objective per step (transformed)
 
 
 @contextmanager
@@ -83,16 +88,20 @@ def render(
     opt = torch.optim.Adam(params, lr=cfg.lr)
     layers = list(objective.layers)
     history: list[float] = []
+    trace: list[Tensor] = []
     with frozen(model):
-        for _ in range(cfg.steps):
+        for step in range(cfg.steps):
             opt.zero_grad(set_to_none=True)
             x = transform(image_fn(), gen)
-            values = objective(model(normalize(x, model.variant), layers=layers))
+            with redirect_relu_gradients(model, step < cfg.redirect_relu_steps):
+                values = objective(model(normalize(x, model.variant), layers=layers))
             (-values.sum()).backward()
             opt.step()
-            history.append(float(values.detach().mean()))
+            trace.append(values.detach().float().cpu())
+            history.append(float(trace[-1].mean()))
             if bar is not None:
                 bar.update(1, objective=f"{history[-1]:.3g}")
     with torch.no_grad():
         images = image_fn().detach()
-    return RenderResult(images.cpu(), evaluate(model, objective, images), history)
+    return RenderResult(images.cpu(), evaluate(model, objective, images), history,
+                        torch.stack(trace) if trace else None)

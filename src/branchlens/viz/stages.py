@@ -72,23 +72,115 @@ def visualize_stage(
     run_dir: str | Path, layer: str, latents: Sequence[int] | None = None, n_latents: int = 16,
     objective: str = "latent", branch: str | None = None, size: int = 224, steps: int = 512,
     lr: float = 0.05, seed: int = 0, batch_size: int = 16, weights: str | None = None,
-    device: str = "auto", show_progress: bool = True,
+    device: str = "auto", show_progress: bool = True, redirect_relu_steps: int = 16,
+    select: str = "random", per_cell: int = 4, pairs: int = 4, branch_views: bool = True,
 ) -> dict:
-    from branchlens.viz.featurevis import save_featurevis, visualize_latents
+    """Feature visualizations of SAE latents (``objective`` latent/direction[_mean]) or of the
+    layer's own channels (``channel`` / ``neuron``; ``latents`` are then channel ids).
+
+    Without ``latents``: ``select="random"`` renders ``n_latents`` alive latents;
+    ``select="evidence"`` renders the latents the claims rest on (analysis first): the
+    ``per_cell`` most significant robust latents of every branch with discoveries and the
+    latents of the ``pairs`` best cross-layer matches, at most ``n_latents`` (cells first), and
+    with ``branch_views`` also each cell latent restricted to its branch (the paper's figure).
+    """
+    from branchlens.model import output_shape
+    from branchlens.viz.featurevis import (
+        UNIT_OBJECTIVES,
+        check_targets,
+        save_featurevis,
+        visualize_latents,
+        visualize_units,
+    )
     from branchlens.viz.render import RenderConfig
 
     _validate("visualize", locals())
     sae = load_sae(run_dir, layer)
     check_sae_store(run_dir, sae)
-    model, winfo = _model(_variant_of(sae), weights, device, run_dir)
+    variant = _variant_of(sae)
+    units = objective in UNIT_OBJECTIVES
+    plan = None
+    if units:
+        n_units = output_shape(variant, layer)[0]
+        lats = list(latents) if latents else list(range(min(n_latents, n_units)))
+        check_targets(layer, lats, objective, branch, variant, n_units)
+    else:
+        n_units = int(sae.decoder_directions().shape[0])
+        dead = sae.dead_mask().cpu() if hasattr(sae, "dead_mask") else None
+        if latents:
+            lats = list(latents)
+        elif select == "evidence":
+            plan = _evidence(run_dir, layer, per_cell, pairs, n_latents)
+            lats = plan["latents"]
+        elif select == "random":
+            lats = pick_latents(sae, n_latents, seed)
+        else:
+            raise ValueError(f"visualize.select must be random or evidence, not {select!r}")
+        if plan is not None and not lats:
+            return _save_evidence(run_dir, layer, plan, {}, objective)
+        check_targets(layer, lats, objective, branch, variant, n_units, dead)
+    model, winfo = _model(variant, weights, device, run_dir)
     sae = sae.to(next(model.parameters()).device)
-    lats = list(latents) if latents else pick_latents(sae, n_latents, seed)
-    cfg = RenderConfig(size=size, steps=steps, lr=lr, seed=seed)
-    vis = visualize_latents(model, sae, layer, lats, objective=objective, branch=branch,
-                            cfg=cfg, batch_size=batch_size, show_progress=show_progress)
+    cfg = RenderConfig(size=size, steps=steps, lr=lr, seed=seed,
+                       redirect_relu_steps=redirect_relu_steps)
+    if units:
+        vis = visualize_units(model, layer, lats, objective=objective, cfg=cfg,
+                              batch_size=batch_size, show_progress=show_progress)
+    else:
+        vis = visualize_latents(model, sae, layer, lats, objective=objective, branch=branch,
+                                cfg=cfg, batch_size=batch_size, show_progress=show_progress)
     out = Run(run_dir).featurevis_dir(layer)
-    return save_featurevis(vis, out, layer, cfg, {"variant": model.variant.name,
-                                                  "weights": winfo.to_dict()})
+    meta = {"variant": model.variant.name, "weights": winfo.to_dict()}
+    index = save_featurevis(vis, out, layer, cfg, meta)
+    if plan is None:
+        return index
+    views = {}
+    for b, js in plan["cells"].items() if branch_views else ():
+        bv = visualize_latents(model, sae, layer, js, objective=objective, branch=b, cfg=cfg,
+                               batch_size=batch_size, show_progress=show_progress)
+        views[b] = save_featurevis(bv, out, layer, cfg, meta)
+    _save_evidence(run_dir, layer, plan, views, objective, index)
+    return index
+
+
+def _evidence(run_dir: str | Path, layer: str, per_cell: int, pairs: int, cap: int) -> dict:
+    """The analysis' evidence latents of ``layer`` (see analysis/evidence.py), cells first,
+    then matched-pair latents, at most ``cap``."""
+    from branchlens.analysis.evidence import evidence_plan
+    from branchlens.analysis.table import read_latent_table
+    from branchlens.run import RunError
+
+    run = Run(run_dir)
+    if not run.latent_table_path.is_file():
+        raise RunError(f"visualize.select=evidence needs the analysis ({run.latent_table_path} "
+                       "is missing): run branchlens analyze first")
+    rows = read_latent_table(run.latent_table_path, layer)
+    plan = evidence_plan({layer: rows}, run.summary(), per_cell, pairs)[layer]
+    # round-robin over the cells so a cap keeps every branch, then the pairs
+    order = [j for tier in zip(*[v + [None] * (per_cell - len(v))
+                                  for v in plan["cells"].values()], strict=True)
+             for j in tier if j is not None] if plan["cells"] else []
+    mine = [p["a"] if p["up"] == layer else p["b"] for p in plan["pairs"]]
+    keep = list(dict.fromkeys(order + mine))[:cap]
+    plan["cells"] = {b: [j for j in v if j in keep] for b, v in plan["cells"].items()}
+    plan["cells"] = {b: v for b, v in plan["cells"].items() if v}
+    plan["pairs"] = [p for p in plan["pairs"]
+                     if (p["a"] if p["up"] == layer else p["b"]) in keep]
+    plan["latents"] = sorted(keep)
+    return plan
+
+
+def _save_evidence(run_dir, layer: str, plan: dict, views: dict, objective: str,
+                   index: dict | None = None) -> dict:
+    files = {e["latent"]: e["file"] for e in (index or {}).get("latents", [])}
+    branch_files = {b: {e["latent"]: e["file"] for e in v["latents"]} for b, v in views.items()}
+    doc = {"layer": layer, "objective": objective, "cells": plan["cells"],
+           "pairs": plan["pairs"],
+           "pictures": {str(j): {"full": files.get(j),
+                                 **{b: f[j] for b, f in branch_files.items() if j in f}}
+                        for j in plan["latents"]}, **provenance()}
+    write_json(Run(run_dir).evidence_path(layer), doc)
+    return index or {"layer": layer, "objective": objective, "latents": []}
 
 
 def examples_stage(

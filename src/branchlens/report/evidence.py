@@ -1,0 +1,118 @@
+"""Under each claim, the latents it rests on: picture, branch-restricted picture, numbers.
+
+The visualize stage (``select=evidence``) writes ``viz/featurevis/<layer>/evidence.json``: the
+most significant robust latents of every (layer, branch) cell and the best cross-layer matched
+pairs, with the files of their pictures. Here each tile links to the latent's own page in the
+browser (its top examples, every ratio and q-value); the cross-layer claim shows its matched
+pairs side by side. All text is escaped; images are copied into the report's assets.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from branchlens.report.images import image_src
+from branchlens.report.sections import esc, fmt
+
+# claim id -> which cells it rests on (None: every branch)
+CELL_CLAIMS = {"specialise": None, "five_by_five": "5x5", "animals": "5x5",
+               "paper_curve": "5x5"}
+
+
+def _docs(ctx: Any) -> dict[str, dict[str, Any]]:
+    from branchlens.run import Run
+
+    run, out = Run(ctx.run_dir), {}
+    for layer in ctx.layers:
+        p = run.evidence_path(layer)
+        try:
+            doc = json.loads(p.read_text()) if p.is_file() else None
+        except (OSError, ValueError):
+            ctx.notes.append(f"could not read {p}")
+            doc = None
+        if isinstance(doc, dict) and isinstance(doc.get("pictures"), dict):
+            out[layer] = doc
+    return out
+
+
+def _rows(ctx: Any, layer: str, cache: dict) -> dict[int, dict[str, Any]]:
+    if layer not in cache:
+        from branchlens.analysis.table import read_latent_table
+        from branchlens.run import Run
+
+        path = Run(ctx.run_dir).latent_table_path
+        try:
+            cache[layer] = {r["latent"]: r for r in read_latent_table(path, layer)}
+        except (OSError, ValueError, KeyError):
+            cache[layer] = {}
+    return cache[layer]
+
+
+def _img(ctx: Any, layer: str, name: Any, alt: str) -> str:
+    if not isinstance(name, str) or "/" in name or "\\" in name:
+        return ""
+    from branchlens.run import Run
+
+    src = image_src(ctx, Run(ctx.run_dir).featurevis_dir(layer) / name)
+    return f'<img loading="lazy" src="{esc(src)}" alt="{esc(alt)}">' if src else ""
+
+
+def _tile(ctx: Any, doc: dict, layer: str, j: int, branch: str | None, cache: dict) -> str:
+    pics = doc["pictures"].get(str(j)) or {}
+    row = _rows(ctx, layer, cache).get(j, {})
+    imgs = _img(ctx, layer, pics.get("full"), f"{layer} #{j}")
+    if branch:
+        imgs += _img(ctx, layer, pics.get(branch), f"{layer} #{j}, {branch} part alone")
+    nums = []
+    if branch:
+        q = max((row.get(f"q_{r}_{branch}", math.nan) for r in ("raw", "scale")),
+                key=lambda v: -1 if v != v else v)
+        nums = [f"{esc(branch)} ratio {fmt(row.get(f'paper_ratio_{branch}'))}",
+                f"q ≤ {fmt(q, 2)}"]
+    label = f"{esc(layer)} #{j}" + (" · " + " · ".join(nums) if nums else "")
+    href = f"#latent/{quote(layer, safe='')}/{j}"
+    return (f'<a class="ev" href="{esc(href)}">{imgs or "<span class=na>no picture</span>"}'
+            f"<span>{label}</span></a>")
+
+
+def claim_gallery(ctx: Any, claim_id: str, per_cell: int = 4) -> str:
+    """HTML of the evidence tiles for one claim ("" when the stage rendered none)."""
+    docs = _docs(ctx)
+    if not docs:
+        return ""
+    cache: dict = {}
+    parts = []
+    if claim_id in CELL_CLAIMS:
+        only = CELL_CLAIMS[claim_id]
+        for layer, doc in docs.items():
+            if claim_id == "paper_curve" and layer != "mixed4c":
+                continue
+            for b, js in (doc.get("cells") or {}).items():
+                if only is not None and b != only:
+                    continue
+                tiles = "".join(_tile(ctx, doc, layer, int(j), b, cache)
+                                for j in js[:per_cell])
+                parts.append(f'<div class="evrow"><b>{esc(layer)} {esc(b)}</b>{tiles}</div>')
+    elif claim_id == "across_layers":
+        for layer, doc in docs.items():
+            for p in doc.get("pairs") or []:
+                if p.get("up") != layer or p.get("down") not in docs:
+                    continue
+                a = _tile(ctx, doc, layer, int(p["a"]), None, cache)
+                b = _tile(ctx, docs[p["down"]], p["down"], int(p["b"]), None, cache)
+                parts.append(f'<div class="evrow pair">{a}<span class="eq">↔ corr '
+                             f'{fmt(p.get("corr"), 2)}</span>{b}</div>')
+    if not parts:
+        return ""
+    return ('<details class="evidence"><summary>the latents it rests on (click a latent for '
+            "its examples and every number)</summary>" + "".join(parts) + "</details>")
+
+
+def gallery_missing(ctx: Any) -> str:
+    """The note shown when no evidence pictures exist yet."""
+    return (f"no pictures yet: <code>branchlens visualize {esc(Path(ctx.run_dir))} --layer L "
+            "--select evidence</code> renders the latents each claim rests on")
