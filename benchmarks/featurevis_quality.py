@@ -78,12 +78,29 @@ def clipped(images: torch.Tensor) -> torch.Tensor:
     return ((images < 0.02) | (images > 0.98)).float().flatten(1).mean(1)
 
 
+def save_sheet(rows: list[torch.Tensor], path: str, gap: int = 4) -> None:
+    """Rows of [N, 3, H, W] images in [0, 1] as one PNG on a white background."""
+    from PIL import Image
+
+    from branchlens.viz.featurevis import to_pil
+
+    n, h, w = rows[0].shape[0], rows[0].shape[2], rows[0].shape[3]
+    sheet = Image.new("RGB", (n * (w + gap) - gap, len(rows) * (h + gap) - gap), "white")
+    for r, imgs in enumerate(rows):
+        for c, img in enumerate(imgs):
+            sheet.paste(to_pil(img), (c * (w + gap), r * (h + gap)))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--steps", type=int, default=256)
     ap.add_argument("--run", default=None, help="take the SAE latents from RUN/sae/mixed4c")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sheet", default=None,
+                    help="save a PNG: the baseline's pictures over ours, one column a target")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, info = load_model("bvlc_googlenet", SHARED / "weights" / "bvlc_googlenet.safetensors")
@@ -95,6 +112,7 @@ def main() -> None:
     print(f"featurevis quality: {LAYER}, {args.size} px, {args.steps} steps, "
           f"threads {torch.get_num_threads()}")
     finals: dict[str, dict[str, float]] = {"baseline": {}, "ours": {}}
+    rows: dict[str, list[torch.Tensor]] = {"baseline": [], "ours": []}
     for arm in ("baseline", "ours"):
         t = time.perf_counter()
         for objective, names in objs.values():
@@ -106,12 +124,16 @@ def main() -> None:
             else:
                 res = render(model, objective, n, cfg)
             clip = clipped(res.images)
+            rows[arm].append(res.images)
             for i, name in enumerate(names):
                 curve = " ".join(f"{m}:{float(res.trace[m - 1, i]):.3g}" for m in marks)
                 print(f"  {arm:8s} {name:12s} final {float(res.values[i]):8.3f}  "
                       f"clipped {float(clip[i]):.2f}  (transformed, by step: {curve})")
                 finals[arm][name] = float(res.values[i])
         print(f"  {arm} took {time.perf_counter() - t:.0f} s")
+    if args.sheet:
+        save_sheet([torch.cat(rows["baseline"]), torch.cat(rows["ours"])], args.sheet)
+        print(f"pictures: {args.sheet} (top: baseline, bottom: ours)")
     ratios = [o / max(finals["baseline"][k], 0.1) for k, o in finals["ours"].items()]
     gm_ours = math.exp(sum(math.log(max(v, 1e-3)) for v in finals["ours"].values()) / len(ratios))
     gm_base = math.exp(sum(math.log(max(v, 0.1)) for v in finals["baseline"].values())

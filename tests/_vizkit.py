@@ -75,7 +75,7 @@ def inputs() -> torch.Tensor:
                                                      indices=image_indices())])
 
 
-LAYERS = ("mixed4a", "mixed4b")
+LAYERS = ("mixed4a", "mixed4b", "mixed4c")
 
 
 @cache

@@ -56,7 +56,7 @@ E2E_SETS = {
     "train": {"batch_size": 64, "steps": 4, "warmup_steps": 1, "log_every": 2, "ckpt_every": 2,
               "progress": False},
     "analyze": {"n_perm": 50, "curve_reps": 20, "embed": "pca"},
-    "visualize": {"n_latents": 2, "steps": 2, "size": 64},
+    "visualize": {"n_latents": 2, "steps": 2, "size": 64, "select": "random"},
     "examples": {"n_strips": 2, "n_top": 2},
     "circuits": {"n_latents": 1, "n_images": 2, "flow_latents": 4, "n_perm": 20, "ablate": 1},
     "report": {"cards_per_layer": 4},

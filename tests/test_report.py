@@ -148,9 +148,15 @@ def test_claims_show_the_latents_they_rest_on(real_run: Path) -> None:
     for js in ev["cells"].values():
         for j in js:
             assert f'href="#latent/mixed3b/{j}"' in claims
-    srcs = re.findall(r'<a class="ev"[^>]*>(.*?)</a>', claims, re.S)
-    imgs = [m for s in srcs for m in re.findall(r'src="([^"]+)"', s)]
-    assert imgs and all(Image.open(out.parent / html.unescape(i)).size == (32, 32) for i in imgs)
+    tiles = re.findall(r'<a class="ev"[^>]*>(.*?)</a>', claims, re.S)
+    pics = [m for t in tiles for m in re.findall(r'<img loading="lazy" src="([^"]+)"', t)]
+    assert pics and all(Image.open(out.parent / html.unescape(i)).size == (32, 32) for i in pics)
+    # the examples strip of an evidence latent that has one (the fixture drew strips of 0-3)
+    strips = [m for t in tiles for m in re.findall(r'<img class="strip" loading="lazy" '
+                                                    r'src="([^"]+)"', t)]
+    with_strip = {j for js in ev["cells"].values() for j in js} & {0, 1, 2, 3}
+    assert len(set(strips)) == len(with_strip)
+    assert all(Image.open(out.parent / html.unescape(i)).height == 128 for i in strips)
 
 
 def _call(path: Path) -> list:

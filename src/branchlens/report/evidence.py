@@ -23,6 +23,22 @@ CELL_CLAIMS = {"specialise": None, "five_by_five": "5x5", "animals": "5x5",
                "paper_curve": "5x5"}
 
 
+def _strips(ctx: Any, layer: str, cache: dict) -> dict[int, str]:
+    """latent -> file of its examples strip (the examples stage's full-size crops)."""
+    key = ("strips", layer)
+    if key not in cache:
+        from branchlens.run import Run
+
+        p = Run(ctx.run_dir).examples_dir(layer) / "index.json"
+        try:
+            doc = json.loads(p.read_text()) if p.is_file() else {}
+            cache[key] = {int(e["latent"]): str(e["file"]) for e in doc.get("latents", [])
+                          if isinstance(e, dict) and "file" in e}
+        except (OSError, ValueError, KeyError, TypeError):
+            cache[key] = {}
+    return cache[key]
+
+
 def _docs(ctx: Any) -> dict[str, dict[str, Any]]:
     from branchlens.run import Run
 
@@ -52,13 +68,16 @@ def _rows(ctx: Any, layer: str, cache: dict) -> dict[int, dict[str, Any]]:
     return cache[layer]
 
 
-def _img(ctx: Any, layer: str, name: Any, alt: str) -> str:
+def _img(ctx: Any, layer: str, name: Any, alt: str, examples: bool = False) -> str:
     if not isinstance(name, str) or "/" in name or "\\" in name:
         return ""
     from branchlens.run import Run
 
-    src = image_src(ctx, Run(ctx.run_dir).featurevis_dir(layer) / name)
-    return f'<img loading="lazy" src="{esc(src)}" alt="{esc(alt)}">' if src else ""
+    run = Run(ctx.run_dir)
+    folder = run.examples_dir(layer) if examples else run.featurevis_dir(layer)
+    src = image_src(ctx, folder / name)
+    cls = ' class="strip"' if examples else ""
+    return f'<img{cls} loading="lazy" src="{esc(src)}" alt="{esc(alt)}">' if src else ""
 
 
 def _tile(ctx: Any, doc: dict, layer: str, j: int, branch: str | None, cache: dict) -> str:
@@ -67,6 +86,8 @@ def _tile(ctx: Any, doc: dict, layer: str, j: int, branch: str | None, cache: di
     imgs = _img(ctx, layer, pics.get("full"), f"{layer} #{j}")
     if branch:
         imgs += _img(ctx, layer, pics.get(branch), f"{layer} #{j}, {branch} part alone")
+    imgs += _img(ctx, layer, _strips(ctx, layer, cache).get(j), f"{layer} #{j}: top examples",
+                 examples=True)
     nums = []
     if branch:
         q = max((row.get(f"q_{r}_{branch}", math.nan) for r in ("raw", "scale")),

@@ -188,11 +188,15 @@ def examples_stage(
     latents: Sequence[int] | None = None, n_strips: int = 32, maps: bool = True,
     batch_size: int = 16, limit: int | None = None, weights: str | None = None,
     device: str = "auto", seed: int = 0, show_progress: bool = True, sprites: bool = True,
-    sprite_tiles: int = 6, sprite_px: int = 40, heldout: bool = True,
+    sprite_tiles: int = 6, sprite_px: int = 40, heldout: bool = True, select: str = "random",
+    per_cell: int = 4, pairs: int = 4,
 ) -> dict:
     """Top-``n_top`` held-out images of every latent in one streaming pass
     (``top.safetensors``), crops of every latent that fires as sprite sheets (``sprites``), and
-    full-size strips for ``latents`` (or ``n_strips`` sampled ones).
+    full-size strips (128 px crops of the receptive field, the latent's map overlaid) for
+    ``latents``, or else ``n_strips`` latents: with ``select="evidence"`` the latents the
+    claims rest on first (as the visualize stage picks them; needs the analysis), then
+    sampled firing ones.
 
     ``heldout``: only the SAE's held-out images of the run's store (the images the analysis
     measures on; all of the source when the run has no store); ``limit``: the first N of them.
@@ -219,8 +223,13 @@ def examples_stage(
         save_sprites(model, sae, top, src, out, model.variant, n_tiles=sprite_tiles,
                      tile=sprite_px, batch_size=batch_size, meta=meta,
                      show_progress=show_progress)
-    lats = list(latents) if latents else [j for j in pick_latents(sae, 10 * n_strips, seed)
-                                          if top.values[j, 0] > 0][:n_strips]
+    if select not in ("random", "evidence"):
+        raise ValueError(f"examples.select must be random or evidence, not {select!r}")
+    first = _evidence(run_dir, layer, per_cell, pairs, n_strips)["latents"] \
+        if select == "evidence" and not latents else []
+    fill = [j for j in pick_latents(sae, 10 * n_strips, seed) if top.values[j, 0] > 0]
+    lats = list(latents) if latents else list(dict.fromkeys(
+        [j for j in first if top.values[j, 0] > 0] + fill))[:max(n_strips, len(first))]
     m = example_maps(model, sae, top, lats, src, batch_size) if maps else None
     return save_examples(top, lats, src, out, model.variant, m, meta=meta)
 
