@@ -71,6 +71,30 @@ def test_unbalanced_planting_is_recovered_on_the_primary_scale(unbalanced):
     assert np.mean(bt.robust_dominant[planted] == pl.truth[planted]) >= 0.7
 
 
+def test_robust_label_is_the_best_branch_significant_under_both_rules(unbalanced):
+    """A latent significant raw in a loud 1x1 (largest enrichment) and in 5x5, but robust only
+    in 5x5, is a 5x5 latent: the label is never 'none' just because the raw argmax is loud."""
+    from dataclasses import replace
+
+    _, bt = unbalanced
+    b1, b5 = list(SL).index("1x1"), list(SL).index("5x5")
+    reject = np.zeros_like(bt.reject)
+    scale = np.zeros_like(bt.reject)
+    enr = np.ones_like(bt.enrichment)
+    reject[0, [b1, b5]] = True  # raw: both; scale: 5x5 only; 1x1 more enriched
+    scale[0, b5] = True
+    enr[0, b1], enr[0, b5] = 3.0, 2.0
+    reject[1, [b1, b5]] = True  # robust in both: the more enriched one
+    scale[1, [b1, b5]] = True
+    enr[1, b1], enr[1, b5] = 1.5, 2.5
+    reject[2, b1] = True  # raw only: no robust label
+    t = replace(bt, reject=reject, reject_scale=scale, enrichment=enr,
+                dominant=br.dominant_branch(reject, enr))
+    assert list(t.dominant[:3]) == [b1, b5, b1]
+    assert list(t.robust_dominant[:4]) == [b5, b5, br.NONE, br.NONE]
+    assert t.dominant_names(robust=True)[:3] == ["5x5", "5x5", "none"]
+
+
 def test_small_true_count_is_found_without_a_pvalue_floor():
     # 15 specialised latents among 2048: BH needs p ≤ q·15/m ≈ 3.7e-4 — below 1/(1+1000),
     # so a fixed 1000-permutation floor would find none; the adaptive refinement must.

@@ -48,27 +48,42 @@ def test_fractions_and_category_test():
     assert res["1x1"]["effect"] < 0
 
 
-def test_category_bootstrap_against_the_images_base_rate():
+def _planted_tops(rng, animal, five_share: float, other_share: float, dom):
+    animals, others = np.flatnonzero(animal == 1), np.flatnonzero(animal == 0)
+    tops = []
+    for lat in range(dom.size):
+        share = five_share if dom[lat] == 2 else other_share
+        n_an = int(round(10 * share))
+        pick = np.concatenate([rng.choice(animals, n_an), rng.choice(others, 10 - n_an)])
+        tops.append([int(i) for i in pick])
+    return tops
+
+
+def test_category_bootstrap_contrasts_5x5_latents_with_the_other_latents():
+    """The decision contrast is other latents' top images under the same procedure; the images'
+    base rate is only a reference. When every latent's top images are animal-rich, 5x5 latents
+    are not "animal features" although they beat the base rate."""
     rng = np.random.default_rng(1)
     n_img = 400
     animal = (rng.random(n_img) < 0.4).astype(float)  # base rate 0.4
     animal[:20] = np.nan  # unlabelled images are ignored
     groups = np.arange(n_img) // 2  # an image and its mirror
     imgs = np.arange(n_img)
-    animals = np.flatnonzero(animal == 1)
-    others = np.flatnonzero(animal == 0)
     dom = np.repeat([0, 1, 2, 3, NONE], 40)
-    tops = []
-    for lat in range(dom.size):
-        if dom[lat] == 2:  # 5x5 latents: 80 % animal top images
-            pick = np.concatenate([rng.choice(animals, 8), rng.choice(others, 2)])
-        else:  # the others: top images drawn like the images themselves
-            pick = rng.choice(imgs[20:], 10)
-        tops.append([int(i) for i in pick])
-    res = cat.category_bootstrap(tops, animal, groups, dom, ["1x1", "3x3", "5x5", "pool"],
-                                 images=imgs, n_boot=1000)
+    names = ["1x1", "3x3", "5x5", "pool"]
+
+    tops = _planted_tops(rng, animal, 0.8, 0.4, dom)  # 5x5 latents prefer animals
+    res = cat.category_bootstrap(tops, animal, groups, dom, names, images=imgs, n_boot=1000)
     five = res["5x5"]
-    assert five["latents"] == 40 and abs(five["base_rate"] - 0.4) < 0.05
+    assert five["latents"] == 40 and five["other_latents"] == 160
+    assert abs(five["base_rate"] - 0.4) < 0.05 and abs(five["other_fraction"] - 0.4) < 0.03
     assert five["animal_fraction"] > 0.75 and five["ci_low"] > 0.2 and five["p_value"] < 0.01
-    for b in ("1x1", "3x3", "pool"):
-        assert res[b]["ci_low"] < 0 < res[b]["ci_high"], (b, res[b])
+    # 1x1 latents sit at the images' rate, below the others (which hold the 5x5 ones)
+    assert res["1x1"]["difference"] < 0 and abs(res["1x1"]["difference_vs_base"]) < 0.05
+
+    tops = _planted_tops(rng, animal, 0.8, 0.8, dom)  # every latent's top images animal-rich
+    res = cat.category_bootstrap(tops, animal, groups, dom, names, images=imgs, n_boot=1000)
+    five = res["5x5"]
+    assert five["difference_vs_base"] > 0.3  # what the base-rate contrast would call a finding
+    assert five["ci_low"] < 0 < five["ci_high"] and five["p_value"] > 0.05
+    assert abs(five["difference"]) < 0.05

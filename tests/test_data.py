@@ -107,6 +107,25 @@ def test_folder_labels_from_imagenet_names(tmp_path):
     src = open_source(str(tmp_path))
     labels = {src[i].image_id.split("/", 1)[1]: src[i].label for i in range(len(src))}
     assert labels == {"n01443537/a.jpg": 1, "n01440764_tench.JPEG": 0, "other.png": None}
+    # ILSVRC indices whatever the model's head (inception5h has 1008 outputs in its own
+    # order): the category tests of the paper preset need them
+    src5 = open_source(str(tmp_path), "inception5h")
+    assert [src5[i].label for i in range(len(src5))] == [src[i].label for i in range(len(src))]
+
+
+def test_classify_scores_only_a_head_in_label_order(tmp_path):
+    import warnings
+
+    from branchlens.classify import classify
+    from branchlens.weights import load_model
+
+    (tmp_path / "n01440764_tench.JPEG").write_bytes(_jpeg_bytes())
+    for variant, scored in (("bvlc_googlenet", 1), ("inception5h", 0)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model, _ = load_model(variant, "random")
+        res = classify(model, str(tmp_path), workers=0, show_progress=False)
+        assert res.summary()["labelled"] == scored, variant
 
 
 def test_file_list_source(tmp_path):

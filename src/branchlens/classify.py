@@ -11,7 +11,7 @@ import torch
 from branchlens.data import SkipStats, iter_batches, open_source
 from branchlens.model import InceptionV1
 from branchlens.progress import progress
-from branchlens.variants import class_names
+from branchlens.variants import class_names, head_is_ilsvrc
 
 
 @dataclass
@@ -49,13 +49,16 @@ def iter_predictions(model: InceptionV1, source, batch_size: int = 32, workers: 
     device = next(model.parameters()).device
     batches = iter_batches(src, model.variant, batch_size, workers, paper_compat=paper_compat,
                            skips=skips)
+    # labels are ILSVRC indices; a head in another order cannot be scored against them
+    scored = head_is_ilsvrc(model.variant)
     with torch.inference_mode(), progress(total=len(src), desc="classify", unit="img",
                                           disable=not show_progress) as bar:
         for b in batches:
             probs = torch.softmax(model(b.images.to(device)).float(), dim=1)
             p5, i5 = probs.topk(5, dim=1)
             for k in range(len(b.image_ids)):
-                yield Prediction(b.image_ids[k], b.labels[k], i5[k].tolist(), p5[k].tolist())
+                yield Prediction(b.image_ids[k], b.labels[k] if scored else None,
+                                 i5[k].tolist(), p5[k].tolist())
             bar.update(len(b.image_ids), skipped=skips.total if skips else 0)
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps
 
-from branchlens.variants import Preprocessing, Variant, class_wnids, get_variant
+from branchlens.variants import Preprocessing, Variant, get_variant, label_wnids
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 MAX_PIXELS = 89_478_485  # PIL's own default bomb limit, made explicit and configurable
@@ -217,8 +217,7 @@ class FolderSource(ImageSource):
                        if (p.is_file() or p.is_symlink()) and not p.name.startswith(".")
                        and p.suffix.lower() in IMAGE_SUFFIXES | {""})
         self.files = files
-        wnids = class_wnids(variant)
-        index = {w: i for i, w in enumerate(wnids)} if wnids else {}
+        index = {w: i for i, w in enumerate(label_wnids())}  # ILSVRC indices, any variant
         self.labels = [self._label(p, index) for p in files]
         self.description = f"folder:{self.root.resolve()}"
 

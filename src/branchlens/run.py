@@ -206,11 +206,13 @@ class Run:
             raise IndexError(f"{layer} has latents 0..{len(table) - 1}, not {index}")
         return Latent(self, layer, index, table[index], table.branches)
 
-    def dominant(self, layer: str) -> tuple[np.ndarray, list[str]]:
-        """Per latent the index of its dominant branch (−1: none) and the branch names."""
+    def dominant(self, layer: str, robust: bool = True) -> tuple[np.ndarray, list[str]]:
+        """Per latent the index of its dominant branch (−1: none) and the branch names: the
+        scale-controlled ``robust_dominant`` label, or the raw rule's with ``robust=False``."""
         table = self.latents(layer)
         names = table.branches
-        dom = np.array([names.index(r["dominant"]) if r["dominant"] in names else -1
+        key = "robust_dominant" if robust else "dominant"
+        dom = np.array([names.index(r[key]) if r[key] in names else -1
                         for r in table], np.int64)
         return dom, names
 

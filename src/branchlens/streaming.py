@@ -329,10 +329,9 @@ def _imagenet_lookup(variant: str | Variant) -> dict[str, int] | None:
     """wnid, full class string and every unambiguous synonym (lower case) -> class index."""
     from importlib.resources import files
 
-    v = get_variant(variant)
-    if v.classes_file is None:
-        return None
-    lines = [ln for ln in (files("branchlens") / "resources" / v.classes_file).read_text()
+    from branchlens.variants import LABEL_CLASSES
+
+    lines = [ln for ln in (files("branchlens") / "resources" / LABEL_CLASSES).read_text()
              .splitlines() if ln.strip()]
     out: dict[str, int] = {}
     seen: dict[str, int] = {}

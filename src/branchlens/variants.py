@@ -231,7 +231,26 @@ def class_names(variant: str | Variant) -> list[str]:
     return [ln.split(" ", 1)[1].split(",")[0] if " " in ln else ln for ln in lines if ln.strip()]
 
 
+LABEL_CLASSES = "imagenet_classes.txt"  # ILSVRC-2012 order: the space every image label is in
+
+
+def label_wnids() -> list[str]:
+    """The wnids of ILSVRC-2012 classes 0..999: image labels are indices into this list for
+    every variant, whatever the order (or size) of the model's own classifier head, so the
+    category tests work on inception5h (1008 outputs, its own order) too."""
+    from importlib.resources import files
+
+    lines = (files("branchlens") / "resources" / LABEL_CLASSES).read_text().splitlines()
+    return [ln.split(" ", 1)[0] for ln in lines if ln.strip()]
+
+
+def head_is_ilsvrc(variant: str | Variant) -> bool:
+    """Whether the model's output i is ILSVRC class i (so labels can score predictions)."""
+    return get_variant(variant).classes_file == LABEL_CLASSES
+
+
 def class_wnids(variant: str | Variant) -> list[str] | None:
+    """The wnids of the model head's outputs (None when the variant ships none)."""
     from importlib.resources import files
 
     v = get_variant(variant)

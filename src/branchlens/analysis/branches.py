@@ -352,11 +352,13 @@ class BranchTest:
 
     @property
     def robust_dominant(self) -> np.ndarray:
-        """The dominant branch where it is also significant on the scale rule, else NONE."""
-        ok = self.dominant != NONE
-        keep = np.zeros(self.n, bool)
-        keep[ok] = self.robust[np.flatnonzero(ok), self.dominant[ok]]
-        return np.where(keep, self.dominant, NONE)
+        """Among the branches significant under *both* rules, the one with the largest
+        enrichment, else NONE: the scale-controlled label every claim and picture uses.
+
+        (Not "the raw dominant branch if it is also robust": a latent robust in a quiet 5x5
+        branch whose raw argmax is the loud 1x1 would then be "none", a bias against exactly
+        the quiet branches.)"""
+        return dominant_branch(self.robust, self.enrichment)
 
     def dominant_names(self, robust: bool = False) -> list[str]:
         dom = self.robust_dominant if robust else self.dominant

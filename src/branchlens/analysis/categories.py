@@ -111,7 +111,13 @@ def category_test(animal_fraction: np.ndarray, dominant: np.ndarray,
 def category_bootstrap(tops: list[list[int]], image_animal: np.ndarray, image_group: np.ndarray,
                        dominant: np.ndarray, branches: list[str], *, images: np.ndarray,
                        n_boot: int = 2000, seed: int = 0) -> dict[str, dict]:
-    """Per branch: animal fraction of the top images of its dominant latents vs the base rate.
+    """Per branch: animal fraction of the top images of its dominant latents vs the same
+    statistic over every *other* latent (same top-image procedure, the decision contrast:
+    ``difference``), with the images' base rate as a reference (``difference_vs_base``).
+
+    Comparing with the base rate alone confounds "5x5 latents prefer animals" with "top images
+    of any latent are animal-rich" (ImageNet's animal images are the textured, high-contrast
+    ones that drive many units).
 
     The statistic is the mean over latents dominant in b of the animal fraction of their top
     images (labelled ones); the reference is the animal fraction of ``images`` (the images the
@@ -132,28 +138,41 @@ def category_bootstrap(tops: list[list[int]], image_animal: np.ndarray, image_gr
     kimg = counts[:, ginv].astype(np.float64)  # [n_boot, n_pool] image weights
     a = animal[pool]
     base = float(a.mean()) if a.size else float("nan")
-    base_b = (kimg @ a) / np.maximum(kimg.sum(1), 1e-12)
+    per_latent: dict[int, list[int]] = {}
+    for lat, t in enumerate(tops):
+        idx = [col[x] for x in t if x in col]
+        if idx:
+            per_latent[lat] = idx
+    all_w = np.zeros(pool.size)
+    for idx in per_latent.values():
+        np.add.at(all_w, idx, 1.0 / len(idx))
+    n_with_tops = len(per_latent)
     out = {}
     for i, b in enumerate(branches):
         w = np.zeros(pool.size)
         n_lat = 0
         for lat in np.flatnonzero(np.asarray(dominant) == i):
-            idx = [col[t] for t in tops[lat] if t in col]
+            idx = per_latent.get(int(lat))
             if idx:
-                w[idx] += 1.0 / len(idx)
+                np.add.at(w, idx, 1.0 / len(idx))
                 n_lat += 1
-        row = {"latents": n_lat, "base_rate": base}
-        if n_lat == 0:
-            out[b] = row | {"animal_fraction": None, "difference": None, "ci_low": None,
+        wo = all_w - w  # every other latent with labelled top images, each weighted once
+        n_other = n_with_tops - n_lat
+        row = {"latents": n_lat, "other_latents": n_other, "base_rate": base}
+        if n_lat == 0 or n_other == 0:
+            out[b] = row | {"animal_fraction": None, "other_fraction": None,
+                            "difference": None, "difference_vs_base": None, "ci_low": None,
                             "ci_high": None, "p_value": None}
             continue
-        stat = float(w @ a / w.sum())
+        stat, other = float(w @ a / w.sum()), float(wo @ a / wo.sum())
         num, den = kimg @ (w * a), kimg @ w
-        ok = den > 0
-        diff_b = num[ok] / den[ok] - base_b[ok]
-        diff = stat - base
+        onum, oden = kimg @ (wo * a), kimg @ wo
+        ok = (den > 0) & (oden > 0)
+        diff_b = num[ok] / den[ok] - onum[ok] / oden[ok]
+        diff = stat - other
         p = float((1 + np.sum(np.abs(diff_b - diff) >= abs(diff))) / (1 + diff_b.size))
         lo, hi = np.quantile(diff_b, [0.025, 0.975]) if diff_b.size else (np.nan, np.nan)
-        out[b] = row | {"animal_fraction": stat, "difference": diff, "ci_low": float(lo),
+        out[b] = row | {"animal_fraction": stat, "other_fraction": other, "difference": diff,
+                        "difference_vs_base": stat - base, "ci_low": float(lo),
                         "ci_high": float(hi), "p_value": min(p, 1.0)}
     return out

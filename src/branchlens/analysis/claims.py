@@ -9,7 +9,10 @@ gone once activation scale is controlled) · ``not testable`` (too little data t
 
 from __future__ import annotations
 
+import math
 from typing import Any
+
+import numpy as np
 
 MIN_PAIRS = 10  # matched cross-layer pairs needed before agreement means anything
 MIN_LATENTS = 5  # dominant latents in a branch before its category test counts
@@ -22,134 +25,294 @@ def _claim(cid: str, claim: str, verdict: str, evidence: str, rule: str,
             "numbers": numbers}
 
 
+def _layer_status(ok: bool, scale_only: bool) -> str:
+    return "supported" if ok else "explained by channel scale" if scale_only else "not supported"
+
+
+def _every_layer(status: dict[str, str]) -> str:
+    """Verdict over layers when the claim is about every layer: untestable layers are reported,
+    never counted; every testable one must hold (on the raw rule alone: scale)."""
+    tested = {la: v for la, v in status.items() if v != "not testable"}
+    if not tested:
+        return "not testable"
+    if all(v == "supported" for v in tested.values()):
+        return "supported"
+    if all(v in ("supported", "explained by channel scale") for v in tested.values()):
+        return "explained by channel scale"
+    return "not supported"
+
+
+def _most_layers(status: dict[str, str]) -> str:
+    """Verdict when the claim holds "mostly": more than half of the testable layers."""
+    tested = [v for v in status.values() if v != "not testable"]
+    if not tested:
+        return "not testable"
+    if sum(v == "supported" for v in tested) > len(tested) / 2:
+        return "supported"
+    if sum(v != "not supported" for v in tested) > len(tested) / 2:
+        return "explained by channel scale"
+    return "not supported"
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion k/n ((0, 1) when n = 0)."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = k / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return max(0.0, mid - half), min(1.0, mid + half)
+
+
 def specialisation(per_layer: dict[str, dict], q: float) -> dict:
-    """Claim 1: SAE latents specialise by branch (robust discoveries beyond both controls)."""
-    rows = {}
+    """Claim 1: SAE latents of *every* layer specialise by branch (robust discoveries beyond
+    the null controls). Estimand per layer: robust (latent, branch) discoveries at BH q."""
+    rows, status = {}, {}
     for layer, s in per_layer.items():
         ctl = max((c["significant"] for k, c in s.get("null_controls", {}).items()
                    if not c.get("reference_only")), default=0)
         raw = sum(r["significant"] for r in s["branches"])
         robust = sum(r["robust"] for r in s["branches"])
+        need = max(10, 2 * ctl)
         rows[layer] = {"tested": s["tested"], "raw": raw, "robust": robust,
-                       "max_null_control": ctl}
-    sup = [la for la, r in rows.items() if r["robust"] >= max(10, 2 * r["max_null_control"])]
-    scale = [la for la, r in rows.items() if la not in sup and r["raw"] >= 10
-             and r["robust"] < 0.2 * r["raw"]]
-    verdict = ("supported" if sup else "explained by channel scale" if scale
-               else "not supported")
+                       "max_null_control": ctl, "needed": need}
+        status[layer] = ("not testable" if s["tested"] < MIN_LATENTS else
+                         _layer_status(robust >= need, raw >= need))
+        rows[layer]["status"] = status[layer]
+    verdict = _every_layer(status)
     ev = "; ".join(f"{la}: {r['robust']} robust / {r['raw']} raw (latent, branch) discoveries "
                    f"among {r['tested']} tested latents (null controls ≤ "
-                   f"{r['max_null_control']})" for la, r in rows.items())
+                   f"{r['max_null_control']}) → {r['status']}" for la, r in rows.items())
     return _claim("specialise", "SAE latents of mixed4a–4e specialise by branch", verdict, ev,
-                  f"supported where robust (latent, branch) discoveries at BH q={q} reach "
-                  "max(10, 2× the largest null-control count)", per_layer=rows,
-                  supported_layers=sup)
+                  f"per layer: robust (latent, branch) discoveries at BH q={q} reach "
+                  "max(10, 2× the largest null-control count); supported when every testable "
+                  f"layer (≥ {MIN_LATENTS} tested latents) does",
+                  per_layer=rows, supported_layers=[la for la, v in status.items()
+                                                    if v == "supported"])
 
 
 def five_by_five(per_layer: dict[str, dict]) -> dict:
-    """Claim 2: specialised latents sit mostly in the 5x5 branch (relative to its width)."""
-    rows, raw_top, robust_top = {}, [], []
+    """Claim 2: specialised latents sit mostly in the 5x5 branch (relative to its width), and
+    in one 1x1 branch. Estimand per layer × branch: the share of tested latents robustly
+    dominant there over the branch's channel share (enrichment), with a Wilson interval."""
+    rows, status, ones = {}, {}, []
     for layer, s in per_layer.items():
-        tested = max(s["tested"], 1)
-        enr = {r["branch"]: (r["robust_dominant"] / tested / r["channel_share"],
-                             r["dominant"] / tested / r["channel_share"]) for r in s["branches"]}
-        rows[layer] = {b: {"robust_dominant_per_channel_share": e[0],
-                           "dominant_per_channel_share": e[1]} for b, e in enr.items()}
-        if "5x5" in enr and max(enr.values(), key=lambda e: e[1]) == enr["5x5"] and enr["5x5"][1]:
-            raw_top.append(layer)
-        if "5x5" in enr and max(enr.values(), key=lambda e: e[0]) == enr["5x5"] and enr["5x5"][0]:
-            robust_top.append(layer)
-    half = len(per_layer) / 2
-    verdict = ("supported" if len(robust_top) > half
-               else "explained by channel scale" if len(raw_top) > half
-               else "not supported")
-    ev = (f"5x5 has the most robust-dominant latents per channel share in {len(robust_top)} of "
-          f"{len(per_layer)} layers ({', '.join(robust_top) or 'none'}); on the raw rule alone "
-          f"in {len(raw_top)} ({', '.join(raw_top) or 'none'})")
+        n = int(s["tested"])
+        cells = {}
+        for r in s["branches"]:
+            for key in ("robust_dominant", "dominant"):
+                k = int(r[key])
+                lo, hi = wilson(k, n)
+                cells.setdefault(r["branch"], {})[key] = {
+                    "latents": k, "share": k / n if n else None,
+                    "enrichment": k / n / r["channel_share"] if n else None,
+                    "enrichment_ci": [lo / r["channel_share"], hi / r["channel_share"]]}
+        rows[layer] = cells
+
+        def leads(key: str, cells=cells) -> bool:
+            if "5x5" not in cells or sum(c[key]["latents"] for c in cells.values()) < MIN_LATENTS:
+                return False
+            e = {b: c[key]["enrichment"] or 0.0 for b, c in cells.items()}
+            return max(e, key=e.get) == "5x5" and cells["5x5"][key]["enrichment_ci"][0] > 1
+
+        total = sum(c["robust_dominant"]["latents"] for c in cells.values())
+        raw_total = sum(c["dominant"]["latents"] for c in cells.values())
+        status[layer] = ("not testable" if max(total, raw_total) < MIN_LATENTS else
+                         _layer_status(leads("robust_dominant"), leads("dominant")))
+        if "1x1" in cells and cells["1x1"]["robust_dominant"]["enrichment_ci"][0] > 1:
+            ones.append(layer)
+    verdict = _most_layers(status)
+
+    def cell(layer: str, b: str) -> str:
+        c = rows[layer][b]["robust_dominant"]
+        lo, hi = c["enrichment_ci"]
+        return f"{b} {c['enrichment']:.2f} [{lo:.2f}, {hi:.2f}]" if c["enrichment"] is not None \
+            else f"{b} —"
+
+    ev = "; ".join(f"{la} ({status[la]}): " + ", ".join(cell(la, b) for b in rows[la])
+                   for la in rows)
+    ev += (f". 1x1 robustly enriched (lower bound > 1) in {len(ones)} layer(s): "
+           f"{', '.join(ones) or 'none'} (the paper: one 1x1 branch)")
     return _claim("five_by_five", "Specialisation is mostly in the 5x5 branch", verdict, ev,
-                  "supported when 5x5 leads (robust-dominant latents / channel share) in most "
-                  "layers", per_layer=rows)
+                  "per layer: robust-dominant latents / tested, over the channel share "
+                  "(95 % Wilson interval); 5x5 leads where its enrichment is the largest and its "
+                  "lower bound exceeds 1; supported when it leads in most testable layers "
+                  f"(≥ {MIN_LATENTS} labelled latents)", per_layer=rows, status=status,
+                  one_1x1_layers=ones)
 
 
 def animals(per_layer: dict[str, dict]) -> dict:
-    """Claim 3: 5x5 latents are animal features (vs the images' own animal base rate)."""
-    rows, sup, raw_only, testable = {}, [], [], []
+    """Claim 3: 5x5 latents are animal features. Estimand per layer: animal fraction of the
+    held-out top images of robust 5x5 latents minus that of every other latent (same top-image
+    procedure), image-cluster bootstrap interval; pooled by inverse variance."""
+    rows, status = {}, {}
     for layer, s in per_layer.items():
         ct = s.get("category_test", {})
         rob = ct.get("robust_dominant", {}).get("5x5", {})
         dom = ct.get("dominant", {}).get("5x5", {})
         rows[layer] = {"robust": rob, "raw": dom}
-        if (rob.get("latents") or 0) >= MIN_LATENTS:
-            testable.append(layer)
-            if rob.get("significant") and rob["difference"] > 0:
-                sup.append(layer)
-        if (dom.get("latents") or 0) >= MIN_LATENTS and dom.get("significant") \
-                and dom["difference"] > 0 and layer not in sup:
-            raw_only.append(layer)
-    half = len(per_layer) / 2
-    if len(sup) > half:
-        verdict = "supported"
-    elif len(raw_only) + len(sup) > half:
-        verdict = "explained by channel scale"
-    elif not testable and not raw_only:
-        verdict = "not testable"
-    else:
-        verdict = "not supported"
+        testable = (rob.get("latents") or 0) >= MIN_LATENTS and rob.get("difference") is not None
+        raw_ok = ((dom.get("latents") or 0) >= MIN_LATENTS and bool(dom.get("significant"))
+                  and (dom.get("difference") or 0) > 0)
+        if not testable and not raw_ok:
+            status[layer] = "not testable"
+        else:
+            status[layer] = _layer_status(testable and bool(rob.get("significant"))
+                                          and rob["difference"] > 0, raw_ok)
+    pooled = _pooled([rows[la]["robust"] for la in rows
+                      if status[la] != "not testable" and rows[la]["robust"].get("difference")
+                      is not None])
+    verdict = _most_layers(status)
 
     def fmt(layer: str) -> str:
         r = rows[layer]["robust"]
-        if not r.get("latents"):
-            return f"{layer}: no robust 5x5 latents"
-        return (f"{layer}: {r['latents']} latents, animal {r['animal_fraction']:.2f} vs base "
-                f"{r['base_rate']:.2f} (Δ 95% CI [{r['ci_low']:+.2f}, {r['ci_high']:+.2f}], "
-                f"q={r.get('q_value_layers_x_branches', float('nan')):.2g})")
+        if not r.get("latents") or r.get("difference") is None:
+            return f"{layer}: {r.get('latents') or 0} robust 5x5 latents (not testable)"
+        return (f"{layer}: {r['latents']} latents, animal {r['animal_fraction']:.2f} vs other "
+                f"latents {r['other_fraction']:.2f} (Δ 95% CI [{r['ci_low']:+.2f}, "
+                f"{r['ci_high']:+.2f}], q={r.get('q_value_layers_x_branches', float('nan')):.2g}"
+                f"; image base rate {r['base_rate']:.2f})")
 
-    return _claim("animals", "5x5 latents are animal features", verdict,
-                  "; ".join(fmt(la) for la in per_layer),
-                  "animal fraction of held-out top images of robust 5x5 latents vs the animal "
-                  "fraction of the held-out images; image-cluster bootstrap, BH over layers × "
-                  "branches; supported when significant and positive in most layers",
-                  per_layer=rows)
+    ev = "; ".join(fmt(la) for la in per_layer)
+    if pooled:
+        ev += (f"; pooled Δ {pooled['difference']:+.3f} [{pooled['ci_low']:+.3f}, "
+               f"{pooled['ci_high']:+.3f}] over {pooled['layers']} layers")
+    return _claim("animals", "5x5 latents are animal features", verdict, ev,
+                  "animal fraction of held-out top images of robust 5x5 latents vs that of the "
+                  "other latents; image-cluster bootstrap, BH over layers × branches; supported "
+                  f"when significant and positive in most testable layers (≥ {MIN_LATENTS} "
+                  "robust 5x5 latents)", per_layer=rows, status=status, pooled=pooled)
+
+
+def _pooled(cells: list[dict]) -> dict | None:
+    """Inverse-variance pooled difference (SE from each 95 % interval's width / 3.92)."""
+    pts = [(c["difference"], (c["ci_high"] - c["ci_low"]) / 3.92) for c in cells
+           if c.get("ci_low") is not None and c.get("ci_high") is not None]
+    pts = [(d, se) for d, se in pts if se > 0 and math.isfinite(se)]
+    if not pts:
+        return None
+    w = [1 / se ** 2 for _, se in pts]
+    est = sum(wi * d for wi, (d, _) in zip(w, pts, strict=True)) / sum(w)
+    se = 1 / math.sqrt(sum(w))
+    return {"difference": est, "ci_low": est - 1.96 * se, "ci_high": est + 1.96 * se,
+            "layers": len(pts)}
+
+
+def _expand(table: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Label pairs (a, b) of a contingency table (rows: layer a's labels)."""
+    t = np.asarray(table, np.int64)
+    ia, ib = np.nonzero(t)
+    reps = t[ia, ib]
+    return np.repeat(ia, reps), np.repeat(ib, reps)
+
+
+def pooled_agreement(tables: list[list[list[int]]], n_perm: int = 10000,
+                     seed: int = 0) -> dict:
+    """One test over layer pairs: the total count of matched pairs whose labels agree, against
+    the matching shuffled within each layer pair (both layers' label margins kept), and a
+    pair-bootstrap interval (within each layer pair) of the agreement in excess of chance
+    (chance: Σ_i rows_i · cols_i / n per layer pair, the shuffle's expectation)."""
+    rng = np.random.default_rng(seed)
+    n = obs = 0
+    expect = 0.0
+    null = np.zeros(n_perm)
+    boot = np.zeros(n_perm)
+    for table in tables:
+        t = np.asarray(table, np.int64)
+        a, b = _expand(t)
+        if not a.size:
+            continue
+        n += a.size
+        obs += int(np.trace(t))
+        expect += float(t.sum(1) @ t.sum(0)) / a.size
+        null += (b[np.argsort(rng.random((n_perm, a.size)), 1)] == a[None]).sum(1)
+        pick = rng.integers(0, a.size, (n_perm, a.size))
+        ra, rb = a[pick], b[pick]
+        labels = np.arange(t.shape[0])
+        ca = (ra[..., None] == labels).sum(1)
+        cb = (rb[..., None] == labels).sum(1)
+        boot += (ra == rb).sum(1) - (ca * cb).sum(1) / a.size
+    p = float((1 + np.sum(null >= obs)) / (1 + n_perm))
+    lo, hi = np.quantile(boot / max(n, 1), [0.025, 0.975])
+    return {"pairs": n, "agreement": obs / max(n, 1), "chance": expect / max(n, 1),
+            "excess": (obs - expect) / max(n, 1), "excess_ci": [float(lo), float(hi)],
+            "p_value": p, "replicates": n_perm}
+
+
+def informative(table: list[list[int]]) -> bool:
+    """A layer pair says something only if both sides use ≥ 2 labels: with one label on a
+    side every matching agrees (or disagrees) equally, the permutation null is a point."""
+    t = np.asarray(table)
+    return t.size > 0 and int((t.sum(1) > 0).sum()) >= 2 and int((t.sum(0) > 0).sum()) >= 2
 
 
 def across_layers(cross: list[dict]) -> dict:
-    """Claim 4: similar features sit in the same branch across layers (matched pairs agree)."""
-    rows, sup, testable = {}, [], []
+    """Claim 4: similar features sit in the same branch across layers. One pooled test over
+    the informative adjacent layer pairs (robust labels of mutually matched latents)."""
+    rows, tables, shifted, degenerate = {}, [], np.zeros(2), []
+    obs_counts = np.zeros(2)
     for c in cross:
         cc = c.get("consistency")
         key = "↔".join(c["layers"])
         if cc is None:
             rows[key] = {"skipped": c.get("skipped")}
             continue
-        n = cc["pairs_both_dominant"]
         vs = cc.get("vs_shifted_image_matching") or {}
-        rows[key] = {"pairs": n, "agreement": cc["agreement"], "null_mean": cc["null_mean"],
-                     "kappa": cc["kappa"], "p_value": cc["p_value"],
-                     "shifted_null_agreement": vs.get("null_agreement"),
+        rows[key] = {"pairs": cc["pairs_both_dominant"], "agreement": cc["agreement"],
+                     "null_mean": cc["null_mean"], "kappa": cc["kappa"],
+                     "p_value": cc["p_value"], "shifted_null_agreement": vs.get("null_agreement"),
                      "p_value_vs_shifted": vs.get("p_value"),
                      "shifted_null_pairs": c["shifted_image_null"][
                          "pairs_above_threshold_per_replicate"]}
-        if n >= MIN_PAIRS:
-            testable.append(key)
-            p2 = rows[key]["p_value_vs_shifted"]
-            if cc["p_value"] < 0.05 and cc["kappa"] > 0 and (p2 is None or p2 < 0.05):
-                sup.append(key)
-    if not testable:
+        if not cc["pairs_both_dominant"] or not informative(cc["table"]):
+            degenerate.append(key)
+            rows[key]["informative"] = False
+            continue
+        rows[key]["informative"] = True
+        tables.append(cc["table"])
+        t = np.asarray(cc["table"])
+        obs_counts += [np.trace(t), t.sum() - np.trace(t)]
+        if vs.get("null_agreement") is not None and vs.get("null_pairs_both_dominant"):
+            m = vs["null_pairs_both_dominant"]
+            shifted += [vs["null_agreement"] * m, (1 - vs["null_agreement"]) * m]
+    pooled = pooled_agreement(tables) if tables else None
+    p_shift = None
+    if pooled and shifted.sum() > 0:
+        from scipy.stats import fisher_exact
+
+        s_counts = np.round(shifted).astype(int)
+        p_shift = float(fisher_exact([obs_counts.astype(int).tolist(), s_counts.tolist()],
+                                     alternative="greater")[1])
+    if pooled is None or pooled["pairs"] < MIN_PAIRS:
         verdict = "not testable"
     else:
-        verdict = "supported" if len(sup) > len(testable) / 2 else "not supported"
+        verdict = ("supported" if pooled["p_value"] < 0.05 and pooled["excess"] > 0
+                   and (p_shift is None or p_shift < 0.05) else "not supported")
     ev = "; ".join(
-        f"{k}: {r['pairs']} pairs, agreement {r['agreement']:.2f} vs {r['null_mean']:.2f}, "
-        f"κ {r['kappa']:.2f}, p {r['p_value']:.2g}" if "pairs" in r and r["pairs"]
-        else f"{k}: {r.get('pairs', 0) if 'pairs' in r else r.get('skipped')} pairs"
+        f"{k}: {r['pairs']} pairs, agreement {r['agreement']:.2f} vs {r['null_mean']:.2f}"
+        + ("" if r.get("informative") else " (one label on a side: uninformative)")
+        if "pairs" in r and r["pairs"] else
+        f"{k}: {r.get('pairs', 0) if 'pairs' in r else r.get('skipped')} pairs"
         for k, r in rows.items())
+    if pooled:
+        lo, hi = pooled["excess_ci"]
+        ev += (f". Pooled over {len(tables)} informative layer pairs ({len(degenerate)} "
+               f"excluded): {pooled['pairs']} pairs, agreement {pooled['agreement']:.2f} vs "
+               f"chance {pooled['chance']:.2f} (excess {pooled['excess']:+.3f}, 95% CI "
+               f"[{lo:+.3f}, {hi:+.3f}]), stratified permutation p={pooled['p_value']:.2g}"
+               + (f", vs matching on shifted images p={p_shift:.2g}" if p_shift is not None
+                  else ""))
     return _claim("across_layers",
                   "Similar features sit in branches of the same kernel size across layers",
                   verdict, ev or "no layer pairs",
-                  f"mutual-best matches above the shifted-image null's 99th percentile; "
-                  f"supported when agreement beats both the shuffled matching (p<0.05, κ>0) and "
-                  f"the matching on shifted images (Fisher p<0.05) in most pairs with "
-                  f"≥{MIN_PAIRS} pairs", per_pair=rows)
+                  "robust labels of mutual-best matches above the shifted-image null's 99th "
+                  "percentile; one test pooled over the informative layer pairs (each side "
+                  "≥ 2 labels): agreement count against the matching shuffled within each pair "
+                  "(p<0.05, excess > 0) and against the matching on shifted images (Fisher "
+                  f"p<0.05); not testable below {MIN_PAIRS} pooled pairs",
+                  per_pair=rows, pooled=pooled, p_value_vs_shifted=p_shift,
+                  excluded_pairs=degenerate)
 
 
 def paper_curve(per_layer: dict[str, dict]) -> dict:

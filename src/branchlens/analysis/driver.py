@@ -262,15 +262,16 @@ def analyze_layer(layer: str, sae, store, cfg: AnalysisConfig, out_dir: Path,
                                f"{layer}: sorted paper ratio per branch ({int(tested.sum())} "
                                f"alive latents), channel-permutation null 5–95 % (grey, "
                                f"{cfg.curve_reps} replicates)", groups_fig)
-    knn = knn_branch_agreement(dec[tested], bt.dominant[tested], k=cfg.knn_k, seed=cfg.seed,
+    label = bt.robust_dominant  # the scale-controlled label (the raw one is a reference)
+    knn = knn_branch_agreement(dec[tested], label[tested], k=cfg.knn_k, seed=cfg.seed,
                                device=cfg.device)
     emb = {"method": "none"}
     if cfg.embed != "none" and tested.sum() >= 3:
         coords, method, note = embed_latents(dec[tested], cfg.embed, seed=cfg.seed)
-        figs += embedding_plot(coords, bt.dominant[tested], branches,
+        figs += embedding_plot(coords, label[tested], branches,
                                out_dir / f"embedding_{layer}",
                                f"{layer}: {int(tested.sum())} alive latents ({method}, cosine "
-                               "on unit decoder rows), coloured by dominant branch")
+                               "on unit decoder rows), coloured by robust dominant branch")
         full = np.full((n, 2), np.nan, np.float32)
         full[tested] = coords
         emb = {"method": method, "note": note, "n_points": int(coords.shape[0])}
@@ -281,7 +282,7 @@ def analyze_layer(layer: str, sae, store, cfg: AnalysisConfig, out_dir: Path,
         row["layer"] = layer
         for name, c in controls.items():
             row[f"control_{name}"] = c["per_branch"][branches[b]]
-        m = bt.dominant == b
+        m = label == b
         row["mean_attribution_of_dominant"] = (float(np.nanmean(attr[m, b]))
                                                if m.any() else None)
     n_dead = int(dead_train.sum())
@@ -343,7 +344,7 @@ def analyze_layer(layer: str, sae, store, cfg: AnalysisConfig, out_dir: Path,
         r |= {f"specialization_{b}": specialization(r, b, cfg.q) for b in branches}
         out_rows.append(r)
     log(f"{layer}: done in {summary['seconds']} s (branch tests {t_tests:.1f} s)")
-    return {"summary": summary, "rows": out_rows, "table": table, "dominant": bt.dominant,
+    return {"summary": summary, "rows": out_rows, "table": table, "dominant": label,
             "n_images_fired": a.n_images_fired, "branches": branches, "held_rows": rows}
 
 

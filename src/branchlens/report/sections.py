@@ -329,7 +329,7 @@ def contingency(labels: list[str], tab: list[list[Any]], c: dict) -> str:
 
 
 def category_section(ctx: ReportContext) -> str:
-    """The paper's "5x5 ⇒ animals" claim per layer × branch, against the images' base rate."""
+    """The paper's "5x5 ⇒ animals" claim per layer × branch, against the other latents."""
     per = (ctx.summary or {}).get("per_layer")
     if not per:
         return na("category test", "analyze", ctx)
@@ -341,18 +341,21 @@ def category_section(ctx: ReportContext) -> str:
                 if isinstance(t, dict) and "latents" in t:
                     rows.append((esc(layer), esc(key.replace("_", " ")), branch_tag(b),
                                  fmt(t.get("latents")), fmt(t.get("animal_fraction")),
-                                 fmt(t.get("base_rate")), fmt(t.get("difference")),
+                                 fmt(t.get("other_fraction")), fmt(t.get("base_rate")),
+                                 fmt(t.get("difference")),
                                  f"[{fmt(t.get('ci_low'))}, {fmt(t.get('ci_high'))}]",
                                  fmt(t.get("p_value")), fmt(t.get("q_value_layers_x_branches"))))
     if not rows:
         return '<p class="na">no category test in the analysis (no labelled images?)</p>'
     return (table(["layer", "latents", "branch", "n", "animal fraction of top images",
-                   "base rate (held-out images)", "difference", "95 % CI", "p", "q (BH, "
-                   "layers × branches)"], rows)
+                   "other latents", "base rate (held-out images)", "difference vs other "
+                   "latents", "95 % CI", "p", "q (BH, layers × branches)"], rows)
             + '<p class="note">Mean over the branch\'s dominant latents of the animal fraction '
-              "of their held-out top images (ImageNet labels), against the animal fraction of "
-              "the held-out images themselves. Latents share images, so the interval and p come "
-              "from an image-cluster bootstrap (an image and its mirror resampled together).</p>")
+              "of their held-out top images (ImageNet labels), against the same mean over every "
+              "other latent (the same top-image procedure; the held-out images' own rate is a "
+              "reference only: top images of most latents are animal-rich). Latents share "
+              "images, so the interval and p come from an image-cluster bootstrap (an image and "
+              "its mirror resampled together).</p>")
 
 
 def circuits_section(ctx: ReportContext) -> str:
