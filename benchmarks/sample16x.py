@@ -1,7 +1,9 @@
 """Wall time of the real-data preset: ``branchlens run IMAGES --preset sample16x``.
 
 The shared 1000 ImageNet images plus mirrors, every position, 16× SAEs (k=32) on ≈2 M vectors
-(480 steps × 4096, 5.6 passes) for each of mixed4a–4e, then analysis and the report. The
+(480 steps × 4096, 5.6 passes) for each of mixed4a–4e, then analysis, the pictures of the
+latents the claims rest on (feature visualizations, full and per branch), dataset examples of
+every latent of every layer, and the report. The
 budget (baseline) is one hour on a 2-core CPU, so ratio > 1 means it fits. Prints each
 stage's time and the analysis' share.
 
@@ -50,7 +52,8 @@ def main() -> None:
         print(f"{stage:10s} {s:8.1f} s  ({s / total:.1%})")
     print(f"sum of stages {total:.1f} s; this invocation {wall:.1f} s; "
           f"analysis share {secs.get('analyze', 0.0) / total:.1%}")
-    missing = [s for s in ("harvest", "train", "analyze", "report") if s not in secs]
+    missing = [s for s in ("harvest", "train", "analyze", "visualize", "examples", "report")
+               if s not in secs]
     if missing:
         print(f"stages not done yet: {missing}")
         return

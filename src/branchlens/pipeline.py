@@ -61,7 +61,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "source": None,
         "variant": "bvlc_googlenet",
         "seed": 0,
-        "stages": ["harvest", "train", "analyze", "report"],
+        "stages": ["harvest", "train", "analyze", "visualize", "examples", "report"],
         "harvest": {"layers": MIXED4, "sampling": "all", "samples_per_image": 10,
                     "aligned": True, "dtype": "fp16", "batch_size": 32, "flip": True},
         "sae": {"expansion": 16, "k": 32, "decoder": "untied"},
@@ -70,8 +70,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         # PCA: UMAP of 8–13k latents costs ~1.5 min per layer on 2 cores (`--set
         # analyze.embed="umap"` to have it anyway).
         "analyze": {"embed": "pca"},
-        "visualize": {"select": "evidence", "n_latents": 16, "per_cell": 2, "pairs": 2,
-                      "steps": 256, "size": 128, "batch_size": 16},
+        "visualize": {"select": "evidence", "n_latents": 10, "per_cell": 2, "pairs": 2,
+                      "steps": 128, "size": 128, "batch_size": 16},
         "examples": {"n_top": 12, "n_strips": 16, "batch_size": 32, "select": "evidence",
                      "per_cell": 2, "pairs": 2},
         "circuits": {"n_latents": 3, "n_images": 4, "flow_latents": 32, "n_perm": 500,

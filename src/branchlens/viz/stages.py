@@ -156,12 +156,14 @@ def _evidence(run_dir: str | Path, layer: str, per_cell: int, pairs: int, cap: i
                        "is missing): run branchlens analyze first")
     rows = read_latent_table(run.latent_table_path, layer)
     plan = evidence_plan({layer: rows}, run.summary(), per_cell, pairs)[layer]
-    # round-robin over the cells so a cap keeps every branch, then the pairs
-    order = [j for tier in zip(*[v + [None] * (per_cell - len(v))
-                                  for v in plan["cells"].values()], strict=True)
-             for j in tier if j is not None] if plan["cells"] else []
+    # under a cap: the best latent of every cell, then the matched pairs, then the cells'
+    # further latents round-robin, so every branch and the cross-layer claim keep pictures
+    tiers = [[j for j in tier if j is not None] for tier in zip(
+        *[v + [None] * (per_cell - len(v)) for v in plan["cells"].values()], strict=True)] \
+        if plan["cells"] else []
     mine = [p["a"] if p["up"] == layer else p["b"] for p in plan["pairs"]]
-    keep = list(dict.fromkeys(order + mine))[:cap]
+    order = (tiers[0] if tiers else []) + mine + [j for t in tiers[1:] for j in t]
+    keep = list(dict.fromkeys(order))[:cap]
     plan["cells"] = {b: [j for j in v if j in keep] for b, v in plan["cells"].items()}
     plan["cells"] = {b: v for b, v in plan["cells"].items() if v}
     plan["pairs"] = [p for p in plan["pairs"]
