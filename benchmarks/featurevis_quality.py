@@ -99,11 +99,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=256)
     ap.add_argument("--run", default=None, help="take the SAE latents from RUN/sae/mixed4c")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda[:N]")
     ap.add_argument("--sheet", default=None,
                     help="save a PNG: the baseline's pictures over ours, one column a target")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model, info = load_model("bvlc_googlenet", SHARED / "weights" / "bvlc_googlenet.safetensors")
+    weights = SHARED / "weights" / "bvlc_googlenet.safetensors"
+    model, info = load_model("bvlc_googlenet", weights if weights.is_file() else None,
+                             device=args.device)
     sae, lat = sae_targets(args, model)
     objs = {"channels": (O.channel(LAYER, CHANNELS), [f"channel {c}" for c in CHANNELS]),
             "latents": (O.sae_latent(sae, LAYER, lat), [f"latent {j}" for j in lat])}

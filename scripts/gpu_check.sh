@@ -20,6 +20,24 @@ for k in ref:
     print(f"parity {k}: max rel err {err:.2e}")
     assert err < 1e-3, k
 PY
+# Batched feature visualization on CUDA (the path behind "a picture for every latent"):
+# 64 mixed4c channels at 224 px, 512 steps in one batch, and the quality benchmark's targets.
+python3 - <<'PY'
+import time, torch
+from branchlens.weights import load_model
+from branchlens.viz import objectives as O
+from branchlens.viz.render import RenderConfig, render
+m, _ = load_model("bvlc_googlenet", device="cuda")
+for batch in (16, 64):
+    torch.cuda.synchronize(); t = time.perf_counter()
+    res = render(m, O.channel("mixed4c", list(range(batch))), batch, RenderConfig(steps=512))
+    torch.cuda.synchronize(); s = time.perf_counter() - t
+    clipped = float(((res.images < 0.02) | (res.images > 0.98)).float().mean())
+    print(f"featurevis cuda: {batch} pictures, 224 px, 512 steps in {s:.1f} s "
+          f"({60 * batch / s:.0f} pictures/min), clipped {clipped:.3f}")
+PY
+python3 benchmarks/featurevis_quality.py --size 224 --steps 512 --device cuda --sheet "$OUT/featurevis.png" \
+  2>&1 | tail -3 || true
 RUN=/tmp/gpu_run
 time python3 -m branchlens run embedded:192 --out "$RUN" --device cuda 2>&1 | grep -v "━" | tail -40
 cp "$RUN/run.json" "$OUT/" 2>/dev/null; cp "$RUN/report/index.html" "$OUT/report.html" 2>/dev/null

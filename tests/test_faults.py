@@ -280,8 +280,7 @@ def test_5_viz_stages_use_the_store_weights_or_refuse(run_copy, tmp_path):
 def test_5_an_sae_of_another_store_is_refused(run_copy):
     from types import SimpleNamespace
 
-    from branchlens.viz.latents import load_sae
-    from branchlens.viz.stages import ProvenanceError, check_sae_store
+    from branchlens.viz.stages import ProvenanceError, check_sae_store, load_sae
 
     check_sae_store(run_copy, load_sae(run_copy, "mixed4a"))  # its own store: fine
     other = SimpleNamespace(meta={"store_hash": "0" * 64}, cfg=SimpleNamespace(layer="mixed4a"))

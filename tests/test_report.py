@@ -295,6 +295,22 @@ def test_report_tolerates_missing_and_broken_artifacts(real_run: Path, tmp_path:
             f"not available: run branchlens {cmd} " in page
     assert "RANDOM WEIGHTS" not in page
 
+    # sprites.json naming files outside the run (a shared folder must not pull them in)
+    nosy = tmp_path / "nosy"
+    shutil.copytree(real_run, nosy)
+    secret = tmp_path / "secret.jpg"
+    sheet0 = json.loads((nosy / "viz" / "examples" / "mixed3b" / "sprites.json").read_text())[
+        "sheets"][0]
+    secret.write_bytes((nosy / "viz" / "examples" / "mixed3b" / sheet0).read_bytes() + b"x")
+    sj = nosy / "viz" / "examples" / "mixed3b" / "sprites.json"
+    doc = json.loads(sj.read_text())
+    doc["sheets"] = [str(secret), "../../../../secret.jpg", "/etc/passwd"][:len(doc["sheets"])]
+    sj.write_text(json.dumps(doc))
+    shutil.rmtree(nosy / "report", ignore_errors=True)
+    out = build_report(nosy)
+    copied = [p.read_bytes() for p in (out.parent / "assets").rglob("*.jpg")]
+    assert secret.read_bytes() not in copied
+
     partial = tmp_path / "partial"  # store + SAEs only, one SAE folder broken
     shutil.copytree(real_run / "store", partial / "store")
     shutil.copytree(real_run / "sae", partial / "sae")

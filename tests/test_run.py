@@ -93,3 +93,21 @@ def test_clear_errors(run, tmp_path):
         empty.store()
     with pytest.raises(ProvenanceError, match="RANDOM"):
         branchlens.Run(run.path, weights="/nonexistent.safetensors").model()
+
+
+def test_a_run_folder_never_runs_its_sources_shell_command(run, tmp_path, monkeypatch):
+    """A store harvested from ``wds:pipe:...`` (or a manifest edited to say so) is not reopened
+    by itself: webdataset would run the command through the shell for whoever opens the run."""
+    import json
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run.path / "store", copy / "store")
+    manifest = copy / "store" / "manifest.json"
+    doc = json.loads(manifest.read_text())
+    doc["source"]["description"] = f"wds:pipe:touch {tmp_path / 'PWNED'} && cat s.tar"
+    manifest.write_text(json.dumps(doc))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ProvenanceError, match="runs a shell command"):
+        branchlens.Run(copy).source()
+    assert not (tmp_path / "PWNED").exists()

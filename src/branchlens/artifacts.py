@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import tempfile
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -162,3 +163,15 @@ def _json_default(o: Any) -> Any:
 
         return asdict(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def discard_dir(path: Path, log: Callable[[str], None], why: str) -> None:
+    """Remove an artifact folder made under other settings: renamed first (atomic), so a kill
+    midway never leaves a half-deleted folder that looks resumable."""
+    if not path.exists():
+        return
+    trash = path.with_name(f".{path.name}.discarded")
+    shutil.rmtree(trash, ignore_errors=True)
+    path.rename(trash)
+    shutil.rmtree(trash, ignore_errors=True)
+    log(f"[discard] {why}: discarded {path} and starting clean")

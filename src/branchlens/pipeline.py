@@ -11,14 +11,19 @@ import copy
 import hashlib
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from branchlens.artifacts import ArtifactError, provenance, read_json, write_json
+from branchlens.artifacts import (
+    ArtifactError,
+    discard_dir,  # noqa: F401  (re-exported)
+    provenance,
+    read_json,
+    write_json,
+)
 from branchlens.config import (
     STAGES,
     ConfigError,
@@ -299,18 +304,6 @@ STAGE_FUNCS: dict[str, Callable[[RunContext], dict]] = {
     "harvest": _harvest, "train": _train, "analyze": _analyze, "visualize": _visualize,
     "examples": _examples, "circuits": _circuits, "report": _report,
 }
-
-
-def discard_dir(path: Path, log: Callable[[str], None], why: str) -> None:
-    """Remove an artifact folder made under other settings: renamed first (atomic), so a kill
-    midway never leaves a half-deleted folder that looks resumable."""
-    if not path.exists():
-        return
-    trash = path.with_name(f".{path.name}.discarded")
-    shutil.rmtree(trash, ignore_errors=True)
-    path.rename(trash)
-    shutil.rmtree(trash, ignore_errors=True)
-    log(f"[discard] {why}: discarded {path} and starting clean")
 
 
 # -- driver ---------------------------------------------------------------------------------------

@@ -307,6 +307,10 @@ class Run:
             return src, None if not desc else info.get("n_images")
         if not desc:
             raise RunError(f"no store manifest with a source in {self.store_dir}; pass --source")
+        if "pipe:" in desc:  # webdataset runs pipe: URLs through the shell
+            raise ProvenanceError(f"the store's source {desc!r} runs a shell command; a run "
+                                  "folder never runs one by itself: pass --source (source=) "
+                                  "explicitly if you trust it")
         flip = desc.endswith(FLIP_SUFFIX)
         base = desc.removesuffix(FLIP_SUFFIX)
         kind, _, rest = base.partition(":")

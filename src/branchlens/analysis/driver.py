@@ -44,6 +44,7 @@ from branchlens.analysis.stats import bh_reject
 from branchlens.analysis.table import specialization, write_latent_table
 from branchlens.artifacts import provenance, write_json
 from branchlens.run import Run, RunError, layer_order
+from branchlens.train.sampling import heldout_images
 from branchlens.variants import branch_slices
 
 PVALUE_NOTE = ("p-values are per latent; latents are not independent (they share images and "
@@ -129,21 +130,6 @@ def load_layer_sae(run_dir: Path, layer: str, store, device: str = "cpu"):
         raise AnalysisError(f"{layer}: not in the store (it has {store.layers}); re-run harvest")
     sae.eval()
     return sae
-
-
-def heldout_images(sae, store) -> tuple[np.ndarray, str]:
-    """The SAE's own held-out image indices, and a note on which images the data side uses."""
-    meta = getattr(sae, "meta", {}) or {}
-    cfg = (meta.get("train") or {}).get("config") or {}
-    frac = float(cfg.get("heldout_fraction", 0.0) or 0.0)
-    seed = int(cfg.get("seed", meta.get("seed", 0)) or 0)
-    if frac > 0:
-        _, held = store.split_images(frac, seed)
-        if held.size:
-            return held, f"held-out images of the SAE ({held.size}; fraction {frac}, seed {seed})"
-    stored = np.array([i for i, r in enumerate(store.images) if "skipped" not in r], np.int64)
-    return stored, ("ALL stored images, including the SAE's training images (it was trained "
-                    "without a held-out split)")
 
 
 class RowView:

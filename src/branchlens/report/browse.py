@@ -24,22 +24,11 @@ from typing import Any
 import numpy as np
 
 from branchlens.report import geometry
-from branchlens.report.builder import ReportContext
-from branchlens.report.columns import LayerColumns
+from branchlens.report.builder import ReportContext, find_run_image
+from branchlens.report.columns import NUMERIC, PER_BRANCH, LayerColumns, numeric_columns  # noqa: F401
 
 CHUNK = 256
 FEATUREVIS_PX = 160
-NUMERIC = ("alive", "dead_in_training", "firing_rate", "mean_activation", "mean_when_active",
-           "n_images_fired", "d_eff", "animal_fraction", "dog_fraction")
-PER_BRANCH = ("paper_ratio", "p_raw", "q_raw", "p_scale", "q_scale", "enrichment",
-              "attribution")
-
-
-def numeric_columns(branches: list[str]) -> list[str]:
-    """The latents.csv columns the browser converts."""
-    return [*NUMERIC, *(f"{p}_{b}" for p in PER_BRANCH for b in branches)]
-
-
 def _round(a: np.ndarray, digits: int) -> list:
     r = np.round(np.asarray(a, dtype=np.float64), digits)
     return [None if not math.isfinite(x) else x for x in r.tolist()]
@@ -288,8 +277,9 @@ def _detail(ctx: ReportContext, layer: str, j: int, cols: LayerColumns,
         idx = ex["index"]
         per, sheets = int(idx["per_sheet"]), idx.get("sheets") or []
         s = j // per
-        if s < len(sheets):
-            src = assets.copy(ex["dir"] / sheets[s], f"ex{li}_{s}.jpg")
+        sheet = find_run_image(ex["dir"], sheets[s], ctx.run_dir) if s < len(sheets) else None
+        if sheet is not None:  # a sheet named in sprites.json must be an image in the run
+            src = assets.copy(sheet, f"ex{li}_{s}.jpg")
             vals = ex["values"][j]
             k = int((vals > 0).sum())
             k = min(k, int(idx.get("n_tiles", k)))

@@ -162,7 +162,7 @@ def _read_jsonl(path: Path, notes: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
-def _find_image(base: Path, name: Any, root: Path) -> Path | None:
+def find_run_image(base: Path, name: Any, root: Path) -> Path | None:
     """An image file named in an index, relative to the index's folder; only files inside the
     run directory are inlined (an index must not pull arbitrary files into a shared report)."""
     if not isinstance(name, str) or not name:
@@ -293,7 +293,7 @@ def _read_index(path: Path, doc: dict, ctx: ReportContext) -> None:
         ids = _example_ids(e) if examples else ""
         caption = f"{label}: {ids}" if ids else label
         for name in _entry_files(e):
-            img = _find_image(path.parent, name, ctx.run_dir)
+            img = find_run_image(path.parent, name, ctx.run_dir)
             if img is not None:
                 (lv.examples if examples else lv.featurevis).append((caption, img))
         if not (lv.featurevis or lv.examples or lv.upstream):
@@ -320,7 +320,7 @@ def gather(run_dir: str | Path) -> ReportContext:
     ctx.summary = summary if isinstance(summary, dict) else None
     table = run / "analysis" / "latents.csv"
     if table.is_file():
-        from branchlens.report.browse import numeric_columns
+        from branchlens.report.columns import numeric_columns
 
         names = {b for layer in ctx.layers for b in ctx.branches(layer)} | set(BRANCH_ORDER)
         try:

@@ -81,3 +81,14 @@ def read_columns(path: Path, numeric: list[str] | None = None) -> dict[str, Laye
                 cols.text[c] = t
         out[layer] = cols
     return out
+
+
+NUMERIC = ("alive", "dead_in_training", "firing_rate", "mean_activation", "mean_when_active",
+           "n_images_fired", "d_eff", "animal_fraction", "dog_fraction")
+PER_BRANCH = ("paper_ratio", "p_raw", "q_raw", "p_scale", "q_scale", "enrichment",
+              "attribution")
+
+
+def numeric_columns(branches: list[str]) -> list[str]:
+    """The latents.csv columns the browser converts."""
+    return [*NUMERIC, *(f"{p}_{b}" for p in PER_BRANCH for b in branches)]

@@ -71,11 +71,13 @@ def _rows(ctx: Any, layer: str, cache: dict) -> dict[int, dict[str, Any]]:
 def _img(ctx: Any, layer: str, name: Any, alt: str, examples: bool = False) -> str:
     if not isinstance(name, str) or "/" in name or "\\" in name:
         return ""
+    from branchlens.report.builder import find_run_image
     from branchlens.run import Run
 
     run = Run(ctx.run_dir)
     folder = run.examples_dir(layer) if examples else run.featurevis_dir(layer)
-    src = image_src(ctx, folder / name)
+    path = find_run_image(folder, name, ctx.run_dir)  # confined to the run (no symlink out)
+    src = image_src(ctx, path) if path is not None else None
     cls = ' class="strip"' if examples else ""
     return f'<img{cls} loading="lazy" src="{esc(src)}" alt="{esc(alt)}">' if src else ""
 
@@ -129,8 +131,10 @@ def claim_gallery(ctx: Any, claim_id: str, per_cell: int = 4) -> str:
                              f'{fmt(p.get("corr"), 2)}</span>{b}</div>')
     if not parts:
         return ""
-    return ('<details class="evidence"><summary>the latents it rests on (click a latent for '
-            "its examples and every number)</summary>" + "".join(parts) + "</details>")
+    return ('<details class="evidence"><summary>the latents it rests on: each one\'s feature '
+            "picture, the picture of its branch's part alone, its top held-out examples (the "
+            "latent's map in red); click one for its page with every number</summary>"
+            + "".join(parts) + "</details>")
 
 
 def gallery_missing(ctx: Any) -> str:

@@ -122,7 +122,7 @@ def _open_resume(out: Path, key: str, sae_cfg: SAEConfig, cfg: TrainConfig,
     if not restart:
         raise ValueError(f"{out} holds an SAE trained with other settings ({why}); pass "
                          "--restart to discard it, or use another output folder")
-    from branchlens.pipeline import discard_dir
+    from branchlens.artifacts import discard_dir
 
     discard_dir(out, log, f"settings changed ({why})")
     return False

@@ -160,3 +160,18 @@ def _init_sample(batches: Batches, n: int) -> Tensor:
     if not out:
         raise ValueError("no training data (fewer vectors than one batch?)")
     return torch.cat(out)[:n]
+
+
+def heldout_images(sae, store) -> tuple[np.ndarray, str]:
+    """The SAE's own held-out image indices, and a note on which images the data side uses."""
+    meta = getattr(sae, "meta", {}) or {}
+    cfg = (meta.get("train") or {}).get("config") or {}
+    frac = float(cfg.get("heldout_fraction", 0.0) or 0.0)
+    seed = int(cfg.get("seed", meta.get("seed", 0)) or 0)
+    if frac > 0:
+        _, held = store.split_images(frac, seed)
+        if held.size:
+            return held, f"held-out images of the SAE ({held.size}; fraction {frac}, seed {seed})"
+    stored = np.array([i for i, r in enumerate(store.images) if "skipped" not in r], np.int64)
+    return stored, ("ALL stored images, including the SAE's training images (it was trained "
+                    "without a held-out split)")

@@ -9,7 +9,6 @@ rows of the latents being optimised instead of all n_latents.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -58,10 +57,3 @@ def sae_d_in(sae: SAELike) -> int:
     if cfg is not None and getattr(cfg, "d_in", None):
         return int(cfg.d_in)
     return int(sae.decoder_directions().shape[1])
-
-
-def load_sae(run_dir: str | Path, layer: str, device: str = "cpu"):
-    """The trained SAE of ``RUN/sae/<layer>/`` (see :meth:`branchlens.Run.sae`)."""
-    from branchlens.run import Run
-
-    return Run(run_dir, device=device).sae(layer)

@@ -139,8 +139,8 @@ def heldout_indices(run_dir: str | Path, sae) -> tuple[list[int] | None, str]:
     store_dir = Path(run_dir) / "store"
     if not (store_dir / "manifest.json").is_file():
         return None, "no store: all images of the source"
-    from branchlens.analysis.driver import heldout_images
     from branchlens.store import ActivationStore
+    from branchlens.train.sampling import heldout_images
 
     held, note = heldout_images(sae, ActivationStore.open(store_dir, verify=False))
     return sorted(int(i) for i in held), note

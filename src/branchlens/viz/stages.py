@@ -15,10 +15,14 @@ import torch
 from branchlens.artifacts import provenance, write_json
 from branchlens.data import ImageSource
 from branchlens.run import ProvenanceError, Run
-from branchlens.viz.latents import load_sae
 
 __all__ = ["ProvenanceError", "circuits_stage", "examples_stage", "run_source",
            "visualize_stage"]
+
+def load_sae(run_dir: str | Path, layer: str, device: str = "cpu"):
+    """The trained SAE of ``RUN/sae/<layer>/`` (see :meth:`branchlens.Run.sae`)."""
+    return Run(run_dir, device=device).sae(layer)
+
 
 def run_source(run_dir: str | Path, source: str | None = None) -> tuple[ImageSource, int | None]:
     """The image source of the run's store (or ``source``): see :meth:`Run.source`."""
