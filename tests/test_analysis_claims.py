@@ -38,7 +38,8 @@ def test_specialisation_needs_every_testable_layer_at_its_threshold():
     res = C.specialisation(untestable, 0.05)
     assert res["verdict"] == "supported" and res["numbers"]["per_layer"]["c"]["status"] == \
         "not testable"
-    assert C.specialisation({"c": _layer(tested=0)}, 0.05)["verdict"] == "not testable"
+    res = C.specialisation({"c": _layer(tested=0)}, 0.05)
+    assert res["verdict"] == "not testable" and res["evidence"].startswith("not testable: ")
 
 
 def test_wilson_interval():
@@ -110,6 +111,7 @@ def test_across_layers_pools_informative_pairs_only():
     one_label = [[30, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
     res = C.across_layers([_cross(one_label)] * 3)
     assert res["verdict"] == "not testable" and len(res["numbers"]["excluded_pairs"]) == 3
+    assert res["evidence"].startswith("not testable: 0 matched pairs")
     # independent labels: the rule does not pass on chance agreement
     rng = np.random.default_rng(0)
     indep = np.histogram2d(rng.integers(0, 4, 400), rng.integers(0, 4, 400), bins=4)[0]

@@ -157,6 +157,15 @@ def test_claims_show_the_latents_they_rest_on(real_run: Path) -> None:
     with_strip = {j for js in ev["cells"].values() for j in js} & {0, 1, 2, 3}
     assert len(set(strips)) == len(with_strip)
     assert all(Image.open(out.parent / html.unescape(i)).height == 128 for i in strips)
+    # each strip's images by name, best first, as the examples index lists them
+    ex = json.loads((real_run / "viz" / "examples" / "mixed3b" / "index.json").read_text())
+    from branchlens.report.evidence import short_name
+
+    for e in ex["latents"]:
+        if e["latent"] in with_strip:
+            names = " · ".join(short_name(x["image_id"]) for x in e["examples"][:6])
+            assert html.escape(f"top: {names}", quote=True) in claims
+    assert short_name("imagenet-sample/n01440764_tench.JPEG#flip") == "tench"
 
 
 def _call(path: Path) -> list:

@@ -81,9 +81,11 @@ def specialisation(per_layer: dict[str, dict], q: float) -> dict:
                          _layer_status(robust >= need, raw >= need))
         rows[layer]["status"] = status[layer]
     verdict = _every_layer(status)
-    ev = "; ".join(f"{la}: {r['robust']} robust / {r['raw']} raw (latent, branch) discoveries "
-                   f"among {r['tested']} tested latents (null controls ≤ "
-                   f"{r['max_null_control']}) → {r['status']}" for la, r in rows.items())
+    lead = (f"not testable: no layer has {MIN_LATENTS} tested (alive) latents; "
+            if verdict == "not testable" else "")
+    ev = lead + "; ".join(f"{la}: {r['robust']} robust / {r['raw']} raw (latent, branch) "
+                          f"discoveries among {r['tested']} tested latents (null controls ≤ "
+                          f"{r['max_null_control']}) → {r['status']}" for la, r in rows.items())
     return _claim("specialise", "SAE latents of mixed4a–4e specialise by branch", verdict, ev,
                   f"per layer: robust (latent, branch) discoveries at BH q={q} reach "
                   "max(10, 2× the largest null-control count); supported when every testable "
@@ -123,6 +125,8 @@ def five_by_five(per_layer: dict[str, dict]) -> dict:
         if "1x1" in cells and cells["1x1"]["robust_dominant"]["enrichment_ci"][0] > 1:
             ones.append(layer)
     verdict = _most_layers(status)
+    lead = (f"not testable: no layer has {MIN_LATENTS} latents with a branch label; "
+            if verdict == "not testable" else "")
 
     def cell(layer: str, b: str) -> str:
         c = rows[layer][b]["robust_dominant"]
@@ -130,8 +134,8 @@ def five_by_five(per_layer: dict[str, dict]) -> dict:
         return f"{b} {c['enrichment']:.2f} [{lo:.2f}, {hi:.2f}]" if c["enrichment"] is not None \
             else f"{b} —"
 
-    ev = "; ".join(f"{la} ({status[la]}): " + ", ".join(cell(la, b) for b in rows[la])
-                   for la in rows)
+    ev = lead + "; ".join(f"{la} ({status[la]}): " + ", ".join(cell(la, b) for b in rows[la])
+                          for la in rows)
     ev += (f". 1x1 robustly enriched (lower bound > 1) in {len(ones)} layer(s): "
            f"{', '.join(ones) or 'none'} (the paper: one 1x1 branch)")
     return _claim("five_by_five", "Specialisation is mostly in the 5x5 branch", verdict, ev,
@@ -174,7 +178,9 @@ def animals(per_layer: dict[str, dict]) -> dict:
                 f"{r['ci_high']:+.2f}], q={r.get('q_value_layers_x_branches', float('nan')):.2g}"
                 f"; image base rate {r['base_rate']:.2f})")
 
-    ev = "; ".join(fmt(la) for la in per_layer)
+    lead = (f"not testable: no layer has {MIN_LATENTS} robust 5x5 latents with labelled top "
+            "images; " if verdict == "not testable" else "")
+    ev = lead + "; ".join(fmt(la) for la in per_layer)
     if pooled:
         ev += (f"; pooled Δ {pooled['difference']:+.3f} [{pooled['ci_low']:+.3f}, "
                f"{pooled['ci_high']:+.3f}] over {pooled['layers']} layers")
@@ -284,8 +290,11 @@ def across_layers(cross: list[dict]) -> dict:
         s_counts = np.round(shifted).astype(int)
         p_shift = float(fisher_exact([obs_counts.astype(int).tolist(), s_counts.tolist()],
                                      alternative="greater")[1])
+    why = None
     if pooled is None or pooled["pairs"] < MIN_PAIRS:
         verdict = "not testable"
+        why = (f"not testable: {pooled['pairs'] if pooled else 0} matched pairs with a "
+               f"branch on both sides in informative layer pairs, fewer than {MIN_PAIRS}")
     else:
         verdict = ("supported" if pooled["p_value"] < 0.05 and pooled["excess"] > 0
                    and (p_shift is None or p_shift < 0.05) else "not supported")
@@ -303,6 +312,8 @@ def across_layers(cross: list[dict]) -> dict:
                f"[{lo:+.3f}, {hi:+.3f}]), stratified permutation p={pooled['p_value']:.2g}"
                + (f", vs matching on shifted images p={p_shift:.2g}" if p_shift is not None
                   else ""))
+    if why:
+        ev = f"{why}. {ev}" if ev else why
     return _claim("across_layers",
                   "Similar features sit in branches of the same kernel size across layers",
                   verdict, ev or "no layer pairs",

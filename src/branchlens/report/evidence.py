@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -23,8 +24,14 @@ CELL_CLAIMS = {"specialise": None, "five_by_five": "5x5", "animals": "5x5",
                "paper_curve": "5x5"}
 
 
-def _strips(ctx: Any, layer: str, cache: dict) -> dict[int, str]:
-    """latent -> file of its examples strip (the examples stage's full-size crops)."""
+def short_name(image_id: str) -> str:
+    """"imagenet-sample/n01440764_tench.JPEG#flip" -> "tench": what a reader calls the image."""
+    name = image_id.rsplit("/", 1)[-1].split("#", 1)[0].rsplit(".", 1)[0]
+    return re.sub(r"^n\d{8}_?", "", name).replace("_", " ") or name
+
+
+def _strips(ctx: Any, layer: str, cache: dict) -> dict[int, tuple[str, list[str]]]:
+    """latent -> (file of its examples strip, the image ids in it, best first)."""
     key = ("strips", layer)
     if key not in cache:
         from branchlens.run import Run
@@ -32,8 +39,10 @@ def _strips(ctx: Any, layer: str, cache: dict) -> dict[int, str]:
         p = Run(ctx.run_dir).examples_dir(layer) / "index.json"
         try:
             doc = json.loads(p.read_text()) if p.is_file() else {}
-            cache[key] = {int(e["latent"]): str(e["file"]) for e in doc.get("latents", [])
-                          if isinstance(e, dict) and "file" in e}
+            cache[key] = {int(e["latent"]): (str(e["file"]), [
+                str(x.get("image_id", "")) for x in e.get("examples") or []
+                if isinstance(x, dict)]) for e in doc.get("latents", [])
+                if isinstance(e, dict) and "file" in e}
         except (OSError, ValueError, KeyError, TypeError):
             cache[key] = {}
     return cache[key]
@@ -88,7 +97,8 @@ def _tile(ctx: Any, doc: dict, layer: str, j: int, branch: str | None, cache: di
     imgs = _img(ctx, layer, pics.get("full"), f"{layer} #{j}")
     if branch:
         imgs += _img(ctx, layer, pics.get(branch), f"{layer} #{j}, {branch} part alone")
-    imgs += _img(ctx, layer, _strips(ctx, layer, cache).get(j), f"{layer} #{j}: top examples",
+    strip, ids = _strips(ctx, layer, cache).get(j, (None, []))
+    imgs += _img(ctx, layer, strip, f"{layer} #{j}: top examples: " + ", ".join(ids),
                  examples=True)
     nums = []
     if branch:
@@ -97,6 +107,8 @@ def _tile(ctx: Any, doc: dict, layer: str, j: int, branch: str | None, cache: di
         nums = [f"{esc(branch)} ratio {fmt(row.get(f'paper_ratio_{branch}'))}",
                 f"q ≤ {fmt(q, 2)}"]
     label = f"{esc(layer)} #{j}" + (" · " + " · ".join(nums) if nums else "")
+    if strip and ids:
+        label += "<br>top: " + esc(" · ".join(short_name(i) for i in ids[:6]))
     href = f"#latent/{quote(layer, safe='')}/{j}"
     return (f'<a class="ev" href="{esc(href)}">{imgs or "<span class=na>no picture</span>"}'
             f"<span>{label}</span></a>")
