@@ -116,6 +116,11 @@ def test_across_layers_pools_informative_pairs_only():
     rng = np.random.default_rng(0)
     indep = np.histogram2d(rng.integers(0, 4, 400), rng.integers(0, 4, 400), bins=4)[0]
     assert C.across_layers([_cross(indep.astype(int))])["verdict"] == "not supported"
+    # a non-adjacent pair (mixed4a↔4e) is reported, never pooled
+    far = _cross(agree) | {"adjacent": False, "layers": ["a", "e"]}
+    res = C.across_layers([_cross(agree), _cross(agree), far])
+    assert res["numbers"]["pooled"]["pairs"] == 2 * int(agree.sum())
+    assert res["numbers"]["per_pair"]["a↔e"]["reference_only"]
     # too few pooled pairs: not testable, however strong
     assert C.across_layers([_cross(np.diag([2, 2, 1, 0]))])["verdict"] == "not testable"
     # the matching on shifted images agrees as often: not supported

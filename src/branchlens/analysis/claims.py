@@ -271,6 +271,10 @@ def across_layers(cross: list[dict]) -> dict:
                      "p_value_vs_shifted": vs.get("p_value"),
                      "shifted_null_pairs": c["shifted_image_null"][
                          "pairs_above_threshold_per_replicate"]}
+        if not c.get("adjacent", True):  # e.g. mixed4a↔4e: reported, not pooled
+            rows[key]["informative"] = False
+            rows[key]["reference_only"] = True
+            continue
         if not cc["pairs_both_dominant"] or not informative(cc["table"]):
             degenerate.append(key)
             rows[key]["informative"] = False
@@ -300,7 +304,8 @@ def across_layers(cross: list[dict]) -> dict:
                    and (p_shift is None or p_shift < 0.05) else "not supported")
     ev = "; ".join(
         f"{k}: {r['pairs']} pairs, agreement {r['agreement']:.2f} vs {r['null_mean']:.2f}"
-        + ("" if r.get("informative") else " (one label on a side: uninformative)")
+        + ("" if r.get("informative") else " (not adjacent: reference only)"
+           if r.get("reference_only") else " (one label on a side: uninformative)")
         if "pairs" in r and r["pairs"] else
         f"{k}: {r.get('pairs', 0) if 'pairs' in r else r.get('skipped')} pairs"
         for k, r in rows.items())

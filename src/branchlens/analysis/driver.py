@@ -484,7 +484,8 @@ def analyze(run_dir: str | Path, *, layers: list[str] | None = None, store=None,
     if len(layers) > 2:
         pairs.append((layers[0], layers[-1]))
     tc = time.time()
-    cross = [cross_layer(a, b, res, saes, store, cfg, groups, log) for a, b in pairs]
+    cross = [cross_layer(a, b, res, saes, store, cfg, groups, log)
+             | {"adjacent": k < len(layers) - 1} for k, (a, b) in enumerate(pairs)]
     t_cross = time.time() - tc
     _correct_categories(res, layers)
     rows = [r for layer in layers for r in res[layer]["rows"]]

@@ -131,7 +131,8 @@ def claim_gallery(ctx: Any, claim_id: str, per_cell: int = 4) -> str:
                     continue
                 tiles = "".join(_tile(ctx, doc, layer, int(j), b, cache)
                                 for j in js[:per_cell])
-                parts.append(f'<div class="evrow"><b>{esc(layer)} {esc(b)}</b>{tiles}</div>')
+                parts.append(f'<div class="evrow"><b>{esc(layer)} {esc(b)}</b>'
+                             f'<div class="evtiles">{tiles}</div></div>')
     elif claim_id == "across_layers":
         for layer, doc in docs.items():
             for p in doc.get("pairs") or []:
