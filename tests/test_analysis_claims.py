@@ -55,12 +55,12 @@ def test_five_by_five_leads_only_with_an_interval_above_width():
     res = C.five_by_five({"a": lead, "b": lead, "c": _layer(rdom={"3x3": 200}, tested=200)})
     assert res["verdict"] == "supported" and res["numbers"]["status"]["c"] == "not supported"
     cell = res["numbers"]["per_layer"]["a"]["5x5"]["robust_dominant"]
-    assert cell["enrichment"] == pytest.approx(0.3 / 0.125)
+    assert cell["enrichment"] == pytest.approx(60 / 130 / 0.125)  # share of labelled / width
     lo, hi = cell["enrichment_ci"]
     assert lo < cell["enrichment"] < hi
     few = _layer(rdom={"5x5": 3})  # below MIN_LATENTS labelled latents: not testable
     assert C.five_by_five({"a": few})["verdict"] == "not testable"
-    # 5x5 largest but its interval reaches below 1 (2 of 1000 latents vs width 0.125)
+    # 5x5 largest but its interval reaches below 1 (2 of 7 labelled latents, width 0.125)
     weak = _layer(rdom={"5x5": 2, "1x1": 2, "3x3": 2, "pool": 1}, dom={})
     assert C.five_by_five({"a": weak})["verdict"] == "not supported"
     raw_only = _layer(rdom={"3x3": 100}, dom={"5x5": 300})

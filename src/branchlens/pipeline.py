@@ -48,11 +48,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sae": {"expansion": 4, "k": 32, "decoder": "untied"},
         "train": {"batch_size": 1024, "steps": 300, "lr": 1e-3, "warmup_steps": 20,
                   "log_every": 25, "ckpt_every": 100},
-        "analyze": {"n_perm": 500, "curve_reps": 100, "bootstrap": 500, "embed": "auto"},
+        # PCA: UMAP's first use compiles for ~40 s, a seventh of the demo's analysis
+        "analyze": {"n_perm": 500, "curve_reps": 100, "bootstrap": 500, "embed": "pca"},
         # the pictures of the latents the claims rest on: per layer the best robust latent of
         # (at most) two branches, each also restricted to its branch (4 renders per layer)
         "visualize": {"select": "evidence", "n_latents": 2, "per_cell": 1, "pairs": 1,
-                      "steps": 96, "size": 128, "batch_size": 8},
+                      "steps": 80, "size": 112, "batch_size": 8},
         "examples": {"n_top": 12, "n_strips": 12, "batch_size": 16, "select": "evidence",
                      "per_cell": 1, "pairs": 1},
         "circuits": {"n_latents": 3, "n_images": 4, "flow_latents": 32, "n_perm": 500,

@@ -96,14 +96,15 @@ def specialisation(per_layer: dict[str, dict], q: float) -> dict:
 
 def five_by_five(per_layer: dict[str, dict]) -> dict:
     """Claim 2: specialised latents sit mostly in the 5x5 branch (relative to its width), and
-    in one 1x1 branch. Estimand per layer × branch: the share of tested latents robustly
-    dominant there over the branch's channel share (enrichment), with a Wilson interval."""
+    in one 1x1 branch. Estimand per layer × branch: the branch's share of the specialised
+    (labelled) latents over its share of the channels (enrichment; 1 = in proportion to
+    width), with a Wilson interval."""
     rows, status, ones = {}, {}, []
     for layer, s in per_layer.items():
-        n = int(s["tested"])
         cells = {}
         for r in s["branches"]:
             for key in ("robust_dominant", "dominant"):
+                n = sum(int(x[key]) for x in s["branches"])  # latents with this label kind
                 k = int(r[key])
                 lo, hi = wilson(k, n)
                 cells.setdefault(r["branch"], {})[key] = {
@@ -139,9 +140,9 @@ def five_by_five(per_layer: dict[str, dict]) -> dict:
     ev += (f". 1x1 robustly enriched (lower bound > 1) in {len(ones)} layer(s): "
            f"{', '.join(ones) or 'none'} (the paper: one 1x1 branch)")
     return _claim("five_by_five", "Specialisation is mostly in the 5x5 branch", verdict, ev,
-                  "per layer: robust-dominant latents / tested, over the channel share "
-                  "(95 % Wilson interval); 5x5 leads where its enrichment is the largest and its "
-                  "lower bound exceeds 1; supported when it leads in most testable layers "
+                  "per layer: the branch's share of the robust-dominant latents over its channel "
+                  "share (95 % Wilson interval); 5x5 leads where its enrichment is the largest "
+                  "and its lower bound exceeds 1; supported when it leads in most testable layers "
                   f"(≥ {MIN_LATENTS} labelled latents)", per_layer=rows, status=status,
                   one_1x1_layers=ones)
 
