@@ -478,17 +478,20 @@ def test_report_in_chromium(real_run: Path) -> None:
         wait_until(page, "() => document.getElementById('latent').dataset.layer === 'mixed3a'")
         page.click("#latent .nbs a")  # a decoder-space neighbour
         wait_until(page, "() => document.getElementById('latent').dataset.layer === 'mixed3a'")
-        j = next(k for k in range(meta["layers"][1]["n"])
-                 if "ex" in _detail(out.parent, meta, "mixed3b", k))
+        details = [_detail(out.parent, meta, "mixed3b", k) for k in range(meta["layers"][1]["n"])]
+        with_strip = next(k for k, d in enumerate(details) if "strips" in d)
+        open_latent(page, "mixed3b", with_strip)  # full-size strips win over the sprites
+        assert page.query_selector_all("#latent img.strip")
+        assert not page.query_selector_all("#latent .exs .tile")
+        j = next(k for k, d in enumerate(details) if "ex" in d and "strips" not in d)
         open_latent(page, "mixed3b", j)
         tiles = page.query_selector_all("#latent .exs .tile")
         assert tiles and page.evaluate(  # the sprite sheet decodes
             "s => new Promise(r => { const i = new Image(); i.onload = () => r(i.naturalWidth);"
             " i.onerror = () => r(0); i.src = s; })",
             _detail(out.parent, meta, "mixed3b", j)["ex"]["src"]) > 0
-        hostile = [k for k in range(meta["layers"][1]["n"])
-                   if any("<script>" in i for i in (_detail(out.parent, meta, "mixed3b", k)
-                                                    .get("ex") or {}).get("ids", []))]
+        hostile = [k for k, d in enumerate(details) if "strips" not in d
+                   and any("<script>" in i for i in (d.get("ex") or {}).get("ids", []))]
         if hostile:  # an image named like markup is shown as text
             open_latent(page, "mixed3b", hostile[0])
             assert "<script>alert(1)<" in page.inner_text("#latent .exs + .ids")

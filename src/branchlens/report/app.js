@@ -404,7 +404,14 @@
     }
     // top dataset examples
     right.appendChild(h("h4", null, "Top held-out examples (receptive-field crops, latent map in red)"));
-    if (d.ex) {
+    if (d.strips && d.strips.length) {  // full-size strips (12 crops) where the stage drew them
+      d.strips.forEach(function (s) {
+        if (!s[1]) { right.appendChild(h("p", "na small", "unreadable strip: " + s[0])); return; }
+        var im = h("img", "strip"); im.src = s[1]; im.alt = "top examples " + lay0.name + " #" + j;
+        im.title = s[0]; im.loading = "lazy"; right.appendChild(im);
+        right.appendChild(h("p", "note ids", s[0]));
+      });
+    } else if (d.ex) {
       var exs = h("div", "exs");
       for (var k = 0; k < d.ex.k; k++) {
         var tile = h("div", "tile");
@@ -416,12 +423,6 @@
       }
       right.appendChild(exs);
       right.appendChild(h("p", "note ids", d.ex.ids.join(", ")));
-    } else if (d.strips && d.strips.length) {
-      d.strips.forEach(function (s) {
-        if (!s[1]) { right.appendChild(h("p", "na small", "unreadable strip: " + s[0])); return; }
-        var im = h("img", "strip"); im.src = s[1]; im.alt = "top examples " + lay0.name + " #" + j;
-        im.title = s[0]; im.loading = "lazy"; right.appendChild(im);
-      });
     } else {
       right.appendChild(para("na small", ["no crops; compute them with ",
         cmd("branchlens examples " + META.run + " --layer " + lay0.name)]));

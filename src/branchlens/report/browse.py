@@ -292,7 +292,7 @@ def _detail(ctx: ReportContext, layer: str, j: int, cols: LayerColumns,
         fv = [(cap, assets.thumbnail(p, f"fv{li}_{j}_{i}", FEATUREVIS_PX))
               for i, (cap, p) in enumerate(lv.featurevis)]
         d["fv"] = [[cap, src] for cap, src in fv]  # src None: unreadable file
-        if lv.examples and "ex" not in d:
+        if lv.examples:  # full-size strips (evidence latents): shown instead of the sprites
             d["strips"] = [[cap, assets.copy(p, f"st{li}_{j}_{i}{p.suffix.lower()}")]
                            for i, (cap, p) in enumerate(lv.examples)]
         if lv.upstream:
