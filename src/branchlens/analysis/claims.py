@@ -102,9 +102,11 @@ def five_by_five(per_layer: dict[str, dict]) -> dict:
     rows, status, ones = {}, {}, []
     for layer, s in per_layer.items():
         cells = {}
+        # latents with a label of each kind: the denominators of the shares
+        totals = {key: sum(int(x[key]) for x in s["branches"])
+                  for key in ("robust_dominant", "dominant")}
         for r in s["branches"]:
-            for key in ("robust_dominant", "dominant"):
-                n = sum(int(x[key]) for x in s["branches"])  # latents with this label kind
+            for key, n in totals.items():
                 k = int(r[key])
                 lo, hi = wilson(k, n)
                 cells.setdefault(r["branch"], {})[key] = {
@@ -113,15 +115,13 @@ def five_by_five(per_layer: dict[str, dict]) -> dict:
                     "enrichment_ci": [lo / r["channel_share"], hi / r["channel_share"]]}
         rows[layer] = cells
 
-        def leads(key: str, cells=cells) -> bool:
-            if "5x5" not in cells or sum(c[key]["latents"] for c in cells.values()) < MIN_LATENTS:
+        def leads(key: str, cells=cells, totals=totals) -> bool:
+            if "5x5" not in cells or totals[key] < MIN_LATENTS:
                 return False
             e = {b: c[key]["enrichment"] or 0.0 for b, c in cells.items()}
             return max(e, key=e.get) == "5x5" and cells["5x5"][key]["enrichment_ci"][0] > 1
 
-        total = sum(c["robust_dominant"]["latents"] for c in cells.values())
-        raw_total = sum(c["dominant"]["latents"] for c in cells.values())
-        status[layer] = ("not testable" if max(total, raw_total) < MIN_LATENTS else
+        status[layer] = ("not testable" if max(totals.values()) < MIN_LATENTS else
                          _layer_status(leads("robust_dominant"), leads("dominant")))
         if "1x1" in cells and cells["1x1"]["robust_dominant"]["enrichment_ci"][0] > 1:
             ones.append(layer)

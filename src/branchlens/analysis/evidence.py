@@ -49,6 +49,11 @@ def matched_pairs(summary: dict[str, Any] | None, n: int) -> list[dict[str, Any]
     return out
 
 
+def own_latent(pair: dict[str, Any], layer: str) -> int:
+    """The latent of a matched pair that lives in ``layer``."""
+    return pair["a"] if pair["up"] == layer else pair["b"]
+
+
 def evidence_plan(tables: dict[str, list[dict[str, Any]]], summary: dict[str, Any] | None,
                   per_cell: int, n_pairs: int) -> dict[str, dict[str, Any]]:
     """layer -> {"cells": {branch: [latents]}, "pairs": [...], "latents": sorted union}:
@@ -59,6 +64,6 @@ def evidence_plan(tables: dict[str, list[dict[str, Any]]], summary: dict[str, An
         cells = cell_latents(rows, per_cell)
         mine = [p for p in pairs if layer in (p["up"], p["down"])]
         lats = {j for js in cells.values() for j in js}
-        lats |= {p["a"] if p["up"] == layer else p["b"] for p in mine}
+        lats |= {own_latent(p, layer) for p in mine}
         plan[layer] = {"cells": cells, "pairs": mine, "latents": sorted(lats)}
     return plan

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -148,9 +147,3 @@ def claim_gallery(ctx: Any, claim_id: str, per_cell: int = 4) -> str:
             "picture, the picture of its branch's part alone, its top held-out examples (the "
             "latent's map in red); click one for its page with every number</summary>"
             + "".join(parts) + "</details>")
-
-
-def gallery_missing(ctx: Any) -> str:
-    """The note shown when no evidence pictures exist yet."""
-    return (f"no pictures yet: <code>branchlens visualize {esc(Path(ctx.run_dir))} --layer L "
-            "--select evidence</code> renders the latents each claim rests on")
