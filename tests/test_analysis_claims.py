@@ -126,3 +126,43 @@ def test_across_layers_pools_informative_pairs_only():
     # the matching on shifted images agrees as often: not supported
     res = C.across_layers([_cross(agree, shifted_agreement=16 / 28, shifted_pairs=280)] * 2)
     assert res["verdict"] == "not supported" and res["numbers"]["p_value_vs_shifted"] > 0.05
+
+
+def _controlled(layer, relab_p=None, vs_data=None, blind=()):
+    """Add the controls the driver writes: relabelling null, data baseline, power."""
+    if relab_p is not None:
+        layer["relabelling_null"] = {"p_value": relab_p, "observed": 100, "null_mean": 20.0}
+    if vs_data is not None:
+        diff, p = vs_data
+        layer["data_baseline"] = {"families": {"covariance_gaussian": {"sae_minus_data": {
+            "difference": diff, "ci": [diff - 0.01, diff + 0.01], "p_value": p}}}}
+    layer["power"] = {"branches": {b: {"testable_for_scale": b not in blind} for b in SHARES}}
+    return layer
+
+
+def test_specialisation_must_beat_the_relabelling_null_and_the_data_baseline():
+    good = _controlled(_layer(robust=50, raw=60), relab_p=0.024, vs_data=(0.05, 1e-6))
+    assert C.specialisation({"a": good}, 0.05)["verdict"] == "supported"
+    relab = _controlled(_layer(robust=50, raw=60), relab_p=0.3, vs_data=(0.05, 1e-6))
+    assert C.specialisation({"a": good, "b": relab}, 0.05)["verdict"] == "not supported"
+    edge = _controlled(_layer(robust=50, raw=60), relab_p=0.05, vs_data=(0.05, 1e-6))
+    assert C.specialisation({"a": edge}, 0.05)["verdict"] == "supported"  # p ≤ 0.05 passes
+    data = _controlled(_layer(robust=50, raw=60), relab_p=0.024, vs_data=(-0.02, 0.9))
+    res = C.specialisation({"a": data}, 0.05)
+    assert res["verdict"] == "not supported" and "covariance directions" in res["evidence"]
+    # raw-only discoveries where the scale rule is blind: not testable, never "by scale"
+    blind = _controlled(_layer(robust=2, raw=40), relab_p=0.024, vs_data=(0.05, 1e-6),
+                        blind=("5x5",))
+    res = C.specialisation({"a": good, "b": blind}, 0.05)
+    assert res["numbers"]["per_layer"]["b"]["status"] == "not testable"
+    assert "blind" in res["numbers"]["per_layer"]["b"]["why"] and res["verdict"] == "supported"
+    seeing = _controlled(_layer(robust=2, raw=40), blind=("1x1",))  # blind elsewhere only
+    assert C.specialisation({"a": seeing}, 0.05)["verdict"] == "explained by channel scale"
+
+
+def test_five_by_five_raw_only_lead_is_not_testable_where_the_scale_rule_is_blind():
+    raw_only = _layer(rdom={"3x3": 100}, dom={"5x5": 300})
+    assert C.five_by_five({"a": _controlled(raw_only)})["verdict"] == \
+        "explained by channel scale"
+    blind = _controlled(_layer(rdom={"3x3": 100}, dom={"5x5": 300}), blind=("5x5",))
+    assert C.five_by_five({"a": blind})["verdict"] == "not testable"

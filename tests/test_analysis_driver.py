@@ -173,6 +173,14 @@ def test_detection_and_attribution_on_planted_layers(run):
         assert "held-out" in s["data_split"] and s["heldout_vectors"] == N_IMG // 2 * POS
         pc = s["paper_curve"]["raw"]["5x5"]
         assert pc["count_gt_0.5"] > pc["null_count_gt_0.5_q95"]
+        # Controls that can fail, on planted branch structure: the real partition beats every
+        # relabelled one, the scale rule can see every branch, the SAE beats the data's
+        # covariance (planted latents are far more specialised than the mixed activations).
+        rel = s["relabelling_null"]
+        assert rel["p_value"] == pytest.approx(1 / (rel["replicates"] + 1))
+        assert all(c["testable_for_scale"] for c in s["power"]["branches"].values())
+        vs = s["data_baseline"]["families"]["covariance_gaussian"]["sae_minus_data"]
+        assert vs["difference"] > 0 and vs["p_value"] < 0.05
 
 
 def test_cross_layer_and_category_results(run):

@@ -134,7 +134,9 @@ def scale_strata(std, n_strata: int = 16) -> np.ndarray:
     """
     s = _as_np(std)
     d = s.size
-    order = np.argsort(s, kind="stable")
+    # Ties broken at random (fixed seed), not by channel index: with equal stds a stable sort
+    # would make each stratum a run of adjacent channels, i.e. of one branch, and blind the rule.
+    order = np.lexsort((np.random.default_rng(0).permutation(d), s))
     strata = np.empty(d, np.int64)
     strata[order] = np.arange(d) * min(n_strata, d) // d
     return strata
@@ -221,6 +223,7 @@ def permutation_pvalues(decoder, slices: dict[str, slice], positive: bool = Fals
                         q: float = 0.05, n_perm: int = 1000, max_perm: int | None = None,
                         min_exceed: int = 10, seed: int = 0, latent_chunk: int = 2048,
                         perm_chunk: int = 512, bank_block: int = 16384,
+                        labels: np.ndarray | None = None,
                         device: str = "cpu") -> PermutationResult:
     """Channel-permutation p-values for every latent and branch, refined until BH can decide.
 
@@ -232,6 +235,7 @@ def permutation_pvalues(decoder, slices: dict[str, slice], positive: bool = Fals
     ``max_perm`` (default ⌈20·m/q⌉, enough to resolve the smallest BH cut-off q/m). So small
     true counts are not lost to a p-value floor, and clearly null latents cost n_perm only.
     ``include`` [n] bool limits the test to those latents (dead ones are left out: NaN).
+    ``labels`` [d] replaces the slices' channel→branch map (a relabelling null keeps widths).
     """
     e = energy(decoder, positive)
     n, d = e.shape
@@ -241,7 +245,7 @@ def permutation_pvalues(decoder, slices: dict[str, slice], positive: bool = Fals
         valid &= np.asarray(include, bool)
     a_all = torch.from_numpy(np.where(tot > 0, e / np.where(tot > 0, tot, 1), 0.0)).float()
     a_all = a_all.to(device)
-    labels = branch_labels(slices, d)
+    labels = branch_labels(slices, d) if labels is None else np.asarray(labels, np.int64)
     nb = len(slices)
     obs_all = a_all @ torch.nn.functional.one_hot(torch.from_numpy(labels).to(device), nb).float()
     m = int(valid.sum())
@@ -438,6 +442,8 @@ def null_controls(decoder, slices: dict[str, slice], *, std=None,
     - ``raw_rule_scaled_gaussian`` (a reference, not a control): the same directions through
       the raw rule: how much pure channel scale the raw rule calls specialised.
     """
+    from branchlens.analysis.controls import calibration
+
     raw = _as_np(decoder)
     keep = np.ones(raw.shape[0], bool) if include is None else np.asarray(include, bool)
     raw = raw[keep]
@@ -446,17 +452,19 @@ def null_controls(decoder, slices: dict[str, slice], *, std=None,
         raw = raw[np.sort(rng.choice(raw.shape[0], max_latents, replace=False))]
     n, d = raw.shape
     kw = dict(q=q, n_perm=n_perm, device=device)
-    def run(name: str, v: np.ndarray, strata=None, k: int = 0) -> None:
+    def run(name: str, v: np.ndarray, strata=None, k: int = 0, independent: bool = True) -> None:
         res = permutation_pvalues(v, slices, strata=strata, seed=seed + 10 + k, **kw)
         rej, _ = bh_reject(res.p, q)
         out[name] = {"tested": n, "bound_q_m": q * n, "significant": int(rej.any(1).sum()),
                      "per_branch": {b: int(rej[:, i].sum()) for i, b in enumerate(slices)}}
+        if independent:  # one p per independent direction: a binomial bound applies
+            out[name]["calibration"] = calibration(res.p, list(slices))
 
     out: dict[str, dict] = {}
     if n == 0:
         return out
     run("raw_rule_null_draws", rng.permuted(raw, axis=1), k=0)
-    run("raw_rule_same_permutation", raw[:, rng.permutation(d)], k=1)
+    run("raw_rule_same_permutation", raw[:, rng.permutation(d)], k=1, independent=False)
     if std is not None:
         strata = scale_strata(std, n_strata)
         drawn = np.empty_like(raw)

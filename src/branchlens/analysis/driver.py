@@ -23,6 +23,7 @@ import torch
 
 from branchlens.analysis import activity as act
 from branchlens.analysis import categories as cat
+from branchlens.analysis import controls as ctl
 from branchlens.analysis.branches import (
     NONE,
     BranchTest,
@@ -66,6 +67,10 @@ class AnalysisConfig:
     n_strata: int = 16  # activation-std strata of the scale rule
     curve_reps: int = 200  # permutation replicates for the paper's sorted-ratio curve
     control_latents: int = 2048  # null directions per control (a random subset of latents)
+    relabel_replicates: int = 40  # random channel→branch partitions of the relabelling null
+    relabel_perm: int = 200  # permutations per p-value inside the relabelling null
+    power_planted: int = 128  # planted latents per branch and boost for the power check
+    covariance_rows: int = 20000  # held-out vectors for the data-covariance baseline
     top: int = 64  # top-activating held-out vectors kept per latent
     top_images: int = 16  # distinct top images per latent for categories
     attribution_top: int = 16  # top vectors for the data-side branch attribution
@@ -86,7 +91,8 @@ class AnalysisConfig:
         if self.embed not in ("auto", "umap", "pca", "none"):
             raise ValueError(f"analyze.embed must be auto | umap | pca | none, got {self.embed!r}")
         for name in ("n_perm", "n_strata", "curve_reps", "control_latents", "top", "top_images",
-                     "attribution_top", "min_images", "bootstrap", "knn_k", "batch_size"):
+                     "attribution_top", "min_images", "bootstrap", "knn_k", "batch_size",
+                     "relabel_replicates", "relabel_perm", "power_planted", "covariance_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"analyze.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_perm is not None and self.max_perm < self.n_perm:
@@ -219,6 +225,20 @@ def analyze_layer(layer: str, sae, store, cfg: AnalysisConfig, out_dir: Path,
     controls = null_controls(dec, slices, std=std, include=tested, q=cfg.q, n_perm=cfg.n_perm,
                              n_strata=cfg.n_strata, max_latents=cfg.control_latents,
                              seed=cfg.seed + 100, device=cfg.device)
+    relabelled = ctl.relabelling_null(dec, slices, std=std, include=tested,
+                                      replicates=cfg.relabel_replicates, n_perm=cfg.relabel_perm,
+                                      n_strata=cfg.n_strata, seed=cfg.seed + 200,
+                                      device=cfg.device)
+    power = ctl.scale_power(std, slices, cutoffs=ctl.realised_cutoffs(bt.p_scale, cfg.q),
+                            q=cfg.q, m=int(tested.sum()), n_planted=cfg.power_planted,
+                            n_strata=cfg.n_strata, seed=cfg.seed + 300, device=cfg.device)
+    sample = np.sort(np.random.default_rng(cfg.seed).choice(
+        rows.size, min(rows.size, cfg.covariance_rows), replace=False))
+    baseline = (ctl.data_baseline(bt.p_raw, bt.p_scale, tested, ctl.covariance(arr[sample]),
+                                  slices, std=std, q=cfg.q, n=cfg.control_latents,
+                                  n_perm=cfg.n_perm, n_strata=cfg.n_strata, seed=cfg.seed + 400,
+                                  device=cfg.device) if sample.size > d else
+                {"skipped": f"{sample.size} held-out vectors for a {d}-channel covariance"})
     curve_raw = ratio_null(dec, slices, include=tested, n_rep=cfg.curve_reps, seed=cfg.seed,
                            device=cfg.device)
     dstd = dec / np.where(std > 0, std, 1.0)[None, :]
@@ -268,6 +288,11 @@ def analyze_layer(layer: str, sae, store, cfg: AnalysisConfig, out_dir: Path,
         row["layer"] = layer
         for name, c in controls.items():
             row[f"control_{name}"] = c["per_branch"][branches[b]]
+        cell = power["branches"][branches[b]]
+        row |= {"power_scale": cell["power_scale"],
+                "testable_for_scale": cell["testable_for_scale"],
+                "relabelling_null_mean": relabelled["per_branch"][branches[b]]["null_mean"],
+                "relabelling_observed": relabelled["per_branch"][branches[b]]["observed"]}
         m = label == b
         row["mean_attribution_of_dominant"] = (float(np.nanmean(attr[m, b]))
                                                if m.any() else None)
@@ -290,6 +315,7 @@ def analyze_layer(layer: str, sae, store, cfg: AnalysisConfig, out_dir: Path,
                                    for i, b in enumerate(branches)},
         "branches": table,
         "null_controls": controls,
+        "relabelling_null": relabelled, "power": power, "data_baseline": baseline,
         "paper_curve": {"raw": curve_raw["branches"], "std": curve_std["branches"],
                         "replicates": cfg.curve_reps},
         "permutations": {"mean": float(np.mean(bt.n_perm[tested])) if tested.any() else 0,
