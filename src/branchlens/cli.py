@@ -330,6 +330,33 @@ def analyze(
     _out(f"written: {run}/analysis/ (summary.json, latents.csv, layers.csv, figures)")
 
 
+@app.command()
+def stability(
+    run: str = typer.Argument(..., help="an analysed run folder"),
+    layers: str | None = typer.Option(None, "--layers",
+                                      help="comma-separated; default: every analysed layer"),
+    replicates: int = typer.Option(3, "--replicates",
+                                   help="SAEs per layer, the run's own included (>= 2)"),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda[:N]"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Train replicate SAEs (other seeds), analyse them, and report which verdicts, labels and
+    latents survive (RUN/analysis/stability.json; a `stability` entry on every claim)."""
+    from branchlens.replicates import format_stability
+    from branchlens.replicates import stability as run_stability
+
+    try:
+        res = run_stability(run, layers.split(",") if layers else None, replicates,
+                            device=device, log=_info)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    if as_json:
+        _echo_json({"stability": f"{run}/analysis/stability.json", "claims": res["claims"]})
+        return
+    _out(format_stability(res))
+
+
 def _int_list(s: str | None) -> list[int] | None:
     try:
         return [int(t) for t in s.split(",") if t.strip()] if s else None

@@ -13,6 +13,9 @@ artifact's schema)::
     RUN/viz/featurevis/<layer>/          feature pictures + index_<objective>[_<branch>].json
     RUN/viz/examples/<layer>/            top.safetensors (top-k of every latent) + strips
     RUN/viz/circuits/<up>__<down>.json   upstream latents, branch flow, ablations
+    RUN/replicates/seed<k>/              replicate SAEs of other seeds (a run folder whose
+                                         store links to RUN/store) and their analysis
+    RUN/analysis/stability.json          latents, labels and verdicts across the replicates
     RUN/report/index.html                the report
 
 In a notebook::
@@ -105,6 +108,14 @@ class Run:
     @property
     def latent_table_path(self) -> Path:
         return self.analysis_dir / "latents.csv"
+
+    @property
+    def stability_path(self) -> Path:
+        return self.analysis_dir / "stability.json"
+
+    def replicate_dir(self, seed: int) -> Path:
+        """A replicate (same settings, training seed ``seed``): a run folder of its own."""
+        return self.path / "replicates" / f"seed{seed}"
 
     def embedding_path(self, layer: str) -> Path:
         return self.analysis_dir / f"embedding_{layer}.npy"

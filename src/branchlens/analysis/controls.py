@@ -28,6 +28,7 @@ from branchlens.analysis.branches import (
     _as_np,
     bh_threshold,
     branch_labels,
+    label_bank,
     permutation_pvalues,
     scale_strata,
 )
@@ -131,44 +132,68 @@ def strata_occupancy(std, slices: dict[str, slice], n_strata: int = 16) -> dict:
     return out
 
 
+def _planted_pvalues(sets: dict[tuple[int, str], np.ndarray], labels: np.ndarray, n_perm: int,
+                     rng: np.random.Generator, strata: np.ndarray | None, device: str,
+                     block: int = 8192) -> dict[tuple[int, str], np.ndarray]:
+    """Monte-Carlo p of branch i's share of ‖v‖² for each planted set ``(i, boost) → v`` under
+    channel permutations (within ``strata``): the rule's statistic and null, one branch per
+    set, every set sharing the same permutations (made once, block by block)."""
+    import torch
+
+    a, obs, ex = {}, {}, {}
+    for (i, key), v in sets.items():
+        e = v * v
+        a[i, key] = torch.from_numpy(e / e.sum(1, keepdims=True)).float().to(device)
+        obs[i, key] = a[i, key] @ torch.from_numpy((labels == i).astype(np.float32)).to(device)
+        ex[i, key] = torch.zeros(v.shape[0], dtype=torch.int64, device=device)
+    for s in range(0, n_perm, block):
+        bank = label_bank(labels, min(block, n_perm - s), rng, strata)
+        ind = {i: torch.from_numpy((bank == i).T.astype(np.float32)).to(device)
+               for i in {i for i, _ in sets}}
+        for (i, key) in sets:
+            ex[i, key] += ((a[i, key] @ ind[i]) >= obs[i, key][:, None] - 1e-5).sum(1)
+    return {k: ((1 + c) / (1 + n_perm)).cpu().numpy() for k, c in ex.items()}
+
+
 def scale_power(std, slices: dict[str, slice], *, cutoffs: np.ndarray, q: float, m: int,
                 boosts: tuple[float, ...] = (1.5, 2.5), decide_at: float = 2.5,
-                n_planted: int = 128, n_strata: int = 16, max_perm: int = 50_000,
+                n_planted: int = 64, n_strata: int = 16, max_perm: int = 50_000,
                 seed: int = 0, device: str = "cpu") -> dict:
     """Power of both rules on planted latents at this layer's σ, per branch.
 
     A planted latent is a σ-scaled Gaussian direction (σ_j·g_j, pure channel scale) whose
     channels in branch b are multiplied by a boost: specialisation beyond scale by
     construction. Power = share with p ≤ the layer's realised BH cut-off for b (``cutoffs``,
-    0 → the cut-off for a first discovery, q/m), p from enough permutations to resolve it
-    (at most ``max_perm``; ``resolved`` says whether that was enough). The branch is testable
-    for scale when the power at ``decide_at`` reaches :data:`MIN_POWER`.
+    0 → the cut-off for a first discovery, q/m), p from enough permutations to resolve the
+    smallest cut-off (at most ``max_perm``; ``resolved`` says whether that was enough). The
+    branch is testable for scale when the power at ``decide_at`` reaches :data:`MIN_POWER`.
     """
     s = _as_np(std)
     d = s.size
     strata = scale_strata(s, n_strata)
+    labels = branch_labels(slices, d)
     rng = np.random.default_rng(seed)
     occ = strata_occupancy(s, slices, n_strata)
     boosts = tuple(sorted(set(boosts) | {decide_at}))
-    out: dict = {"boosts": list(boosts), "decide_at": decide_at,
-                 "planted_per_branch": n_planted, "min_power": MIN_POWER, "branches": {}}
+    cuts = [float(c) if c > 0 else q / max(m, 1) for c in np.asarray(cutoffs, np.float64)]
+    n_perm = int(min(max_perm, max(1000, math.ceil(20 / min(cuts)))))
+    sets = {}
     for i, b in enumerate(slices):
-        cut = float(cutoffs[i]) if cutoffs[i] > 0 else q / max(m, 1)
-        n_perm = int(min(max_perm, max(1000, math.ceil(20 / cut))))
-        kw = dict(n_perm=n_perm, max_perm=n_perm, device=device)
         g = rng.standard_normal((n_planted, d)) * s[None, :]
-        by_scale, by_raw = {}, {}
-        for k, boost in enumerate(boosts):
+        for boost in boosts:
             v = g.copy()
             v[:, slices[b]] *= boost
-            sd = seed + 100 * i + 2 * k
-            by_scale[str(boost)] = float(np.mean(
-                permutation_pvalues(v, slices, strata=strata, seed=sd, **kw).p[:, i] <= cut))
-            by_raw[str(boost)] = float(np.mean(
-                permutation_pvalues(v, slices, seed=sd + 1, **kw).p[:, i] <= cut))
+            sets[i, str(boost)] = v
+    p_scale = _planted_pvalues(sets, labels, n_perm, rng, strata, device)
+    p_raw = _planted_pvalues(sets, labels, n_perm, rng, None, device)
+    out: dict = {"boosts": list(boosts), "decide_at": decide_at, "n_perm": n_perm,
+                 "planted_per_branch": n_planted, "min_power": MIN_POWER, "branches": {}}
+    for i, b in enumerate(slices):
+        by_scale = {str(x): float(np.mean(p_scale[i, str(x)] <= cuts[i])) for x in boosts}
+        by_raw = {str(x): float(np.mean(p_raw[i, str(x)] <= cuts[i])) for x in boosts}
         power = by_scale[str(decide_at)]
         out["branches"][b] = {
-            "cutoff": cut, "n_perm": n_perm, "resolved": bool(1 / (n_perm + 1) <= cut),
+            "cutoff": cuts[i], "n_perm": n_perm, "resolved": bool(1 / (n_perm + 1) <= cuts[i]),
             "power_scale": power, "power_scale_by_boost": by_scale,
             "power_raw_by_boost": by_raw, "testable_for_scale": power >= MIN_POWER, **occ[b]}
     return out

@@ -69,7 +69,7 @@ class AnalysisConfig:
     control_latents: int = 2048  # null directions per control (a random subset of latents)
     relabel_replicates: int = 40  # random channel→branch partitions of the relabelling null
     relabel_perm: int = 200  # permutations per p-value inside the relabelling null
-    power_planted: int = 128  # planted latents per branch and boost for the power check
+    power_planted: int = 64  # planted latents per branch and boost for the power check
     covariance_rows: int = 20000  # held-out vectors for the data-covariance baseline
     top: int = 64  # top-activating held-out vectors kept per latent
     top_images: int = 16  # distinct top images per latent for categories
@@ -527,6 +527,7 @@ def analyze(run_dir: str | Path, *, layers: list[str] | None = None, store=None,
         "provenance": provenance(store_manifest_variant=store.manifest.get("variant")),
     }
     write_json(run.summary_path, summary)
+    run.stability_path.unlink(missing_ok=True)  # it judged the previous analysis
     return summary
 
 

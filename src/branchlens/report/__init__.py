@@ -89,6 +89,9 @@ def claims(ctx: ReportContext) -> list[dict[str, Any]] | None:
     return [{"claim": c.get("claim"), "verdict": c.get("verdict"),
              "cls": VERDICT_CLASS.get(c.get("verdict"), ""), "evidence": c.get("evidence"),
              "rule": c.get("rule"),
+             "stability": (c.get("stability") or {}).get("summary")
+             or f"not run: branchlens stability {ctx.run_dir}",
+             "stable": (c.get("stability") or {}).get("stable"),
              "gallery": Markup(_section(lambda x, i=c.get("id"): claim_gallery(x, str(i)), ctx))}
             for c in ctx.summary.get("claims") or [] if isinstance(c, dict)]
 
@@ -116,6 +119,7 @@ def render(ctx: ReportContext, browser: dict[str, Any]) -> str:
         title=f"branchlens report: {ctx.run_dir.name}", csp=CSP, assets=ASSETS,
         random_weights=ctx.random_weights, notes=ctx.notes,
         overview=overview(ctx, time.strftime("%Y-%m-%d %H:%M:%S %Z")), claims=claims(ctx),
+        stability=Markup(_section(S.stability_section, ctx)),
         run_dir=str(ctx.run_dir), sections=secs, browser=browser, q=q,
         na=lambda what, cmd: f"{what} not available: run branchlens {cmd} {ctx.run_dir}")
 

@@ -473,3 +473,37 @@ def _at(x: Any, *idx: int) -> Any:
             return None
         x = x[i]
     return x
+
+
+def stability_section(ctx: ReportContext) -> str:
+    """Latents and labels across the replicate SAEs (``branchlens stability``), per layer."""
+    path = ctx.run_dir / "analysis" / "stability.json"
+    if not path.is_file():
+        return ""
+    from branchlens.artifacts import read_json
+
+    res = read_json(path)
+    rows = []
+    for layer, r in (res.get("per_layer") or {}).items():
+        every = r.get("labelled_in_every_replicate") or {}
+        for name, rep in (r.get("replicates") or {}).items():
+            lab = rep.get("labelled") or {}
+            per = rep.get("per_branch") or {}
+            rows.append((
+                esc(layer), esc(name), f"{fmt(rep.get('matched'))} / {fmt(rep.get('latents'))}",
+                fmt(rep.get("median_best_cos")),
+                f"{fmt(lab.get('same_label'))} / {fmt(lab.get('matched'))} "
+                f"({fmt(lab.get('same_label_fraction'))})",
+                ", ".join(f"{esc(b)} {fmt(c.get('same_label_fraction'))}"
+                          for b, c in per.items() if b != "none"),
+                f"{fmt(r.get('near_duplicates'))} / {fmt(rep.get('near_duplicates'))}",
+                f"{fmt(every.get('same_label_everywhere'))} / {fmt(every.get('latents'))}"))
+    head = ["layer", "replicate", f"latents matched (decoder cos ≥ {fmt(res.get('match_cos'))})",
+            "median best cos", "labelled latents keeping their label", "… per branch",
+            f"near-duplicates (cos ≥ {fmt(res.get('duplicate_cos'))}): this run / replicate",
+            "labelled latents with the same label in every replicate"]
+    return (f"<h3>Across SAE seeds ({fmt(res.get('replicates'))} SAEs per layer, seeds "
+            f"{esc(res.get('seeds'))}, {fmt(res.get('seconds'))} s)</h3>" + table(head, rows)
+            + '<p class="note">Each replicate trains the same SAE settings with another seed '
+            "(initialisation, batch order, held-out images) and is analysed with the same "
+            "settings; every claim is re-decided on these layers only.</p>")
