@@ -121,6 +121,11 @@ def test_random_directions_through_every_rule_stay_below_q_m():
     for name, c in ctl.items():
         if not c.get("reference_only"):
             assert c["significant"] <= c["bound_q_m"], (name, c)
+        if "calibration" in c and not c.get("reference_only"):
+            assert c["calibration"]["ok"], (name, c["calibration"])  # binomial bound holds
+    # --max-perm bounds the controls too (it bounded only the main test)
+    capped = br.null_controls(v[:300], SL, std=std, n_perm=100, max_perm=200)
+    assert max(c["permutations_max"] for c in capped.values()) <= 200
 
 
 def test_scale_rule_explains_away_a_loud_branch():

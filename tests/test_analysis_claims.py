@@ -166,3 +166,26 @@ def test_five_by_five_raw_only_lead_is_not_testable_where_the_scale_rule_is_blin
         "explained by channel scale"
     blind = _controlled(_layer(rdom={"3x3": 100}, dom={"5x5": 300}), blind=("5x5",))
     assert C.five_by_five({"a": blind})["verdict"] == "not testable"
+
+
+def test_claims_are_decided_on_the_paper_layers_only():
+    good = _controlled(_layer(robust=50, raw=60), relab_p=0.024, vs_data=(0.05, 1e-6))
+    other = {"mixed3a": good, "mixed4c_5x5": good}
+    res = C.paper_claims(other, [], 0.05)
+    assert [c["id"] for c in res] == [cid for cid, _ in C.CLAIMS]
+    assert all(c["verdict"] == "not testable" and "mixed4a" in c["evidence"] for c in res)
+    mixed = C.paper_claims({"mixed3a": _layer(), "mixed4b": good}, [], 0.05)
+    spec = mixed[0]
+    assert spec["verdict"] == "supported" and list(spec["numbers"]["per_layer"]) == ["mixed4b"]
+
+
+def test_too_few_heldout_images_make_a_layer_not_testable():
+    few = _controlled(_layer(robust=50, raw=60), relab_p=0.024, vs_data=(0.05, 1e-6))
+    few["heldout_images"] = 1
+    res = C.specialisation({"a": few}, 0.05)
+    assert res["verdict"] == "not testable"
+    assert "1 held-out images" in res["numbers"]["per_layer"]["a"]["why"]
+    good = {"robust_dominant": {"5x5": _cat(20, 0.3, 0.2, 0.4, True)}}
+    lay = _layer(cat=good)
+    lay["heldout_images"] = 1
+    assert C.animals({"a": lay})["verdict"] == "not testable"

@@ -424,7 +424,8 @@ def analyze_branches(decoder, slices: dict[str, slice], *, std=None,
 
 def null_controls(decoder, slices: dict[str, slice], *, std=None,
                   include: np.ndarray | None = None, q: float = 0.05, n_perm: int = 1000,
-                  n_strata: int = 16, max_latents: int | None = 2048, seed: int = 0,
+                  max_perm: int | None = None, n_strata: int = 16,
+                  max_latents: int | None = 2048, seed: int = 0,
                   device: str = "cpu") -> dict[str, dict]:
     """Discoveries of each decision rule on directions drawn from its own null (≤ q·m expected).
 
@@ -451,12 +452,13 @@ def null_controls(decoder, slices: dict[str, slice], *, std=None,
     if max_latents is not None and raw.shape[0] > max_latents:
         raw = raw[np.sort(rng.choice(raw.shape[0], max_latents, replace=False))]
     n, d = raw.shape
-    kw = dict(q=q, n_perm=n_perm, device=device)
+    kw = dict(q=q, n_perm=n_perm, max_perm=max_perm, device=device)
     def run(name: str, v: np.ndarray, strata=None, k: int = 0, independent: bool = True) -> None:
         res = permutation_pvalues(v, slices, strata=strata, seed=seed + 10 + k, **kw)
         rej, _ = bh_reject(res.p, q)
         out[name] = {"tested": n, "bound_q_m": q * n, "significant": int(rej.any(1).sum()),
-                     "per_branch": {b: int(rej[:, i].sum()) for i, b in enumerate(slices)}}
+                     "per_branch": {b: int(rej[:, i].sum()) for i, b in enumerate(slices)},
+                     "permutations_max": int(res.n_perm.max()) if n else 0}
         if independent:  # one p per independent direction: a binomial bound applies
             out[name]["calibration"] = calibration(res.p, list(slices))
 

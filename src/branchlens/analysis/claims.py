@@ -14,7 +14,9 @@ from typing import Any
 
 import numpy as np
 
+PAPER_LAYERS = ("mixed4a", "mixed4b", "mixed4c", "mixed4d", "mixed4e")
 MIN_PAIRS = 10  # matched cross-layer pairs needed before agreement means anything
+MIN_HELDOUT_IMAGES = 20  # which latents are alive, and their top images, are decided on these
 MIN_LATENTS = 5  # dominant latents in a branch before its category test counts
 PAPER_CURVE_LAYER, PAPER_CURVE_BRANCH = "mixed4c", "5x5"
 # The paper notebook's numbers for that curve (8128 latents): for the effect size next to ours
@@ -102,8 +104,12 @@ def specialisation(per_layer: dict[str, dict], q: float) -> dict:
                       or (vs_data["p_value"] < 0.05 and vs_data["difference"] > 0))
         scale_lost = [r["branch"] for r in s["branches"] if r["significant"] > r["robust"]]
         blind = _scale_blind(s, scale_lost)
-        if s["tested"] < MIN_LATENTS:
+        few_images = s.get("heldout_images", MIN_HELDOUT_IMAGES) < MIN_HELDOUT_IMAGES
+        if s["tested"] < MIN_LATENTS or few_images:
             st = "not testable"
+            if few_images:
+                row["why"] = (f"{s['heldout_images']} held-out images decide which latents are "
+                              f"alive; needs {MIN_HELDOUT_IMAGES}")
         elif robust >= need:
             st = "supported" if beats_relabel and beats_data else "not supported"
         elif raw >= need and blind:
@@ -114,8 +120,8 @@ def specialisation(per_layer: dict[str, dict], q: float) -> dict:
         status[layer] = row["status"] = st
         rows[layer] = row
     verdict = _every_layer(status)
-    lead = (f"not testable: no layer has {MIN_LATENTS} tested (alive) latents; "
-            if verdict == "not testable" else "")
+    lead = (f"not testable: no layer has {MIN_LATENTS} tested (alive) latents and "
+            f"{MIN_HELDOUT_IMAGES} held-out images; " if verdict == "not testable" else "")
 
     def fmt(la: str, r: dict) -> str:
         txt = (f"{la}: {r['robust']} robust / {r['raw']} raw (latent, branch) discoveries among "
@@ -209,9 +215,11 @@ def animals(per_layer: dict[str, dict]) -> dict:
         rob = ct.get("robust_dominant", {}).get("5x5", {})
         dom = ct.get("dominant", {}).get("5x5", {})
         rows[layer] = {"robust": rob, "raw": dom}
-        testable = (rob.get("latents") or 0) >= MIN_LATENTS and rob.get("difference") is not None
+        testable = ((rob.get("latents") or 0) >= MIN_LATENTS and rob.get("difference") is not None
+                    and s.get("heldout_images", MIN_HELDOUT_IMAGES) >= MIN_HELDOUT_IMAGES)
         raw_ok = ((dom.get("latents") or 0) >= MIN_LATENTS and bool(dom.get("significant"))
-                  and (dom.get("difference") or 0) > 0)
+                  and (dom.get("difference") or 0) > 0
+                  and s.get("heldout_images", MIN_HELDOUT_IMAGES) >= MIN_HELDOUT_IMAGES)
         if not testable and not raw_ok:
             status[layer] = "not testable"
         else:
@@ -409,9 +417,25 @@ def paper_curve(per_layer: dict[str, dict]) -> dict:
                   "on raw and std-scaled decoders", raw=raw, std=std, paper=PAPER_CURVE_REFERENCE)
 
 
+CLAIMS = [("specialise", "SAE latents of mixed4a–4e specialise by branch"),
+          ("five_by_five", "Specialisation is mostly in the 5x5 branch"),
+          ("animals", "5x5 latents are animal features"),
+          ("across_layers", "Similar features sit in branches of the same kernel size across "
+                            "layers"),
+          ("paper_curve", "mixed4c 5x5: the upper tail of the sorted ratio curve is "
+                          "specialisation")]
+
+
 def paper_claims(per_layer: dict[str, dict], cross: list[dict], q: float = 0.05) -> list[dict]:
-    """Every claim of the paper, in the order the paper makes them."""
+    """Every claim of the paper, in the order the paper makes them, decided on the paper's
+    layers only (mixed4a–4e): another layer's numbers are no evidence about them."""
     if not per_layer:
         return []
-    return [specialisation(per_layer, q), five_by_five(per_layer), animals(per_layer),
-            across_layers(cross), paper_curve(per_layer)]
+    mine = {la: s for la, s in per_layer.items() if la in PAPER_LAYERS}
+    if not mine:
+        why = (f"not testable: the paper's claims are about {', '.join(PAPER_LAYERS)}; this "
+               f"analysis has {', '.join(per_layer)}")
+        return [_claim(cid, text, "not testable", why, "") for cid, text in CLAIMS]
+    cross = [c for c in cross if all(la in PAPER_LAYERS for la in c["layers"])]
+    return [specialisation(mine, q), five_by_five(mine), animals(mine),
+            across_layers(cross), paper_curve(mine)]

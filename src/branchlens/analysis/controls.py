@@ -242,8 +242,8 @@ def _two_proportions(k1: int, n1: int, k2: int, n2: int) -> dict:
 
 def data_baseline(p_raw: np.ndarray, p_scale: np.ndarray | None, tested: np.ndarray,
                   cov: np.ndarray, slices: dict[str, slice], *, std=None, q: float = 0.05,
-                  n: int = 2048, n_perm: int = 1000, n_strata: int = 16, seed: int = 0,
-                  device: str = "cpu") -> dict:
+                  n: int = 2048, n_perm: int = 1000, max_perm: int | None = None,
+                  n_strata: int = 16, seed: int = 0, device: str = "cpu") -> dict:
     """SAE latents vs directions drawn from the data, through the same two rules.
 
     Like for like: BH at q within a random ``n`` of the SAE's tested latents (their p-values
@@ -265,7 +265,7 @@ def data_baseline(p_raw: np.ndarray, p_scale: np.ndarray | None, tested: np.ndar
                                                 for i, b in enumerate(names)}},
                  "families": {}}
     for k, (name, v) in enumerate(data_directions(cov, int(idx.size) or n, rng).items()):
-        kw = dict(q=q, n_perm=n_perm, device=device)
+        kw = dict(q=q, n_perm=n_perm, max_perm=max_perm, device=device)
         pr = permutation_pvalues(v, slices, seed=seed + 10 + 2 * k, **kw).p
         ps = (permutation_pvalues(v, slices, strata=strata, seed=seed + 11 + 2 * k, **kw).p
               if strata is not None else None)

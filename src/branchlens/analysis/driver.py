@@ -223,8 +223,9 @@ def analyze_layer(layer: str, sae, store, cfg: AnalysisConfig, out_dir: Path,
                           max_perm=cfg.max_perm, n_strata=cfg.n_strata, seed=cfg.seed,
                           device=cfg.device)
     controls = null_controls(dec, slices, std=std, include=tested, q=cfg.q, n_perm=cfg.n_perm,
-                             n_strata=cfg.n_strata, max_latents=cfg.control_latents,
-                             seed=cfg.seed + 100, device=cfg.device)
+                             max_perm=cfg.max_perm, n_strata=cfg.n_strata,
+                             max_latents=cfg.control_latents, seed=cfg.seed + 100,
+                             device=cfg.device)
     relabelled = ctl.relabelling_null(dec, slices, std=std, include=tested,
                                       replicates=cfg.relabel_replicates, n_perm=cfg.relabel_perm,
                                       n_strata=cfg.n_strata, seed=cfg.seed + 200,
@@ -236,7 +237,8 @@ def analyze_layer(layer: str, sae, store, cfg: AnalysisConfig, out_dir: Path,
         rows.size, min(rows.size, cfg.covariance_rows), replace=False))
     baseline = (ctl.data_baseline(bt.p_raw, bt.p_scale, tested, ctl.covariance(arr[sample]),
                                   slices, std=std, q=cfg.q, n=cfg.control_latents,
-                                  n_perm=cfg.n_perm, n_strata=cfg.n_strata, seed=cfg.seed + 400,
+                                  n_perm=cfg.n_perm, max_perm=cfg.max_perm,
+                                  n_strata=cfg.n_strata, seed=cfg.seed + 400,
                                   device=cfg.device) if sample.size > d else
                 {"skipped": f"{sample.size} held-out vectors for a {d}-channel covariance"})
     curve_raw = ratio_null(dec, slices, include=tested, n_rep=cfg.curve_reps, seed=cfg.seed,
@@ -300,7 +302,8 @@ def analyze_layer(layer: str, sae, store, cfg: AnalysisConfig, out_dir: Path,
     summary = {
         "layer": layer, "variant": variant, "latents": n, "channels": d,
         "branch_slices": {b: [s.start, s.stop] for b, s in slices.items()},
-        "data_split": split_note, "heldout_vectors": int(rows.size),
+        "data_split": split_note, "heldout_images": int(held.size),
+        "heldout_vectors": int(rows.size),
         "dead_in_training": n_dead, "never_fired_heldout": int((~fired & ~dead_train).sum()),
         "tested": int(tested.sum()),
         "warning": (f"{n - int(tested.sum())} of {n} latents are dead or never fire on "
