@@ -1,8 +1,9 @@
 """Report of a 16×-scale run: build time, size, first render and opening a latent in Chromium.
 
 A synthetic run in the stages' artifact formats (tests/_report_run.py: five layers mixed4a–4e
-with 8,192–13,312 latents, 46,336 in all; SAE decoders, latents.csv, summary, embeddings, and
-sprite sheets + top tables like the examples stage writes) is reported twice:
+with 8,192–13,312 latents, 46,336 in all; SAE decoders, latents.csv, summary, embeddings,
+sprite sheets + top tables like the examples stage writes, and the claim galleries' evidence
+pictures and 12 × 128 px strips as the sample16x preset renders them) is reported twice:
 
 - ours: the report folder (index.html + per-layer data scripts + lazily loaded detail chunks
   and sprite sheets) of this checkout;
@@ -13,7 +14,9 @@ sprite sheets + top tables like the examples stage writes) is reported twice:
 
 First render = navigation start until the browser is usable (ours: ``BL.ready``; baseline:
 the load event, after its script sorted the cards). Opening a latent = from the click (hash
-change) until its page is drawn, detail chunk loaded from disk (median of several).
+change) until its page is drawn, detail chunk loaded from disk (median of several). The claim
+galleries are measured in ours: how many of their images the first render fetched (lazy, inside
+closed <details>: should be none) and how long opening the first gallery takes.
 
     python benchmarks/report.py [--out /tmp/branchlens-report-bench] [--no-baseline]
 
@@ -78,6 +81,96 @@ def add_sprites(run: Path, tiles: int = 6, px: int = 40, per_sheet: int = 256,
              "sheets": sheets, "n_latents": n, "with_examples": n}))
 
 
+def add_evidence(run: Path, per_cell: int = 2, pairs: int = 2, px: int = 128,
+                 n_examples: int = 12, seed: int = 0) -> int:
+    """What ``visualize --select evidence`` and ``examples --select evidence`` write (as the
+    sample16x preset runs them): per layer the best latents of each branch cell and of the
+    matched pairs, a full and a branch-restricted picture each, a full-size examples strip
+    (``n_examples`` crops of ``px``) and ``evidence.json``. Returns the number of pictures."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    summary = json.loads((run / "analysis" / "summary.json").read_text())
+    layers = summary["layers"]
+    total = 0
+    prev_pairs: list[dict] = []
+
+    def picture(path: Path, w: int, h: int) -> None:
+        small = rng.integers(0, 255, (max(h // 16, 1), max(w // 16, 1), 3), dtype=np.uint8)
+        Image.fromarray(small).resize((w, h), Image.BICUBIC).save(path)
+
+    for li, layer in enumerate(layers):
+        branches = list(summary["per_layer"][layer]["branch_slices"])
+        fv = run / "viz" / "featurevis" / layer
+        ex = run / "viz" / "examples" / layer
+        fv.mkdir(parents=True, exist_ok=True)
+        ex.mkdir(parents=True, exist_ok=True)
+        cells = {b: [int(x) for x in rng.choice(1000, per_cell, replace=False)]
+                 for b in branches}
+        pair_list = [{"up": layer, "down": layers[li + 1], "a": int(rng.integers(1000)),
+                      "b": int(rng.integers(1000)), "corr": 0.8}
+                     for _ in range(pairs)] if li + 1 < len(layers) else []
+        mine = sorted({j for js in cells.values() for j in js} | {p["a"] for p in pair_list})
+        mine = sorted(set(mine) | {p["b"] for p in prev_pairs})  # the previous pairs' down side
+        pictures, entries = {}, []
+        for j in mine:
+            own = next((b for b, js in cells.items() if j in js), None)
+            full = f"{layer}_{j:05d}_latent.png"
+            picture(fv / full, px, px)
+            pictures[str(j)] = {"full": full}
+            total += 1
+            if own:
+                part = f"{layer}_{j:05d}_latent_{own}.png"
+                picture(fv / part, px, px)
+                pictures[str(j)][own] = part
+                total += 1
+            strip = f"{layer}_{j:05d}.png"
+            picture(ex / strip, px * n_examples, px)
+            ids = rng.integers(0, 1000, n_examples)
+            entries.append({"latent": j, "file": strip, "examples": [
+                {"image_id": f"n{i:08d}_class{i}.JPEG"} for i in ids]})
+        prev_pairs = pair_list
+        (fv / "evidence.json").write_text(json.dumps(
+            {"layer": layer, "objective": "latent", "cells": cells, "pairs": pair_list,
+             "pictures": pictures}))
+        (ex / "index.json").write_text(json.dumps({"layer": layer, "latents": entries}))
+    return total
+
+
+def gallery_times(html: Path) -> dict:
+    """First render with the claim galleries in the page, how many of their images that first
+    render fetched (they are lazy, inside closed <details>), and opening the first gallery."""
+    from _browser import LAUNCH_ARGS, chromium_path, unavailable_reason, wait_until
+
+    if unavailable_reason():
+        return {}
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path(), args=LAUNCH_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(600_000)
+        fetched: list[str] = []
+        page.on("requestfinished", lambda r: fetched.append(r.url))
+        page.goto(html.resolve().as_uri(), wait_until="load")
+        wait_until(page, "() => window.BL && window.BL.ready === true")
+        first = float(page.evaluate("window.BL.readyMs"))
+        srcs = set(page.evaluate("Array.from(document.querySelectorAll('details.evidence img'))"
+                                 ".map(i => i.src)"))
+        at_first = sum(u in srcs for u in fetched)
+        t0 = time.perf_counter()
+        page.evaluate("document.querySelector('details.evidence').open = true")
+        wait_until(page, "() => Array.from(document.querySelector('details.evidence')"
+                         ".querySelectorAll('img')).slice(0, 8).every(i => i.complete && "
+                         "i.naturalWidth > 0)")
+        opened = (time.perf_counter() - t0) * 1e3
+        galleries = int(page.evaluate("document.querySelectorAll('details.evidence').length"))
+        browser.close()
+    return {"first_render_ms": first, "gallery_images": len(srcs),
+            "fetched_at_first_render": at_first, "open_gallery_ms": opened,
+            "galleries": galleries}
+
+
 def old_builder(tmp: Path):
     """The report package of commit ed95b4d, importable as ``branchlens_report_ed95b4d``."""
     name = f"branchlens_report_{BASELINE_COMMIT}"
@@ -132,6 +225,8 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/branchlens-report-bench")
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--no-sprites", action="store_true")
+    ap.add_argument("--no-evidence", action="store_true",
+                    help="no claim galleries (evidence pictures and strips)")
     ap.add_argument("--no-baseline-browser", action="store_true",
                     help="skip loading the baseline's one big file in Chromium (slow)")
     args = ap.parse_args()
@@ -143,6 +238,7 @@ def main() -> None:
     run = make_run(out / "run", SIXTEEN_X)
     if not args.no_sprites:
         add_sprites(run)
+    pictures = 0 if args.no_evidence else add_evidence(run)
     n = sum(SIXTEEN_X.values())
     print(f"synthetic run: {len(SIXTEEN_X)} layers, {n} latents ({time.perf_counter() - t0:.1f} s)")
 
@@ -161,6 +257,13 @@ def main() -> None:
         print(f"          first render {ch['first_render_ms']:.0f} ms, open a latent median "
               f"{statistics.median(ch['open_ms']):.0f} ms (max {max(ch['open_ms']):.0f}), "
               f"page errors {len(ch['errors'])}")
+    gal = gallery_times(html) if pictures else {}
+    if gal:
+        print(f"          claim galleries: {gal['galleries']} galleries, "
+              f"{gal['gallery_images']} images ({pictures} pictures + strips); fetched at first "
+              f"render {gal['fetched_at_first_render']}; first render "
+              f"{gal['first_render_ms']:.0f} ms; open the first gallery "
+              f"{gal['open_gallery_ms']:.0f} ms")
     if args.no_baseline:
         print(f"RESULT report_build_every_latent ours={t_ours:.1f} baseline=nan unit=s "
               "ratio=nan")

@@ -35,3 +35,20 @@ def test_pairs_and_plan_cover_both_layers_of_each_match():
     plan = evidence_plan({"a": [_row(5, "5x5")], "b": [_row(6, "1x1")]}, summary, 1, 2)
     assert plan["a"]["latents"] == [2, 3, 5] and plan["b"]["latents"] == [6, 8, 9]
     assert plan["a"]["cells"] == {"5x5": [5]} and len(plan["b"]["pairs"]) == 2
+
+
+def test_a_cap_keeps_every_cell_and_the_pairs_before_more_of_one_cell():
+    plan = {"cells": {"1x1": [1, 2, 3], "5x5": [10, 11], "pool": [20]},
+            "pairs": [{"up": "L", "down": "M", "a": 30, "b": 7, "corr": 0.9},
+                      {"up": "K", "down": "L", "a": 8, "b": 31, "corr": 0.8}]}
+    from branchlens.analysis.evidence import capped
+
+    four = capped(plan, "L", per_cell=3, cap=4)  # best of each cell, then the first pair
+    assert four["latents"] == [1, 10, 20, 30]
+    assert four["cells"] == {"1x1": [1], "5x5": [10], "pool": [20]}
+    assert [p["a"] for p in four["pairs"]] == [30]
+    six = capped(plan, "L", per_cell=3, cap=6)  # both pairs (either side), then round-robin
+    assert six["latents"] == [1, 2, 10, 20, 30, 31]
+    assert len(six["pairs"]) == 2 and six["cells"]["1x1"] == [1, 2]
+    assert capped(plan, "L", per_cell=3, cap=100)["latents"] == [1, 2, 3, 10, 11, 20, 30, 31]
+    assert capped({"cells": {}, "pairs": []}, "L", 2, 5)["latents"] == []

@@ -67,3 +67,20 @@ def evidence_plan(tables: dict[str, list[dict[str, Any]]], summary: dict[str, An
         lats |= {own_latent(p, layer) for p in mine}
         plan[layer] = {"cells": cells, "pairs": mine, "latents": sorted(lats)}
     return plan
+
+
+def capped(plan: dict[str, Any], layer: str, per_cell: int, cap: int) -> dict[str, Any]:
+    """One layer's plan cut to ``cap`` latents so that every claim keeps pictures: the best
+    latent of every cell first, then the matched pairs' latents, then the cells' further
+    latents round-robin (a cap must not spend itself on one loud branch)."""
+    cells = plan["cells"]
+    tiers = [[j for j in tier if j is not None] for tier in zip(
+        *[v + [None] * (per_cell - len(v)) for v in cells.values()], strict=True)] \
+        if cells else []
+    mine = [own_latent(p, layer) for p in plan["pairs"]]
+    order = (tiers[0] if tiers else []) + mine + [j for t in tiers[1:] for j in t]
+    keep = list(dict.fromkeys(order))[:cap]
+    kept = {b: [j for j in v if j in keep] for b, v in cells.items()}
+    return {"cells": {b: v for b, v in kept.items() if v},
+            "pairs": [p for p in plan["pairs"] if own_latent(p, layer) in keep],
+            "latents": sorted(keep)}

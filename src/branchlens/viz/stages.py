@@ -150,7 +150,7 @@ def visualize_stage(
 def _evidence(run_dir: str | Path, layer: str, per_cell: int, pairs: int, cap: int) -> dict:
     """The analysis' evidence latents of ``layer`` (see analysis/evidence.py), cells first,
     then matched-pair latents, at most ``cap``."""
-    from branchlens.analysis.evidence import evidence_plan, own_latent
+    from branchlens.analysis.evidence import capped, evidence_plan
     from branchlens.analysis.table import read_latent_table
     from branchlens.run import RunError
 
@@ -160,19 +160,7 @@ def _evidence(run_dir: str | Path, layer: str, per_cell: int, pairs: int, cap: i
                        "is missing): run branchlens analyze first")
     rows = read_latent_table(run.latent_table_path, layer)
     plan = evidence_plan({layer: rows}, run.summary(), per_cell, pairs)[layer]
-    # under a cap: the best latent of every cell, then the matched pairs, then the cells'
-    # further latents round-robin, so every branch and the cross-layer claim keep pictures
-    tiers = [[j for j in tier if j is not None] for tier in zip(
-        *[v + [None] * (per_cell - len(v)) for v in plan["cells"].values()], strict=True)] \
-        if plan["cells"] else []
-    mine = [own_latent(p, layer) for p in plan["pairs"]]
-    order = (tiers[0] if tiers else []) + mine + [j for t in tiers[1:] for j in t]
-    keep = list(dict.fromkeys(order))[:cap]
-    plan["cells"] = {b: [j for j in v if j in keep] for b, v in plan["cells"].items()}
-    plan["cells"] = {b: v for b, v in plan["cells"].items() if v}
-    plan["pairs"] = [p for p in plan["pairs"] if own_latent(p, layer) in keep]
-    plan["latents"] = sorted(keep)
-    return plan
+    return capped(plan, layer, per_cell, cap)
 
 
 def _save_evidence(run_dir, layer: str, plan: dict, views: dict, objective: str,
