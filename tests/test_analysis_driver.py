@@ -142,6 +142,11 @@ def test_outputs_written(run):
     layers_rows = list(csv.DictReader(open(out / "layers.csv")))
     assert len(layers_rows) == 2 * 4
     assert "p-values" in summary["pvalue_note"]
+    # where the time went, per step (summed over layers) and per layer
+    steps = summary["seconds"]["per_step_over_layers"]
+    assert {"activity", "branch_tests", "null_controls", "relabelling_null", "power",
+            "data_baseline", "paper_curves", "categories", "figures_knn_embedding"} <= set(steps)
+    assert sum(steps.values()) <= summary["seconds"]["total"] + 1
     text = format_table(summary)
     assert "mixed4a" in text and "mixed4a↔mixed4b" in text
 

@@ -86,8 +86,12 @@ class AnalysisConfig:
     device: str = "cpu"  # cpu | cuda | auto: SAE encoding, permutations and kNN
 
     def __post_init__(self) -> None:
-        if not 0 < self.q < 1:
-            raise ValueError(f"analyze.q must be in (0, 1), got {self.q}")
+        from branchlens.config import check_seed
+
+        # below 1e-6 the permutation cap ⌈20·m/q⌉ is astronomically large (or overflows)
+        if not 1e-6 <= self.q < 1:
+            raise ValueError(f"analyze.q must be in [1e-06, 1), got {self.q}")
+        check_seed(self.seed)
         if self.embed not in ("auto", "umap", "pca", "none"):
             raise ValueError(f"analyze.embed must be auto | umap | pca | none, got {self.embed!r}")
         for name in ("n_perm", "n_strata", "curve_reps", "control_latents", "top", "top_images",
@@ -168,6 +172,18 @@ def _labels(store) -> np.ndarray:
 
 # -- one layer ------------------------------------------------------------------------------------
 
+class Laps:
+    """Wall seconds per named step (``summary.json``: ``seconds_steps``; logged by ``-v``)."""
+
+    def __init__(self) -> None:
+        self.last, self.steps = time.time(), {}
+
+    def __call__(self, name: str) -> None:
+        now = time.time()
+        self.steps[name] = round(self.steps.get(name, 0.0) + now - self.last, 2)
+        self.last = now
+
+
 def _beta_vs_mc_tail(bt: BranchTest) -> dict:
     """Beta approximation vs Monte-Carlo in the tail (MC p < 0.01 with ≥ 10 exceedances)."""
     ok = (np.isfinite(bt.p_raw) & np.isfinite(bt.p_beta) & (bt.p_raw < 0.01)
@@ -187,6 +203,7 @@ def analyze_layer(layer: str, sae, store, cfg: AnalysisConfig, out_dir: Path,
                   groups: np.ndarray) -> dict:
     """All per-latent and per-layer statistics of one layer; returns summary + columns."""
     t0 = time.time()
+    lap = Laps()
     variant = sae.cfg.variant or store.manifest.get("variant")
     slices = branch_slices(variant, layer)
     if sae.cfg.branch_slices:
@@ -211,6 +228,7 @@ def analyze_layer(layer: str, sae, store, cfg: AnalysisConfig, out_dir: Path,
                                 device=cfg.device)
         attr = act.branch_attribution(sae.center, sae.W_enc.detach().float(), arr, a.top_row,
                                       slices, n_top=cfg.attribution_top)
+    lap("activity")
     dead_train = sae.dead_mask().cpu().numpy()
     fired = a.fire_count > 0
     tested = ~dead_train & fired
@@ -222,17 +240,21 @@ def analyze_layer(layer: str, sae, store, cfg: AnalysisConfig, out_dir: Path,
     bt = analyze_branches(dec, slices, std=std, include=tested, q=cfg.q, n_perm=cfg.n_perm,
                           max_perm=cfg.max_perm, n_strata=cfg.n_strata, seed=cfg.seed,
                           device=cfg.device)
+    lap("branch_tests")
     controls = null_controls(dec, slices, std=std, include=tested, q=cfg.q, n_perm=cfg.n_perm,
                              max_perm=cfg.max_perm, n_strata=cfg.n_strata,
                              max_latents=cfg.control_latents, seed=cfg.seed + 100,
                              device=cfg.device)
+    lap("null_controls")
     relabelled = ctl.relabelling_null(dec, slices, std=std, include=tested,
                                       replicates=cfg.relabel_replicates, n_perm=cfg.relabel_perm,
                                       n_strata=cfg.n_strata, seed=cfg.seed + 200,
                                       device=cfg.device)
+    lap("relabelling_null")
     power = ctl.scale_power(std, slices, cutoffs=ctl.realised_cutoffs(bt.p_scale, cfg.q),
                             q=cfg.q, m=int(tested.sum()), n_planted=cfg.power_planted,
                             n_strata=cfg.n_strata, seed=cfg.seed + 300, device=cfg.device)
+    lap("power")
     sample = np.sort(np.random.default_rng(cfg.seed).choice(
         rows.size, min(rows.size, cfg.covariance_rows), replace=False))
     baseline = (ctl.data_baseline(bt.p_raw, bt.p_scale, tested, ctl.covariance(arr[sample]),
@@ -241,12 +263,14 @@ def analyze_layer(layer: str, sae, store, cfg: AnalysisConfig, out_dir: Path,
                                   n_strata=cfg.n_strata, seed=cfg.seed + 400,
                                   device=cfg.device) if sample.size > d else
                 {"skipped": f"{sample.size} held-out vectors for a {d}-channel covariance"})
+    lap("data_baseline")
     curve_raw = ratio_null(dec, slices, include=tested, n_rep=cfg.curve_reps, seed=cfg.seed,
                            device=cfg.device)
     dstd = dec / np.where(std > 0, std, 1.0)[None, :]
     curve_std = ratio_null(dstd, slices, include=tested, n_rep=cfg.curve_reps,
                            seed=cfg.seed + 1, device=cfg.device)
     t_tests = time.time() - tb
+    lap("paper_curves")
 
     labels = _labels(store)
     animal_img = np.array([np.nan if lab < 0 or cat.is_animal(lab) is None
@@ -262,6 +286,7 @@ def analyze_layer(layer: str, sae, store, cfg: AnalysisConfig, out_dir: Path,
                                                branches, images=held, n_boot=cfg.bootstrap,
                                                seed=cfg.seed)
 
+    lap("categories")
     log(f"{layer}: figures, kNN, embedding")
     pr_tested = bt.paper_ratio[tested]
     groups_fig = {"animal top images": np.nan_to_num(animal[tested]) >= cfg.animal_group_min}
@@ -285,6 +310,7 @@ def analyze_layer(layer: str, sae, store, cfg: AnalysisConfig, out_dir: Path,
         emb = {"method": method, "note": note, "n_points": int(coords.shape[0])}
         np.save(out_dir / f"embedding_{layer}.npy", full)
 
+    lap("figures_knn_embedding")
     table = layer_table(bt)
     for row, b in zip(table, range(len(branches)), strict=True):
         row["layer"] = layer
@@ -331,6 +357,7 @@ def analyze_layer(layer: str, sae, store, cfg: AnalysisConfig, out_dir: Path,
                           "reference": "animal fraction of the same held-out images"},
         "embedding": emb, "figures": figs, "pvalue_note": PVALUE_NOTE,
         "seconds": round(time.time() - t0, 1), "seconds_branch_tests": round(t_tests, 1),
+        "seconds_steps": lap.steps,
     }
     names = bt.dominant_names()
     robust_names = bt.dominant_names(robust=True)
@@ -358,7 +385,10 @@ def analyze_layer(layer: str, sae, store, cfg: AnalysisConfig, out_dir: Path,
               "top_labels": [int(labels[t]) for t in tops[i]]}
         r |= {f"specialization_{b}": specialization(r, b, cfg.q) for b in branches}
         out_rows.append(r)
-    log(f"{layer}: done in {summary['seconds']} s (branch tests {t_tests:.1f} s)")
+    lap("rows")
+    summary["seconds_steps"] = lap.steps
+    log(f"{layer}: done in {summary['seconds']} s (" + ", ".join(
+        f"{k} {v:.1f}" for k, v in lap.steps.items()) + ")")
     return {"summary": summary, "rows": out_rows, "table": table, "dominant": label,
             "n_images_fired": a.n_images_fired, "branches": branches, "held_rows": rows}
 
@@ -519,18 +549,28 @@ def analyze(run_dir: str | Path, *, layers: list[str] | None = None, store=None,
     _correct_categories(res, layers)
     rows = [r for layer in layers for r in res[layer]["rows"]]
     table = [{"layer": t.pop("layer"), **t} for layer in layers for t in res[layer]["table"]]
+    tw = time.time()
     write_latent_table(run.latent_table_path, rows)
     write_latent_table(out_dir / "layers.csv", table)  # same CSV conventions
+    t_write = time.time() - tw
     per_layer = {layer: res[layer]["summary"] for layer in layers}
+    steps: dict[str, float] = {}
+    for layer in layers:
+        for k, v in per_layer[layer]["seconds_steps"].items():
+            steps[k] = round(steps.get(k, 0.0) + v, 1)
     summary = {
         "claims": paper_claims(per_layer, cross, q=cfg.q),
         "run_dir": str(run_dir), "config": asdict(cfg), "layers": layers,
         "per_layer": per_layer, "cross_layer": cross, "pvalue_note": PVALUE_NOTE,
-        "seconds": {"total": round(time.time() - t0, 1), "cross_layer": round(t_cross, 1)},
+        "seconds": {"total": round(time.time() - t0, 1), "cross_layer": round(t_cross, 1),
+                    "writing_tables": round(t_write, 1), "per_step_over_layers": steps},
         "provenance": provenance(store_manifest_variant=store.manifest.get("variant")),
     }
     write_json(run.summary_path, summary)
     run.stability_path.unlink(missing_ok=True)  # it judged the previous analysis
+    log("analysis: " + ", ".join(f"{k} {v:.1f} s" for k, v in steps.items())
+        + f", cross-layer {t_cross:.1f} s, tables {t_write:.1f} s; total "
+        f"{summary['seconds']['total']:.1f} s")
     return summary
 
 
