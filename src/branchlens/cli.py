@@ -89,6 +89,7 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
+            _check_common(kwargs)
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort, KeyboardInterrupt):
             raise
@@ -102,6 +103,19 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
             typer.secho(f"{where}error: {msg}", fg="red", err=True)
             raise typer.Exit(USER_ERROR_RC) from None
     return wrapper
+
+
+def _check_common(options: dict[str, Any]) -> None:
+    """``--seed`` and ``--device`` of any command, refused before it reads or writes anything
+    (a bad seed would otherwise fail after the harvest; a missing GPU would blame the SAE)."""
+    if options.get("seed") is not None:
+        from branchlens.config import check_seed
+
+        check_seed(options["seed"], "--seed")
+    if options.get("device") is not None:
+        from branchlens.devices import resolve_device
+
+        resolve_device(options["device"])
 
 
 def _is_click_error(e: Exception) -> bool:

@@ -100,6 +100,16 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+SEED_LIMIT = 2**32  # numpy's RandomState (UMAP's random_state) takes no larger seed
+
+
+def check_seed(seed: int, name: str = "seed") -> int:
+    """Refuse a seed some RNG of a later stage would reject, before any stage has run."""
+    _check(0 <= seed < SEED_LIMIT, f"{name} must be in 0..{SEED_LIMIT - 1} "
+           f"(0 <= seed < 2**32), got {seed}")
+    return seed
+
+
 def _train_cls() -> type:
     from branchlens.train import TrainConfig
 
@@ -211,6 +221,8 @@ def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
                f"{', '.join(BLOCKS)}; valid top-level keys: {', '.join(TOP_LEVEL)}")
         _check(conforms(value, TOP_LEVEL[key]),
                f"{key} must be {_type_name(TOP_LEVEL[key])}, got {value!r}")
+    if "seed" in cfg:
+        check_seed(cfg["seed"])
     _check(cfg.get("variant") in VARIANTS,
            f"unknown variant {cfg.get('variant')!r}; choose from {sorted(VARIANTS)}")
     _check_layers(cfg["variant"], HarvestConfig(**cfg.get("harvest", {})).layers)

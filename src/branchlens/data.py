@@ -17,7 +17,9 @@ dataset, streamed under a limit, or a local ``save_to_disk``/imagefolder/parquet
 from __future__ import annotations
 
 import io
+import os
 import re
+import stat
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -33,6 +35,19 @@ from branchlens.variants import Preprocessing, Variant, get_variant, label_wnids
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 MAX_PIXELS = 89_478_485  # PIL's own default bomb limit, made explicit and configurable
+MAX_FILE_BYTES = 256 * 2**20  # no real image file is larger; /dev/zero-like files are refused
+
+
+def text_id(image_id: str) -> str:
+    """``image_id`` as valid Unicode: bytes of a file name that are not UTF-8 (surrogate
+    escapes) are spelled ``\\xNN``, so every id can go into JSON, CSV and HTML."""
+    if image_id.isascii():
+        return image_id
+    try:
+        raw = image_id.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that no file name produces
+        raw = image_id.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 @dataclass
@@ -40,6 +55,9 @@ class RawRecord:
     image_id: str
     label: int | None
     payload: Any  # str path | bytes | PIL.Image.Image | callable returning one of these
+
+    def __post_init__(self) -> None:
+        self.image_id = text_id(self.image_id)  # the one place every source's ids pass
 
 
 VIEW_SEP = "#"  # "<image id>#<view>": a derived view (flip, crop) of one underlying image
@@ -89,7 +107,7 @@ def decode_image(payload: Any, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Any supported payload -> an RGB PIL image with EXIF orientation applied.
 
     Raises :class:`BadImage` with a reason of ``empty``, ``unreadable``, ``not_image``,
-    ``truncated``, ``too_large`` or ``missing``.
+    ``truncated``, ``too_large``, ``not_regular_file`` or ``missing``.
     """
     if callable(payload):
         payload = payload()
@@ -97,13 +115,7 @@ def decode_image(payload: Any, max_pixels: int = MAX_PIXELS) -> Image.Image:
         img = payload
     else:
         if isinstance(payload, (str, Path)):
-            p = Path(payload)
-            try:
-                data = p.read_bytes()
-            except FileNotFoundError as e:
-                raise BadImage("missing", str(p)) from e
-            except OSError as e:
-                raise BadImage("unreadable", f"{p}: {e}") from e
+            data = _read_file(Path(payload))
         else:
             data = bytes(payload)
         if not data:
@@ -130,6 +142,32 @@ def decode_image(payload: Any, max_pixels: int = MAX_PIXELS) -> Image.Image:
         reason = "truncated" if "truncated" in msg or "broken data" in msg else "unreadable"
         raise BadImage(reason, msg) from e
     return img
+
+
+def _read_file(p: Path) -> bytes:
+    """The bytes of a regular file of at most :data:`MAX_FILE_BYTES`. Anything else (a FIFO,
+    a device, a folder, also behind a symlink) is refused unopened: reading it could hang or
+    fill the memory."""
+    try:
+        st = os.stat(p)  # follows symlinks
+    except FileNotFoundError as e:
+        raise BadImage("missing", str(p)) from e
+    except OSError as e:
+        raise BadImage("unreadable", f"{p}: {e}") from e
+    if not stat.S_ISREG(st.st_mode):
+        raise BadImage("not_regular_file", str(p))
+    if st.st_size > MAX_FILE_BYTES:
+        raise BadImage("too_large", f"{p}: {st.st_size} bytes > {MAX_FILE_BYTES}")
+    try:
+        with open(p, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)  # a file that grew since the stat stays capped
+    except FileNotFoundError as e:
+        raise BadImage("missing", str(p)) from e
+    except OSError as e:
+        raise BadImage("unreadable", f"{p}: {e}") from e
+    if len(data) > MAX_FILE_BYTES:
+        raise BadImage("too_large", f"{p}: more than {MAX_FILE_BYTES} bytes")
+    return data
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -217,6 +255,11 @@ class FolderSource(ImageSource):
                        if (p.is_file() or p.is_symlink()) and not p.name.startswith(".")
                        and p.suffix.lower() in IMAGE_SUFFIXES | {""})
         self.files = files
+        odd = [p for p in files if text_id(str(p)) != str(p)]
+        if odd:
+            warnings.warn(f"{len(odd)} file name(s) under {text_id(str(self.root))} are not "
+                          f"valid UTF-8 (e.g. '{text_id(odd[0].name)}'); their image ids spell "
+                          "the bad bytes as \\xNN", stacklevel=2)
         index = {w: i for i, w in enumerate(label_wnids())}  # ILSVRC indices, any variant
         self.labels = [self._label(p, index) for p in files]
         self.description = f"folder:{self.root.resolve()}"

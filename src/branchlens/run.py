@@ -198,18 +198,33 @@ class Run:
 
     def latents(self, layer: str) -> LatentTable:
         """The latent table of ``layer``: typed rows (see :mod:`branchlens.analysis.table`)."""
-        from branchlens.analysis.table import branches_of, read_latent_table
+        from branchlens.analysis.table import LatentTableError, branches_of, read_latent_table
 
         if layer not in self._tables:
             if not self.latent_table_path.is_file():
                 raise RunError(f"no latent table in {self.analysis_dir}; run `branchlens "
                                f"analyze {self.path}` first")
-            rows = read_latent_table(self.latent_table_path, layer)
+            try:
+                rows = read_latent_table(self.latent_table_path, layer)
+            except LatentTableError as e:
+                raise RunError(str(e)) from None
             if not rows:
                 raise RunError(f"{layer} is not in {self.latent_table_path} (analysed: "
                                f"{self.summary().get('layers')}); re-run `branchlens analyze`")
+            self._check_rows(layer, [r["latent"] for r in rows])
             self._tables[layer] = LatentTable(layer, rows, branches_of(rows[0]))
         return self._tables[layer]
+
+    def _check_rows(self, layer: str, ids: list[int]) -> None:
+        """The table must hold latents 0..n-1 of the layer, n from the summary: a table cut at
+        a line end parses cleanly and would silently drop the last latents."""
+        if not self.summary_path.is_file():
+            return
+        n = self.summary().get("per_layer", {}).get(layer, {}).get("latents")
+        if n is not None and ids != list(range(n)):
+            raise RunError(f"{self.latent_table_path} has {len(ids)} rows for {layer} but its "
+                           f"analysis has {n} latents (truncated or edited); re-run "
+                           f"`branchlens analyze {self.path}`")
 
     def latent(self, layer: str, index: int) -> Latent:
         table = self.latents(layer)

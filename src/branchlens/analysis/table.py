@@ -45,11 +45,19 @@ def _cell(value: Any) -> Any:
     return value
 
 
+class LatentTableError(ValueError):
+    """``latents.csv`` is cut short or damaged: only re-running the analysis repairs it."""
+
+
 def write_latent_table(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
-    """Write rows (all with the same keys, in order) atomically."""
+    """Write rows (all with the same keys, in order) atomically.
+
+    Image ids are valid text since :class:`branchlens.data.RawRecord`; a store harvested
+    before that may still hold surrogate-escaped file names, written as ``\\udcff`` escapes
+    rather than failing after the whole analysis."""
     if not rows:
         return
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", errors="backslashreplace") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         for r in rows:
@@ -73,11 +81,40 @@ def parse_row(raw: dict[str, str]) -> dict[str, Any]:
     return out
 
 
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as f:
+        if f.seek(0, 2) == 0:
+            return False
+        f.seek(-1, 2)
+        return f.read(1) == b"\n"
+
+
+def _damaged(path: Path, what: str) -> LatentTableError:
+    return LatentTableError(f"{path}: {what} (truncated or damaged); re-run `branchlens analyze "
+                            f"{path.parent.parent}` to write it again")
+
+
 def iter_latent_table(path: str | Path, layer: str | None = None) -> Iterator[dict[str, Any]]:
+    """Typed rows; a half-written last line or a row of the wrong width is an error, never a
+    row (the writer ends every line, so a file without a final newline was cut off)."""
+    path = Path(path)
+    if not _ends_with_newline(path):
+        raise _damaged(path, "the last line is cut off")
     with open(path, newline="") as f:
-        for raw in csv.DictReader(f):
-            if layer is None or raw.get("layer") == layer:
-                yield parse_row(raw)
+        reader = csv.reader(f)
+        head = next(reader, [])
+        for cells in reader:
+            if len(cells) != len(head):
+                raise _damaged(path, f"line {reader.line_num} has {len(cells)} of {len(head)} "
+                                     "fields")
+            raw = dict(zip(head, cells, strict=True))
+            if layer is not None and raw.get("layer") != layer:
+                continue
+            try:
+                row = parse_row(raw)
+            except ValueError as e:
+                raise _damaged(path, f"line {reader.line_num}: {e}") from None
+            yield row
 
 
 def read_latent_table(path: str | Path, layer: str | None = None) -> list[dict[str, Any]]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,13 @@ from branchlens.store.shard import (
     ShardFile,
     list_shards,
 )
-from branchlens.store.writer import _all_skipped
+from branchlens.store.writer import CHECKED_FILES, _all_skipped, file_sha256
+
+
+def _all_finite(values: Any) -> bool:
+    return isinstance(values, list) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        for v in values)
 
 
 class ShardedArray:
@@ -101,6 +109,7 @@ class ActivationStore:
                        for r in manifest["shards"]]
         self._images: list[dict] | None = None
         self._stats: dict | None = None
+        self._warned_unchecked = False
 
     @classmethod
     def open(cls, path: str | Path, verify: bool | str = True) -> ActivationStore:
@@ -142,13 +151,34 @@ class ActivationStore:
     @property
     def images(self) -> list[dict]:
         if self._images is None:
-            self._images = read_json(self.path / "images.json")
+            self._images = self._read_checked("images.json")
         return self._images
 
     def layer_stats(self, layer: str) -> dict[str, Any]:
+        """Per-channel mean/std and norm summary; a non-finite or negative std is refused
+        (it would silently move every scale-rule result)."""
         if self._stats is None:
-            self._stats = read_json(self.path / "stats.json")
-        return self._stats[self._layer(layer)]
+            self._stats = self._read_checked("stats.json")
+        stats = self._stats[self._layer(layer)]
+        std, mean = stats.get("std", []), stats.get("mean", [])
+        if not (_all_finite(std) and _all_finite(mean) and all(v >= 0 for v in std)):
+            raise StoreError(f"{self.path / 'stats.json'}: {layer} mean/std hold non-finite or "
+                             "negative values (hand-edited or corrupt); re-harvest the store")
+        return stats
+
+    def _read_checked(self, name: str) -> Any:
+        """A JSON file of the store; when verifying, first its sha256 against the manifest."""
+        path = self.path / name
+        want = self.manifest.get("files", {}).get(name)
+        if self.verify and want is not None and file_sha256(path) != want:
+            raise CorruptShardError(f"{path}: sha256 differs from the manifest (hand-edited or "
+                                    "corrupt); re-harvest the store")
+        if self.verify and want is None and not self._warned_unchecked:
+            self._warned_unchecked = True
+            warnings.warn(f"store {self.path}: the manifest has no checksums of "
+                          f"{' and '.join(CHECKED_FILES)} (an older branchlens wrote it); "
+                          "they are read unverified", stacklevel=3)
+        return read_json(path)
 
     def content_hash(self) -> str:
         """sha256 over the config and the shard checksums: identifies the stored data."""

@@ -3,6 +3,7 @@ present, then ``finalize_store`` (images, streaming stats, manifest last)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,16 @@ from branchlens.store.shard import (
     list_shards,
     write_shard,
 )
+
+CHECKED_FILES = ("images.json", "stats.json")  # sha256 in the manifest's "files"
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def prepare_store(path: str | Path, config: dict[str, Any]) -> None:
@@ -260,6 +271,8 @@ def finalize_store(path: str | Path, n_images: int, extra: dict[str, Any]) -> di
     try:
         write_json(path / "images.json", images)
         write_json(path / "stats.json", stats)
+        # checksummed like the shards: a hand edit of the std would move every scale rule
+        manifest["files"] = {name: file_sha256(path / name) for name in CHECKED_FILES}
         write_json(path / "manifest.json", manifest)
     except OSError as e:
         raise _write_error(e, path) from e

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from branchlens.config import check_seed
+
 DECAYS = ("none", "linear", "cosine")
 # Settings that change no trained weight: excluded from the resume key (and the stage hash).
 NON_ARTIFACT_KEYS = ("progress", "plot", "device", "keep_optimizer")
@@ -56,6 +58,7 @@ class TrainConfig:
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
                  f"betas must be two numbers in [0, 1), got {self.betas}")
         _require(math.isfinite(self.eps) and self.eps > 0, f"eps must be > 0, got {self.eps}")
+        check_seed(self.seed)
         _require(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
         _require(self.ckpt_every >= 1, f"ckpt_every must be >= 1, got {self.ckpt_every}")
         _require(self.init_sample >= 1, f"init_sample must be >= 1, got {self.init_sample}")
