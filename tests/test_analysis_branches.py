@@ -246,3 +246,12 @@ def test_scale_strata_group_equal_scales():
     assert set(st[:256]) == {0} and set(st[256:]) == {1}
     bank = br.label_bank(np.repeat([0, 1], 256), 50, np.random.default_rng(0), st)
     assert np.all(bank[:, :256] == 0) and np.all(bank[:, 256:] == 1)
+
+
+def test_paper_ratio_test_refines_only_to_its_cap():
+    pl = planted_decoder(SL, 300, 30, heavy=True, boost=6.0, seed=5)
+    capped = br.analyze_branches(pl.decoder, SL, n_perm=200, paper_max_perm=400)
+    assert np.nanmin(capped.p_paper) >= 1 / 401  # never refined past the cap
+    full = br.analyze_branches(pl.decoder, SL, n_perm=200, paper_max_perm=None)
+    assert np.nanmin(full.p_paper) < 1 / 401  # the planted ones need more: the cap is real
+    np.testing.assert_array_equal(capped.reject, full.reject)  # no decision uses it

@@ -284,7 +284,9 @@ SPEC_NOTE = (
     "(discoveries should stay ≤ q × tested); the σ-scaled random directions through the raw "
     "rule show how much pure channel scale the raw rule calls specialised. dominant / share: "
     "dominant latents as a fraction of tested ones, divided by the branch's channel share. "
-    "isotropic ref.: the miscalibrated Beta null, for reference only.")
+    "isotropic ref.: the miscalibrated Beta null, for reference only. paper-ratio test: the "
+    "positive-part statistic against its own permutation null, a reference (refined to at most "
+    "32 000 permutations, so BH counts of a handful per branch may be missed).")
 
 
 def _analysis_figure(ctx: ReportContext, layer: str, prefix: str) -> str | None:
