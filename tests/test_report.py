@@ -553,3 +553,14 @@ def test_report_40k_latents_in_chromium(big_run: Path) -> None:
         label, j = _click_point(page, 2)
         assert label.startswith(f"mixed4c #{j}")
         assert log.console_errors == [] and log.dialogs == [] and log.requests == []
+
+
+def test_a_truncated_latent_table_is_said_not_silently_shown(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", {"mixed4a": 300, "mixed4b": 200})
+    table = run / "analysis" / "latents.csv"
+    lines = table.read_text().splitlines(keepends=True)
+    table.write_text("".join(lines[:-120]) + lines[-120][:40] + "\n")  # cut, one broken line
+    page = build_report(run, tmp_path / "out").read_text()
+    assert "1 damaged line(s) left out" in page
+    assert "latents.csv holds 80 of 200 latents of mixed4b" in page
+    assert "of mixed4a" not in page  # the complete layer is not flagged

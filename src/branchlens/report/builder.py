@@ -324,9 +324,16 @@ def gather(run_dir: str | Path) -> ReportContext:
 
         names = {b for layer in ctx.layers for b in ctx.branches(layer)} | set(BRANCH_ORDER)
         try:
-            ctx.columns = read_columns(table, numeric_columns(sorted(names)))
+            ctx.columns = read_columns(table, numeric_columns(sorted(names)), ctx.notes)
         except (OSError, ValueError, csv.Error) as e:
             ctx.notes.append(f"could not read latents.csv: {type(e).__name__}: {e}")
+        for layer, s in ((ctx.summary or {}).get("per_layer") or {}).items():
+            have = ctx.columns.get(layer) if ctx.columns else None
+            n = s.get("latents") if isinstance(s, dict) else None
+            if isinstance(n, int) and (have is None or have.rows != n):
+                ctx.notes.append(f"latents.csv holds {have.rows if have else 0} of {n} latents "
+                                 f"of {layer} (truncated or edited): the browser shows only "
+                                 f"those; re-run branchlens analyze {run}")
     read_viz(run / "viz", ctx)
     for path in sorted((run / "analysis").glob("circuits*.json")):  # circuits may live here
         for doc in _subdocs(_read_json(path, ctx.notes)):

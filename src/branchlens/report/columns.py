@@ -23,6 +23,7 @@ class LayerColumns:
 
     layer: str
     n: int
+    rows: int = 0  # rows actually present (a truncated table has fewer than n latents)
     num: dict[str, np.ndarray] = field(default_factory=dict)
     text: dict[str, list[str]] = field(default_factory=dict)
 
@@ -45,16 +46,22 @@ def _float(x: str) -> float:
         return np.nan
 
 
-def read_columns(path: Path, numeric: list[str] | None = None) -> dict[str, LayerColumns]:
+def read_columns(path: Path, numeric: list[str] | None = None,
+                 problems: list[str] | None = None) -> dict[str, LayerColumns]:
     """{layer: LayerColumns}; ``numeric`` limits which numeric columns are converted.
 
-    Raises ValueError (one line) on a table without ``layer``/``latent`` columns."""
+    Raises ValueError (one line) on a table without ``layer``/``latent`` columns. Rows of the
+    wrong width (a damaged file) are left out and said in ``problems``."""
     with open(path, newline="") as f:
         reader = csv.reader(f)
         head = next(reader, None)
         if not head or "layer" not in head or "latent" not in head:
             raise ValueError(f"{path}: not a latents table (no layer/latent columns)")
-        rows = [r for r in reader if len(r) == len(head)]
+        every = list(reader)
+    rows = [r for r in every if len(r) == len(head)]
+    if len(rows) < len(every) and problems is not None:
+        problems.append(f"{path}: {len(every) - len(rows)} damaged line(s) left out; re-run "
+                        "branchlens analyze")
     ci = {name: i for i, name in enumerate(head)}
     by_layer: dict[str, list[list[str]]] = {}
     for r in rows:
@@ -68,7 +75,7 @@ def read_columns(path: Path, numeric: list[str] | None = None) -> dict[str, Laye
         ids = ids[keep]
         rs = [r for r, k in zip(rs, keep, strict=True) if k]
         n = int(ids.max()) + 1 if ids.size else 0
-        cols = LayerColumns(layer, n)
+        cols = LayerColumns(layer, n, rows=len(rs))
         for c in want:
             a = np.full(n, np.nan)
             a[ids] = [_float(r[ci[c]]) for r in rs]
