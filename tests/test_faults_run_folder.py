@@ -95,6 +95,14 @@ def test_cli_cuda_without_cuda_says_so_before_any_work(tmp_path, monkeypatch, de
     assert not (tmp_path / "s").exists()
 
 
+def test_api_analyze_on_cuda_without_cuda_says_so_before_any_work(tmp_path, monkeypatch):
+    from branchlens.analysis.driver import AnalysisConfig, AnalysisError, analyze
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(AnalysisError, match="CUDA is not available on this machine"):
+        analyze(tmp_path, config=AnalysisConfig(device="cuda"))
+
+
 def test_resolve_device_refuses_unknown_devices():
     from branchlens.devices import resolve_device
 

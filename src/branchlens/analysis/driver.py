@@ -514,8 +514,12 @@ def analyze(run_dir: str | Path, *, layers: list[str] | None = None, store=None,
     """
     run_dir = Path(run_dir)
     cfg = config or AnalysisConfig()
-    if cfg.device == "auto":
-        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+    from branchlens.devices import resolve_device
+
+    try:  # before any work: a missing GPU must not read as a broken SAE
+        cfg.device = str(resolve_device(cfg.device))
+    except ValueError as e:
+        raise AnalysisError(str(e)) from None
     log = log or (lambda s: None)
     run = Run(run_dir)
     if store is None:
