@@ -313,3 +313,227 @@ def test_old_store_without_file_checksums_opens_with_a_warning(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per store, not once per read
         assert len(s.images) == 4
+
+
+# -- 8. the report never overwrites an html file or folder it did not write ----------------------
+
+def test_report_refuses_to_overwrite_a_foreign_index_html(tmp_path):
+    run = _analysed_run(tmp_path)
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "index.html").write_text("<html>my own page</html>")
+    _one_line_error(_cli("report", str(run.path), "--out", str(site)), "index.html", "--out")
+    assert (site / "index.html").read_text() == "<html>my own page</html>"
+    assert sorted(p.name for p in site.iterdir()) == ["index.html"]
+
+
+def test_report_refuses_to_overwrite_a_foreign_html_file(tmp_path):
+    run = _analysed_run(tmp_path)
+    notes = tmp_path / "notes.html"
+    notes.write_text("<html>notes</html>")
+    _one_line_error(_cli("report", str(run.path), "--out", str(notes)), "notes.html", "delete")
+    assert notes.read_text() == "<html>notes</html>"
+
+
+def test_report_replaces_its_own_previous_report(tmp_path):
+    run = _analysed_run(tmp_path)
+    for out in (tmp_path / "r" / "page.html", run.report_dir):
+        for _ in range(2):
+            r = _cli("report", str(run.path), "--out", str(out))
+            assert r.exit_code == 0, r.output
+    assert run.report_index.is_file()
+
+
+# -- 9. the report of a folder that is no run ----------------------------------------------------
+
+def test_report_of_a_folder_that_is_no_run_is_refused(tmp_path):
+    plain = tmp_path / "Documents"
+    plain.mkdir()
+    (plain / "letter.txt").write_text("hello")
+    _one_line_error(_cli("report", str(plain)), "not a run folder", "store/", "sae/",
+                    "analysis/")
+    assert sorted(p.name for p in plain.iterdir()) == ["letter.txt"]
+
+
+# -- 10. import-sae / export-sae never replace an SAE silently ------------------------------------
+
+def _tiny_sae(seed: int = 0):
+    from branchlens.sae import SAEConfig, TopKSAE
+
+    return TopKSAE(SAEConfig(d_in=8, n_latents=16, k=2, layer="mixed4a"), seed=seed)
+
+
+def _sae_run(tmp_path: Path) -> tuple[Path, Path]:
+    """(run folder with a trained SAE of mixed4a, a paper-format SAE to import)."""
+    from branchlens.interop import export_paper
+
+    run = tmp_path / "run"
+    _tiny_sae(0).save(run / "sae" / "mixed4a", {"train": {"step": 4}})
+    return run, export_paper(_tiny_sae(1), tmp_path / "paper")
+
+
+def test_import_sae_refuses_a_folder_holding_an_sae_unless_forced(tmp_path):
+    run, paper = _sae_run(tmp_path)
+    weights = run / "sae" / "mixed4a" / "weights.safetensors"
+    before = weights.read_bytes()
+    r = _cli("import-sae", str(paper), str(run / "sae" / "mixed4a"))
+    _one_line_error(r, "already holds an SAE", "--force")
+    assert weights.read_bytes() == before
+    r = _cli("import-sae", str(paper), str(run / "sae" / "mixed4a"), "--force")
+    assert r.exit_code == 0, r.output
+    assert weights.read_bytes() != before
+
+
+def test_import_sae_takes_the_sae_folder_lock_of_training(tmp_path):
+    from branchlens.store import RunLock
+
+    run, paper = _sae_run(tmp_path)
+    lock = RunLock(run / "sae", "SAE folder", ".mixed4b.lock").acquire()  # a training of mixed4b
+    try:
+        r = _cli("import-sae", str(paper), str(run / "sae" / "mixed4b"))
+    finally:
+        lock.release()
+    _one_line_error(r, "SAE folder", "another process")
+    assert not (run / "sae" / "mixed4b" / "weights.safetensors").exists()
+    r = _cli("import-sae", str(paper), str(run / "sae" / "mixed4b"))  # released: it imports
+    assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize("fmt", ["saelens", "paper"])
+def test_export_sae_refuses_to_write_into_a_branchlens_sae_folder(tmp_path, fmt):
+    run, _ = _sae_run(tmp_path)
+    folder = run / "sae" / "mixed4a"
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    r = _cli("export-sae", str(run), "--layer", "mixed4a", "--format", fmt, "--out", str(folder))
+    _one_line_error(r, "branchlens SAE", "--out")
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+# -- 11. the stage commands take the run folder's lock --------------------------------------------
+
+@pytest.mark.parametrize("args", [["analyze", "RUN", "--n-perm", "10"], ["report", "RUN"],
+                                  ["examples", "RUN", "--layer", "mixed4a"],
+                                  ["visualize", "RUN", "--layer", "mixed4a"],
+                                  ["circuits", "RUN", "--up", "mixed4a", "--down", "mixed4b"]])
+def test_stage_commands_refuse_a_run_folder_another_process_writes(tmp_path, args):
+    from branchlens.store import RunLock
+
+    run = _analysed_run(tmp_path)
+    before = run.summary_path.read_bytes()
+    lock = RunLock(run.path, "run folder").acquire()  # e.g. a `branchlens run` in progress
+    try:
+        r = _cli(*[str(run.path) if a == "RUN" else a for a in args])
+    finally:
+        lock.release()
+    _one_line_error(r, "run folder", "another process")
+    assert run.summary_path.read_bytes() == before
+    assert not run.report_dir.exists() and not (run.path / "viz").exists()
+
+
+def test_report_releases_the_run_lock(tmp_path):
+    from branchlens.store import RunLock
+
+    run = _analysed_run(tmp_path)
+    assert _cli("report", str(run.path)).exit_code == 0
+    RunLock(run.path, "run folder").acquire().release()
+
+
+# -- 12. image ids with ';' and '#' -------------------------------------------------------------
+
+def test_ids_with_semicolons_and_backslashes_round_trip_the_latent_table(tmp_path):
+    ids = ["a/x;y.jpg", "a/plain.jpg", "b\\;c.png", "d\\", "e;"]
+    path = tmp_path / "latents.csv"
+    write_latent_table(path, [{"layer": "mixed4a", "latent": 0, "top_images": ids,
+                               "top_labels": [1, 2, 3, 4, 5]},
+                              {"layer": "mixed4a", "latent": 1, "top_images": [],
+                               "top_labels": []}])
+    rows = read_latent_table(path)
+    assert rows[0]["top_images"] == ids and rows[0]["top_labels"] == [1, 2, 3, 4, 5]
+    assert rows[1]["top_images"] == []
+
+
+def test_latent_table_of_plain_semicolon_joins_still_reads(tmp_path):
+    path = tmp_path / "latents.csv"
+    path.write_text("layer,latent,top_images,top_labels\n"
+                    "mixed4a,0,a/x.jpg;imgs/\\xff.png,1;2\n")
+    [row] = read_latent_table(path)
+    assert row["top_images"] == ["a/x.jpg", "imgs/\\xff.png"] and row["top_labels"] == [1, 2]
+
+
+def test_file_names_with_a_hash_stay_distinct_images():
+    from types import SimpleNamespace
+
+    from branchlens.data import view_group
+
+    assert view_group("imgs/x#1.jpg") != view_group("imgs/x#2.jpg")
+    assert view_group("imgs/x#1.jpg") == "imgs/x#1.jpg"
+    assert view_group("imgs/x#1.jpg#flip") == "imgs/x#1.jpg"  # branchlens's own mirror view
+    assert view_group("embedded:astronaut#view3#flip") == "embedded:astronaut"
+    fake = SimpleNamespace(images=[{"id": f"x#{i}.jpg"} for i in range(10)])
+    train, held = ActivationStore.split_images(fake, 0.5, 0)
+    assert len(train) == len(held) == 5  # ten images, not one
+
+
+# -- 13. a held-out fraction that rounds to zero images -----------------------------------------
+
+def test_heldout_fraction_rounding_to_zero_says_so(tmp_path):
+    from types import SimpleNamespace
+
+    from branchlens.train.sampling import heldout_images
+
+    write_synthetic(tmp_path / "s", layer="mixed4a", n_images=3, per_image=2, d=4)
+    store = ActivationStore.open(tmp_path / "s")
+    sae = SimpleNamespace(meta={"train": {"config": {"heldout_fraction": 0.1, "seed": 0}}})
+    held, note = heldout_images(sae, store)
+    assert held.size == 3
+    assert "held-out fraction 0.1 of 3 images rounds to 0 held-out images" in note
+    assert "ALL stored images" in note and "without a held-out split" not in note
+    _, note = heldout_images(SimpleNamespace(meta={}), store)
+    assert "without a held-out split" in note
+
+
+# -- 14. --debug shows the traceback of analyze and harvest too ---------------------------------
+
+@pytest.mark.parametrize("args", [
+    ["analyze", "RUN", "--n-perm", "10"],
+    ["harvest", "embedded:2", "--out", "RUN/store", "--weights", "random", "--sampling", "bad"],
+])
+def test_debug_shows_the_traceback_of_analyze_and_harvest(tmp_path, monkeypatch, args):
+    from branchlens.cli import DEBUG_ENV
+
+    monkeypatch.setenv(DEBUG_ENV, "0")  # restored after the test (--debug sets it)
+    argv = [a.replace("RUN", str(tmp_path / "r")) for a in args]
+    _one_line_error(_cli(*argv))
+    r = _cli("--debug", *argv)
+    assert r.exception is not None and not isinstance(r.exception, SystemExit), r.output
+    assert r.exc_info[2] is not None  # the traceback, printed by Python outside the test runner
+
+
+# -- 15. a code-executing pickle is refused without torch's advice to run it --------------------
+
+class _Evil:
+    def __init__(self, target: str):
+        self.target = target
+
+    def __reduce__(self):
+        return (os.system, (f"echo pwned > {self.target}",))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("save", ["pickle", "torch"])
+def test_import_of_a_code_executing_pickle_never_suggests_weights_only_false(tmp_path, save):
+    import pickle
+
+    target = tmp_path / "pwned"
+    evil = tmp_path / "sae.pt"
+    state = {"W_enc.weight": _Evil(str(target))}
+    if save == "torch":
+        torch.save(state, evil)
+    else:
+        with open(evil, "wb") as f:
+            pickle.dump(state, f)
+    r = _cli("import-sae", str(evil), str(tmp_path / "out"), "--k", "2")
+    _one_line_error(r, "refused")
+    assert "False" not in r.output and "weights_only" not in r.output.replace(
+        "weights_only=True", ""), r.output
+    assert not target.exists() and not (tmp_path / "out").exists()

@@ -298,6 +298,9 @@ def test_report_folder_from_real_run(real_run: Path) -> None:
 def test_report_tolerates_missing_and_broken_artifacts(real_run: Path, tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="not a run folder"):
+        build_report(empty)  # a folder that is no run gets no report
+    (empty / "store").mkdir()  # a run whose harvest has not written anything yet
     page = build_report(empty).read_text()
     for cmd in ("harvest", "train", "analyze"):
         assert f"not available: run <code>branchlens {cmd} " in page or \

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 
@@ -121,6 +122,35 @@ def _check_common(options: dict[str, Any]) -> None:
 def _is_click_error(e: Exception) -> bool:
     """Usage errors (bad option values) are printed by typer itself, with exit code 2."""
     return type(e).__module__.split(".")[0] in ("click", "typer")
+
+
+def _refuse(e: Exception) -> NoReturn:
+    """A command's own one-line error (exit 2); under ``--debug`` the exception goes on, so that
+    its traceback is printed like every other command's."""
+    if os.environ.get(DEBUG_ENV) == "1":
+        raise e
+    typer.secho(f"error: {e}", fg="red", err=True)
+    raise typer.Exit(USER_ERROR_RC) from None
+
+
+@contextlib.contextmanager
+def _run_lock(run: str) -> Iterator[None]:
+    """The run folder's lock while a stage command writes into it, the one ``branchlens run``
+    holds, so a stage beside a running pipeline is refused instead of mixing results. A folder
+    that is no run gets no ``.lock`` (the stage itself says what is missing); ranks other than
+    0 of torchrun do not lock, like the pipeline's."""
+    from branchlens.run import is_run_folder
+    from branchlens.store import RunLock
+
+    if rank() != 0 or not is_run_folder(run):
+        yield
+        return
+    lock = RunLock(run, "run folder").acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
 
 VariantOpt = typer.Option(DEFAULT_VARIANT, "--variant", help="bvlc_googlenet | inception5h")
 WeightsOpt = typer.Option(
@@ -275,8 +305,7 @@ def harvest(
                           seed=seed, shard_size=shard_size, paper_compat=paper_compat,
                           limit=limit, flip=flip, show_progress=show_progress)
     except (StoreError, ValueError) as e:
-        typer.secho(f"error: {e}", fg="red", err=True)
-        raise typer.Exit(2) from None
+        _refuse(e)
     if res.manifest is None:
         return
     c = res.manifest["counts"]
@@ -326,11 +355,11 @@ def analyze(
     check_block("analyze", settings)
     cfg = AnalysisConfig(**settings, seed=seed, device=device)
     try:
-        summary = run_analyze(run, layers=layers.split(",") if layers else None, config=cfg,
-                              log=_info)
+        with _run_lock(run):
+            summary = run_analyze(run, layers=layers.split(",") if layers else None,
+                                  config=cfg, log=_info)
     except (FileNotFoundError, KeyError, ValueError) as e:
-        typer.secho(f"error: {e}", fg="red", err=True)
-        raise typer.Exit(2) from None
+        _refuse(e)
     if as_json:
         _echo_json({"analysis": f"{run}/analysis", "layers": summary["layers"],
                     "claims": [{k: c[k] for k in ("id", "claim", "verdict", "evidence")}
@@ -360,11 +389,11 @@ def stability(
     from branchlens.replicates import stability as run_stability
 
     try:
-        res = run_stability(run, layers.split(",") if layers else None, replicates,
-                            device=device, log=_info)
+        with _run_lock(run):
+            res = run_stability(run, layers.split(",") if layers else None, replicates,
+                                device=device, log=_info)
     except (FileNotFoundError, KeyError, ValueError) as e:
-        typer.secho(f"error: {e}", fg="red", err=True)
-        raise typer.Exit(2) from None
+        _refuse(e)
     if as_json:
         _echo_json({"stability": f"{run}/analysis/stability.json", "claims": res["claims"]})
         return
@@ -419,11 +448,12 @@ def visualize(
     elif channels is not None and objective not in ("channel", "neuron"):
         raise ValueError(f"--channels takes --objective channel or neuron, not {objective!r}")
     targets = _int_list(channels if channels is not None else latents)
-    idx = visualize_stage(run, layer, targets, n_latents=n_latents, objective=objective,
-                          branch=branch, size=size, steps=steps, lr=lr, seed=seed,
-                          batch_size=batch_size, weights=weights, device=device,
-                          show_progress=show_progress, redirect_relu_steps=redirect,
-                          select=select, per_cell=per_cell, pairs=pairs)
+    with _run_lock(run):
+        idx = visualize_stage(run, layer, targets, n_latents=n_latents, objective=objective,
+                              branch=branch, size=size, steps=steps, lr=lr, seed=seed,
+                              batch_size=batch_size, weights=weights, device=device,
+                              show_progress=show_progress, redirect_relu_steps=redirect,
+                              select=select, per_cell=per_cell, pairs=pairs)
     _result({"layer": layer, "images": len(idx["latents"]), "objective": objective,
              "branch": branch}, as_json, "feature visualizations")
 
@@ -447,8 +477,9 @@ def examples(
     """Top dataset examples of every latent, RF crops -> RUN/viz/examples/<layer>/."""
     from branchlens.viz.stages import examples_stage
 
-    idx = examples_stage(run, layer, source, n_top, _int_list(latents), n_strips, maps,
-                         batch_size, limit, weights, device, show_progress=show_progress)
+    with _run_lock(run):
+        idx = examples_stage(run, layer, source, n_top, _int_list(latents), n_strips, maps,
+                             batch_size, limit, weights, device, show_progress=show_progress)
     _result({"layer": layer, "images": idx["n_images"], "strips": len(idx["latents"]),
              "receptive_field": idx["receptive_field"]}, as_json, "dataset examples")
 
@@ -474,9 +505,10 @@ def circuits(
     """Latent-to-latent attribution, branch flow vs null, branch ablation -> RUN/viz/circuits/."""
     from branchlens.viz.stages import circuits_stage
 
-    doc = circuits_stage(run, up, down, _int_list(latents), n_latents, n_images, flow_latents,
-                         n_perm, top_k, ablate, source, weights, device,
-                         show_progress=show_progress)
+    with _run_lock(run):
+        doc = circuits_stage(run, up, down, _int_list(latents), n_latents, n_images,
+                             flow_latents, n_perm, top_k, ablate, source, weights, device,
+                             show_progress=show_progress)
     _result({"up": up, "down": down, "latents": len(doc["latents"]),
              "error_share_mean": round(doc["error_share_mean"], 4)}, as_json, "circuits")
 
@@ -594,13 +626,15 @@ def import_sae(
     layer: str | None = typer.Option(None, "--layer"),
     variant: str = VariantOpt,
     k: int | None = typer.Option(None, "--k", help="TopK k of a paper state dict"),
+    force: bool = typer.Option(False, "--force", help="replace an SAE already in OUT_DIR"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Convert a SAELens TopK SAE or a paper-style checkpoint into a branchlens SAE."""
     from branchlens.interop import import_sae as run_import
+    from branchlens.interop import save_imported
 
     sae = run_import(source, fmt, k=k, layer=layer, variant=variant if layer else None)
-    sae.save(out_dir, {"imported_from": source})
+    save_imported(sae, out_dir, source, force=force)
     summary = {"out": out_dir, **{key: getattr(sae.cfg, key)
                                   for key in ("d_in", "n_latents", "k", "decoder")}}
     if as_json:
@@ -623,7 +657,8 @@ def report(
     from branchlens.report import build_report
 
     check_block("report", {"cards_per_layer": cards_per_layer})
-    path = build_report(run_dir, out, cards_per_layer=cards_per_layer)
+    with _run_lock(run_dir):
+        path = build_report(run_dir, out, cards_per_layer=cards_per_layer)
     size = path.stat().st_size
     if as_json:
         _echo_json({"report": str(path), "bytes": size})

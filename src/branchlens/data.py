@@ -61,11 +61,16 @@ class RawRecord:
 
 
 VIEW_SEP = "#"  # "<image id>#<view>": a derived view (flip, crop) of one underlying image
+FLIP_VIEW = f"{VIEW_SEP}flip"  # FlipViews' mirror of an image
+_CROP_VIEW = re.compile(rf"{VIEW_SEP}view\d+\Z")  # EmbeddedSource's views of one photo
 
 
 def view_group(image_id: str) -> str:
-    """The underlying image of a view id: views of one image must share a train/held-out side."""
-    return image_id.split(VIEW_SEP, 1)[0]
+    """The underlying image of a view id: views of one image must share a train/held-out side.
+
+    Only the suffixes branchlens appends are views: ``x#1.jpg`` and ``x#2.jpg`` of a folder
+    are two images."""
+    return _CROP_VIEW.sub("", image_id.removesuffix(FLIP_VIEW))
 
 
 class BadImage(Exception):
@@ -388,7 +393,7 @@ class FlipViews(ImageSource):
 
 
 def _flipped(rec: RawRecord) -> RawRecord:
-    return RawRecord(f"{rec.image_id}{VIEW_SEP}flip", rec.label, _Mirrored(rec.payload))
+    return RawRecord(f"{rec.image_id}{FLIP_VIEW}", rec.label, _Mirrored(rec.payload))
 
 
 @dataclass

@@ -25,6 +25,7 @@ from branchlens.sae import SAEConfig, TopKSAE, export_paper_state_dict, import_p
 FORMATS = ("saelens", "paper")
 SAELENS_WEIGHTS, SAELENS_CFG = "sae_weights.safetensors", "cfg.json"
 PAPER_FILE = "sae.pt"
+SAE_FILES = ("weights.safetensors", "cfg.json")  # a branchlens SAE folder (TopKSAE.save)
 
 
 def saelens_tensors(sae: TopKSAE) -> dict[str, torch.Tensor]:
@@ -55,6 +56,7 @@ def export_saelens(sae: TopKSAE, out_dir: str | Path, hook_name: str | None = No
                                     "branch_slices": cfg.branch_slices,
                                     "decoder": cfg.decoder, "input_scale_folded": cfg.scale}},
     }
+    _check_export_folder(out)
     save_tensors(out / SAELENS_WEIGHTS, saelens_tensors(sae))
     write_json(out / SAELENS_CFG, doc)
     return out
@@ -122,6 +124,7 @@ def import_saelens(in_dir: str | Path, layer: str | None = None,
 def export_paper(sae: TopKSAE, out_dir: str | Path) -> Path:
     """``sae.pt`` (the notebook's state dict, scale folded) plus a small ``cfg.json`` (k)."""
     out = Path(out_dir)
+    _check_export_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".{PAPER_FILE}.tmp"
     torch.save({k: v.float().contiguous() for k, v in export_paper_state_dict(sae).items()}, tmp)
@@ -129,6 +132,31 @@ def export_paper(sae: TopKSAE, out_dir: str | Path) -> Path:
     write_json(out / "cfg.json", {"format": "paper", "k": sae.cfg.k, "layer": sae.cfg.layer,
                                   "variant": sae.cfg.variant, "d_in": sae.cfg.d_in,
                                   "n_latents": sae.cfg.n_latents})
+    return out
+
+
+def _check_export_folder(out: Path) -> None:
+    """Both formats write a ``cfg.json``: exporting into a branchlens SAE folder (``--out
+    RUN/sae/<layer>``) would replace the config the report and the pipeline read."""
+    if all((out / name).is_file() for name in SAE_FILES):
+        raise FileExistsError(f"{out} holds a branchlens SAE ({' + '.join(SAE_FILES)}) that the "
+                              "export would overwrite; pass another --out")
+
+
+def save_imported(sae: TopKSAE, out_dir: str | Path, source: str, force: bool = False) -> Path:
+    """Write an imported SAE into ``out_dir`` under the lock training takes on that folder, so
+    a training in progress is refused; an SAE already there is replaced only with ``force``."""
+    from branchlens.store import RunLock
+
+    out = Path(out_dir)
+    lock = RunLock(out.parent, "SAE folder", f".{out.name}.lock").acquire()
+    try:
+        if (out / SAE_FILES[0]).is_file() and not force:
+            raise FileExistsError(f"{out} already holds an SAE ({SAE_FILES[0]}); pass --force "
+                                  "to replace it, or import into another folder")
+        sae.save(out, {"imported_from": str(source)})
+    finally:
+        lock.release()
     return out
 
 

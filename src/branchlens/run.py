@@ -59,6 +59,26 @@ class RunError(FileNotFoundError):
     """An artifact the call needs is not in the run yet; the message says which stage makes it."""
 
 
+RUN_PARTS = ("store/", "sae/", "analysis/", "run.json")  # what every stage writes first
+
+
+def is_run_folder(path: str | Path) -> bool:
+    """Whether ``path`` holds anything a stage writes (so writing into it is no accident)."""
+    return any((Path(path) / part).exists() for part in RUN_PARTS)
+
+
+def check_run_folder(path: str | Path) -> Path:
+    """``path``, refused unless it is a run folder: a report or lock file written into any
+    folder named by mistake (a home folder, a photo folder) would be litter."""
+    path = Path(path)
+    if not path.is_dir():
+        raise RunError(f"no run folder {path}")
+    if not is_run_folder(path):
+        raise RunError(f"{path} is not a run folder: it has none of {', '.join(RUN_PARTS)}; "
+                       "pass the folder `branchlens run --out` (or harvest/train) wrote")
+    return path
+
+
 def layer_order(name: str) -> tuple[int, str]:
     """Sort key: forward order of the network's blocks, unknown names last."""
     block = name.split("_")[0]

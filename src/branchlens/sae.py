@@ -388,7 +388,9 @@ def import_paper_checkpoint(state: str | Path | dict[str, Tensor], k: int = 32,
         if path.suffix == ".safetensors":
             state, _ = load_tensors(path)
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            from branchlens.weights import safe_torch_load
+
+            state = safe_torch_load(path)
         if "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
     w_enc = state["W_enc.weight"].float()

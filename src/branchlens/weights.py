@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 import urllib.request
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -110,16 +112,35 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except Exception as e:  # safetensors raises its own types for truncation/garbage
             raise WeightsError(f"{path} is not a readable safetensors file: {e}") from e
-    try:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise WeightsError(
-            f"{path} could not be loaded with torch.load(weights_only=True): it is corrupt, "
-            f"truncated, or contains code/objects other than tensors (refused for safety). {e}"
-        ) from e
+    sd = safe_torch_load(path)
     if not isinstance(sd, dict) or not all(isinstance(t, torch.Tensor) for t in sd.values()):
         raise WeightsError(f"{path} does not hold a flat state dict of tensors")
     return sd
+
+
+_ADVICE = re.compile(r"weights.only|safe_globals|allowlist|trust", re.IGNORECASE)
+
+
+def safe_torch_load(path: str | Path) -> Any:
+    """``torch.load(weights_only=True)``; a file it refuses or cannot read is a
+    :class:`WeightsError` that keeps torch's reason but never its advice to load the file anyway
+    (``weights_only=False`` or allowlisting a global would run the file's code)."""
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightsError(
+            f"{path} could not be loaded with torch.load(weights_only=True): it is corrupt, "
+            f"truncated, or contains code/objects other than tensors (refused for safety: "
+            f"{_torch_reason(e)})") from e
+
+
+def _torch_reason(e: Exception) -> str:
+    """The "unsupported ..." part of torch's refusal, else its lines without any advice."""
+    m = re.search(r"unsupported\b.*?(?=\.\s|\.?$)", str(e), re.IGNORECASE | re.MULTILINE)
+    if m:
+        return m.group(0)
+    kept = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not _ADVICE.search(ln)]
+    return "; ".join(kept) or type(e).__name__
 
 
 def load_weights_into(model: InceptionV1, sd: dict[str, torch.Tensor], where: str = "") -> None:

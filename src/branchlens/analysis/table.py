@@ -2,7 +2,8 @@
 
 The analyze stage writes it and everything else (``Run``, viz, circuits, the report) reads it
 through :func:`read_latent_table`, so a column is parsed the same way everywhere: lists are
-``;``-joined, booleans ``True``/``False``, a missing number is empty (read as NaN).
+``;``-joined (a ``;`` or ``\\`` inside an item is escaped by a backslash, see
+:func:`join_list`), booleans ``True``/``False``, a missing number is empty (read as NaN).
 
 The columns that carry a *decision* are defined once, here:
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,9 +37,34 @@ LIST_COLUMNS = {"top_images": str, "top_labels": int}
 NO_BRANCH = "none"  # value of dominant / robust_dominant when no branch is significant
 
 
+_TOKEN = re.compile(r"\\[\\;]|;|\\|[^;\\]+")  # an escape, the separator, a lone \, text
+
+
+def join_list(items: Iterable[Any]) -> str:
+    r"""Items ``;``-joined, each ``\`` and ``;`` in an item escaped by a backslash (an image file
+    may be called ``a;b.jpg``); a list without either is the plain join it always was."""
+    return ";".join(str(v).replace("\\", "\\\\").replace(";", "\\;") for v in items)
+
+
+def split_list(cell: str) -> list[str]:
+    r"""The items of :func:`join_list`. Only ``\\`` and ``\;`` are escapes, so a backslash in a
+    table written before the escaping (``imgs/\xff.png``) reads unchanged."""
+    if not cell:
+        return []
+    items: list[str] = []
+    item = ""
+    for tok in _TOKEN.findall(cell):
+        if tok == ";":
+            items.append(item)
+            item = ""
+        else:
+            item += tok[1] if tok in ("\\\\", "\\;") else tok
+    return [*items, item]
+
+
 def _cell(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
-        return ";".join(str(v) for v in value)
+        return join_list(value)
     if isinstance(value, float | np.floating):
         return "" if math.isnan(value) else f"{float(value):.6g}"
     if isinstance(value, np.integer | np.bool_):
@@ -75,7 +102,7 @@ def parse_row(raw: dict[str, str]) -> dict[str, Any]:
         elif k in BOOL_COLUMNS:
             out[k] = v == "True"
         elif k in LIST_COLUMNS:
-            out[k] = [LIST_COLUMNS[k](x) for x in v.split(";")] if v else []
+            out[k] = [LIST_COLUMNS[k](x) for x in split_list(v)]
         else:
             out[k] = float(v) if v not in ("", None) else math.nan
     return out

@@ -27,6 +27,8 @@ __all__ = ["ReportContext", "build_report", "gather", "render"]
 
 ASSETS = "assets"
 MARKER = ".branchlens-report"  # marks an assets folder this module may replace
+GENERATOR = '<meta name="generator" content="branchlens report">'  # in index.html.j2's head
+OLD_TITLE = "<title>branchlens report: "  # the head of pages written before GENERATOR
 CSP = ("default-src 'none'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
        "script-src 'self'; base-uri 'none'; form-action 'none'")
 
@@ -146,14 +148,15 @@ def build_report(run_dir: str | Path, out: str | Path | None = None,
     """Write the report of ``run_dir``; returns the path of its ``index.html``.
 
     ``out``: a folder (default ``RUN/report``) or an ``.html`` file name in one. The folder gets
-    ``index.html`` and ``assets/``; an existing ``assets/`` is replaced only if an earlier build
-    made it. Works on partial runs: what a stage has not made is named with its command.
+    ``index.html`` and ``assets/``; an existing ``assets/`` or page is replaced only if an
+    earlier build made it, and ``run_dir`` must be a run folder. Works on partial runs: what a
+    stage has not made is named with its command.
     ``cards_per_layer`` is accepted for configuration compatibility; every latent is browsable.
     """
     del cards_per_layer
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"no run directory {run_dir}")
+    from branchlens.run import check_run_folder
+
+    run_dir = check_run_folder(run_dir)
     out = Path(out) if out is not None else run_dir / "report"
     folder, entry = ((out.parent, out.name) if out.suffix.lower() in (".html", ".htm")
                      else (out, "index.html"))
@@ -161,6 +164,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None,
     if final.exists() and not (final / MARKER).is_file():
         raise FileExistsError(f"{final} exists and was not written by branchlens; "
                               "choose another report folder")
+    _check_page(folder / entry)
     folder.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:8]
     tmp, old = folder / f".{ASSETS}-new-{tag}", folder / f".{ASSETS}-old-{tag}"
@@ -180,6 +184,25 @@ def build_report(run_dir: str | Path, out: str | Path | None = None,
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def _check_page(page: Path) -> None:
+    """Refuse to replace a page (or a file or folder in its place) that no earlier build wrote:
+    ``--out`` may name a folder that holds someone's own ``index.html``."""
+    if page.parent.exists() and not page.parent.is_dir():
+        raise FileExistsError(f"{page.parent} is a file, not a report folder; pass another "
+                              "--out or delete the file")
+    if not page.exists() or (page.is_file() and _generated(page)):
+        return
+    raise FileExistsError(f"{page} exists and was not written by branchlens report; pass "
+                          "another --out or delete the file")
+
+
+def _generated(page: Path) -> bool:
+    """Whether a page's head is that of a branchlens report (any version)."""
+    with open(page, "rb") as f:
+        head = f.read(4096).decode("utf-8", "replace")
+    return GENERATOR in head or OLD_TITLE in head
 
 
 def _public(root: Path) -> None:

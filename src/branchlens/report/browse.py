@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from branchlens.analysis.table import split_list
 from branchlens.report import geometry
 from branchlens.report.builder import ReportContext, find_run_image
 from branchlens.report.columns import NUMERIC, PER_BRANCH, LayerColumns, numeric_columns  # noqa: F401
@@ -264,9 +265,9 @@ def _detail(ctx: ReportContext, layer: str, j: int, cols: LayerColumns,
         d["band"] = [[None if x != x else x for x in pair] for pair in band[j]]
     if nb is not None:
         d["nb"] = [int(x) for x in nb[j] if x >= 0]
-    tops = [s for s in cols.s("top_images")[j].split(";") if s]
+    tops = [s for s in split_list(cols.s("top_images")[j]) if s]
     if tops:
-        labs = cols.s("top_labels")[j].split(";")
+        labs = split_list(cols.s("top_labels")[j])
         d["top"] = [[s, _label(labs[k] if k < len(labs) else "", labels)]
                     for k, s in enumerate(tops)]
     cat = cols.s("top_category")[j]

@@ -168,10 +168,15 @@ def heldout_images(sae, store) -> tuple[np.ndarray, str]:
     cfg = (meta.get("train") or {}).get("config") or {}
     frac = float(cfg.get("heldout_fraction", 0.0) or 0.0)
     seed = int(cfg.get("seed", meta.get("seed", 0)) or 0)
+    why = "it was trained without a held-out split"
     if frac > 0:
-        _, held = store.split_images(frac, seed)
+        train, held = store.split_images(frac, seed)
         if held.size:
             return held, f"held-out images of the SAE ({held.size}; fraction {frac}, seed {seed})"
+        from branchlens.data import view_group
+
+        n = len({view_group(str(store.images[i].get("id", i))) for i in train})
+        why = f"held-out fraction {frac} of {n} images rounds to 0 held-out images"
     stored = np.array([i for i, r in enumerate(store.images) if "skipped" not in r], np.int64)
-    return stored, ("ALL stored images, including the SAE's training images (it was trained "
-                    "without a held-out split)")
+    return stored, (f"{why}; data-side numbers use ALL stored images, including the SAE's "
+                    "training images")
