@@ -99,3 +99,35 @@ def test_data_baseline_sees_a_branch_structured_covariance():
 def test_covariance_matches_numpy():
     x = np.random.default_rng(0).standard_normal((300, 5))
     np.testing.assert_allclose(C.covariance(x), np.cov(x, rowvar=False))
+
+
+def test_stratified_beta_tail_matches_monte_carlo_and_is_blind_where_the_rule_is():
+    from branchlens.analysis.branches import branch_labels, permutation_pvalues, scale_strata
+
+    rng = np.random.default_rng(3)
+    std = rng.uniform(0.5, 2.0, D)
+    labels, strata = branch_labels(SLICES, D), scale_strata(std, 8)
+    v = rng.standard_normal((300, D)) * std
+    v[:150, SLICES["5x5"]] *= 1.6
+    beta = C.stratified_beta_pvalues(v, labels, 2, strata)
+    mc = permutation_pvalues(v, SLICES, strata=strata, n_perm=20000, max_perm=20000).p[:, 2]
+    ok = mc > 2e-3  # where Monte-Carlo resolves the tail
+    assert np.median(np.abs(np.log10(beta[ok]) - np.log10(mc[ok]))) < 0.05
+    assert np.mean((beta < 0.01) == (mc < 0.01)) > 0.9
+    loud = std.copy()
+    loud[SLICES["5x5"]] += 10  # 5x5 alone in its strata: no permutation moves it
+    blind = C.stratified_beta_pvalues(v, labels, 2, scale_strata(loud, 4))
+    assert np.all(blind == 1.0)
+
+
+def test_power_beyond_monte_carlo_resolution_is_decided_by_the_beta_tail():
+    # a layer of mixed4c's shape (widths 96/128/32/64): cut-off q/m = 5e-6, which 2000
+    # permutations cannot reach (their smallest p is 5e-4)
+    wide = {"1x1": slice(0, 96), "3x3": slice(96, 224), "5x5": slice(224, 256),
+            "pool": slice(256, 320)}
+    std = np.random.default_rng(1).uniform(0.5, 2.0, 320)
+    res = C.scale_power(std, wide, cutoffs=np.zeros(4), q=0.05, m=10**4, n_planted=32,
+                        max_perm=2000, seed=0)
+    for b, cell in res["branches"].items():
+        assert not cell["resolved"] and cell["tail"] == "beta"
+        assert cell["power_scale"] >= 0.5, b  # seen by the Beta tail, not called blind

@@ -90,7 +90,8 @@ def specialisation(per_layer: dict[str, dict], q: float) -> dict:
         robust = sum(r["robust"] for r in s["branches"])
         need = max(10, 2 * ctl)
         relab = s.get("relabelling_null") or {}
-        fam = ((s.get("data_baseline") or {}).get("families") or {}).get("covariance_gaussian")
+        fams = (s.get("data_baseline") or {}).get("families") or {}
+        fam, pcs = fams.get("covariance_gaussian"), fams.get("principal") or {}
         vs_data = (fam or {}).get("sae_minus_data") or {}
         row = {"tested": s["tested"], "raw": raw, "robust": robust,
                "max_null_control": ctl, "needed": need,
@@ -98,7 +99,9 @@ def specialisation(per_layer: dict[str, dict], q: float) -> dict:
                "relabelling_observed": relab.get("observed"),
                "relabelling_null_mean": relab.get("null_mean"),
                "vs_data_difference": vs_data.get("difference"),
-               "vs_data_ci": vs_data.get("ci"), "vs_data_p": vs_data.get("p_value")}
+               "vs_data_ci": vs_data.get("ci"), "vs_data_p": vs_data.get("p_value"),
+               "principal_robust": pcs.get("robust_any"),
+               "principal_directions": pcs.get("directions")}
         beats_relabel = relab.get("p_value") is None or relab["p_value"] <= 0.05
         beats_data = (vs_data.get("p_value") is None
                       or (vs_data["p_value"] < 0.05 and vs_data["difference"] > 0))
@@ -133,6 +136,9 @@ def specialisation(per_layer: dict[str, dict], q: float) -> dict:
             lo, hi = r["vs_data_ci"]
             txt += (f"; robust share vs covariance directions {r['vs_data_difference']:+.3f} "
                     f"[{lo:+.3f}, {hi:+.3f}]")
+        if r["principal_directions"]:
+            txt += (f"; principal directions of the covariance (reference): "
+                    f"{r['principal_robust']}/{r['principal_directions']} robust")
         return txt + f") → {r['status']}" + (f" ({r['why']})" if r.get("why") else "")
 
     ev = lead + "; ".join(fmt(la, r) for la, r in rows.items())

@@ -155,6 +155,33 @@ def _planted_pvalues(sets: dict[tuple[int, str], np.ndarray], labels: np.ndarray
     return {k: ((1 + c) / (1 + n_perm)).cpu().numpy() for k, c in ex.items()}
 
 
+def stratified_beta_pvalues(v: np.ndarray, labels: np.ndarray, branch: int,
+                            strata: np.ndarray) -> np.ndarray:
+    """Tail p of branch ``branch``'s share of ‖v‖² under permutations within ``strata`` from a
+    Beta with the null's exact mean and variance (each stratum's part is a sum drawn without
+    replacement from its values; strata are independent). Used only beyond Monte-Carlo
+    resolution. A branch that fills its strata alone has variance 0: p = 1, as it must."""
+    e = np.asarray(v, np.float64) ** 2
+    a = e / e.sum(1, keepdims=True)
+    mine = labels == branch
+    obs = a[:, mine].sum(1)
+    mean = np.zeros(a.shape[0])
+    var = np.zeros(a.shape[0])
+    for st in np.unique(strata):
+        cols = strata == st
+        n, c = int(cols.sum()), int((cols & mine).sum())
+        if c == 0:
+            continue
+        x = a[:, cols]
+        mean += c * x.mean(1)
+        if c < n:
+            var += c * (n - c) / (n * (n - 1)) * ((x - x.mean(1, keepdims=True)) ** 2).sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        k = mean * (1 - mean) / var - 1
+        p = sps.beta.sf(obs, mean * k, (1 - mean) * k)
+    return np.where(var > 0, np.nan_to_num(p, nan=1.0), np.where(obs > mean + 1e-12, 0.0, 1.0))
+
+
 def scale_power(std, slices: dict[str, slice], *, cutoffs: np.ndarray, q: float, m: int,
                 boosts: tuple[float, ...] = (1.5, 2.5), decide_at: float = 2.5,
                 n_planted: int = 64, n_strata: int = 16, max_perm: int = 50_000,
@@ -165,8 +192,10 @@ def scale_power(std, slices: dict[str, slice], *, cutoffs: np.ndarray, q: float,
     channels in branch b are multiplied by a boost: specialisation beyond scale by
     construction. Power = share with p ≤ the layer's realised BH cut-off for b (``cutoffs``,
     0 → the cut-off for a first discovery, q/m), p from enough permutations to resolve the
-    smallest cut-off (at most ``max_perm``; ``resolved`` says whether that was enough). The
-    branch is testable for scale when the power at ``decide_at`` reaches :data:`MIN_POWER`.
+    smallest cut-off (at most ``max_perm``). Where that cannot resolve a branch's cut-off (a
+    branch without discoveries: q/m), a planted latent without a single exceedance is decided
+    by the stratified null's moment-matched Beta (``tail: beta``). The branch is testable for
+    scale when the power at ``decide_at`` reaches :data:`MIN_POWER`.
     """
     s = _as_np(std)
     d = s.size
@@ -189,11 +218,18 @@ def scale_power(std, slices: dict[str, slice], *, cutoffs: np.ndarray, q: float,
     out: dict = {"boosts": list(boosts), "decide_at": decide_at, "n_perm": n_perm,
                  "planted_per_branch": n_planted, "min_power": MIN_POWER, "branches": {}}
     for i, b in enumerate(slices):
+        resolved = bool(1 / (n_perm + 1) <= cuts[i])
+        if not resolved:  # zero exceedances: beyond Monte-Carlo, the Beta tail decides
+            for x in boosts:
+                ps = p_scale[i, str(x)]
+                none = ps <= 1 / (n_perm + 1)
+                ps[none] = stratified_beta_pvalues(sets[i, str(x)][none], labels, i, strata)
         by_scale = {str(x): float(np.mean(p_scale[i, str(x)] <= cuts[i])) for x in boosts}
         by_raw = {str(x): float(np.mean(p_raw[i, str(x)] <= cuts[i])) for x in boosts}
         power = by_scale[str(decide_at)]
         out["branches"][b] = {
-            "cutoff": cuts[i], "n_perm": n_perm, "resolved": bool(1 / (n_perm + 1) <= cuts[i]),
+            "cutoff": cuts[i], "n_perm": n_perm, "resolved": resolved,
+            "tail": "monte-carlo" if resolved else "beta",
             "power_scale": power, "power_scale_by_boost": by_scale,
             "power_raw_by_boost": by_raw, "testable_for_scale": power >= MIN_POWER, **occ[b]}
     return out
