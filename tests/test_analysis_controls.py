@@ -28,6 +28,7 @@ def test_relabelling_null_separates_real_partitions_from_random_ones():
                               n_perm=200, seed=1)
     assert real["p_value"] == pytest.approx(1 / 20)  # beats every random partition
     assert real["observed"] > 3 * real["null_max"]
+    assert all(c["p_value"] == pytest.approx(1 / 20) for c in real["per_branch"].values())
     # heavy-tailed latents concentrated on channels with no regard to the branches: the real
     # partition is one more random one
     t = rng.standard_t(2, (200, D))

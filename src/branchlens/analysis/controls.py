@@ -84,7 +84,9 @@ def relabelling_null(decoder, slices: dict[str, slice], *, std=None,
         "p_value": float((1 + np.sum(tot_null >= tot)) / (1 + replicates)),
         "observed_raw": int(obs_raw.sum()), "null_raw_mean": float(null_raw.sum(1).mean()),
         "per_branch": {b: {"observed": int(obs[i]), "null_mean": float(null[:, i].mean()),
-                           "null_max": int(null[:, i].max()) if replicates else None}
+                           "null_max": int(null[:, i].max()) if replicates else None,
+                           "p_value": float((1 + np.sum(null[:, i] >= obs[i]))
+                                            / (1 + replicates))}
                        for i, b in enumerate(names)},
     }
 
