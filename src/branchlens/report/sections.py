@@ -241,7 +241,8 @@ def controls_tables(per: dict) -> str:
             by = pw.get("power_scale_by_boost") or {}
             cells.append((
                 esc(layer), branch_tag(b),
-                f"{fmt(rb.get('observed'))} vs {fmt(rb.get('null_mean'))}",
+                f"{fmt(rb.get('observed'))} vs {fmt(rb.get('null_mean'))}"
+                + (f" (p={fmt(rb['p_value'])})" if rb.get("p_value") is not None else ""),
                 " / ".join(f"×{k}: {fmt(v)}" for k, v in by.items()),
                 "yes" if pw.get("testable_for_scale") else "no (blind)",
                 fmt(pw.get("cutoff")), fmt(pw.get("strata_alone")),
