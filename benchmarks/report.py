@@ -134,6 +134,12 @@ def add_evidence(run: Path, per_cell: int = 2, pairs: int = 2, px: int = 128,
             {"layer": layer, "objective": "latent", "cells": cells, "pairs": pair_list,
              "pictures": pictures}))
         (ex / "index.json").write_text(json.dumps({"layer": layer, "latents": entries}))
+    from branchlens.analysis.claims import CLAIMS
+
+    summary["claims"] = [{"id": cid, "claim": text, "verdict": "not testable",
+                          "evidence": "synthetic run", "rule": "", "numbers": {}}
+                         for cid, text in CLAIMS]  # the claims the galleries sit under
+    (run / "analysis" / "summary.json").write_text(json.dumps(summary))
     return total
 
 
