@@ -161,3 +161,31 @@ def test_cli_export_and_import(tmp_path):
     r = runner.invoke(app, ["export-sae", str(tmp_path / "run"), "--layer", "mixed4a",
                             "--format", "onnx"])
     assert r.exit_code == 2 and "unknown format 'onnx'" in r.stderr
+
+
+def test_import_refuses_a_boolean_k_and_non_finite_weights(tmp_path):
+    sae = _trained_like("untied")
+    export_saelens(sae, tmp_path / "s")
+    cfg_file = tmp_path / "s" / "cfg.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg_file.write_text(json.dumps(cfg | {"k": True, "activation_fn_kwargs": {"k": True}}))
+    with pytest.raises(ValueError, match="no TopK k"):
+        import_sae(tmp_path / "s")
+    cfg_file.write_text(json.dumps(cfg))
+    from safetensors.torch import save_file
+
+    t = load_file(str(tmp_path / "s" / "sae_weights.safetensors"))
+    t["W_dec"][3, 2] = float("nan")
+    save_file(t, str(tmp_path / "s" / "sae_weights.safetensors"))
+    with pytest.raises(ValueError, match="non-finite values in W_dec"):
+        import_sae(tmp_path / "s")
+
+
+def test_saelens_topk_with_a_large_k_imports_for_a_known_layer(tmp_path):
+    # k = 600 > the layer's width (512): fine for 1024 latents; the layer's slices are kept
+    cfg = SAEConfig.for_layer("bvlc_googlenet", "mixed4a", expansion=2, k=600)
+    sae = TopKSAE(cfg, seed=0)
+    export_saelens(sae, tmp_path / "s")
+    back = import_sae(tmp_path / "s", layer="mixed4a", variant="bvlc_googlenet")
+    assert back.cfg.k == 600 and back.cfg.n_latents == 1024
+    assert back.cfg.branch_slices == cfg.branch_slices

@@ -14,6 +14,7 @@ their tools:
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +69,8 @@ def _saelens_k(doc: dict[str, Any], where: Path) -> int:
     if arch != "topk" and act != "topk":
         raise ValueError(f"{where}: a {arch or act or 'non-TopK'} SAE; only TopK SAEs import")
     k = doc.get("k", (doc.get("activation_fn_kwargs") or {}).get("k"))
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"{where}: no TopK k in the config")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:  # JSON true is no k
+        raise ValueError(f"{where}: no TopK k in the config (got {k!r})")
     for key, ok in (("normalize_activations", ("none", None)),
                     ("rescale_acts_by_decoder_norm", (False, None)),
                     ("reshape_activations", ("none", None))):
@@ -102,13 +103,13 @@ def import_saelens(in_dir: str | Path, layer: str | None = None,
     meta = (doc.get("metadata") or {}).get("branchlens", {})
     layer = layer or meta.get("layer")
     variant = variant or meta.get("variant")
-    try:
-        cfg = SAEConfig.for_layer(variant, layer, expansion=1, k=k) if layer and variant else None
+    try:  # the layer's widths and branch slices; k is checked against the real n below
+        cfg = SAEConfig.for_layer(variant, layer, expansion=1, k=1) if layer and variant else None
     except KeyError:
         cfg = None
     if cfg is None or cfg.d_in != d:
-        cfg = SAEConfig(d_in=d, n_latents=n, k=k, layer=layer, variant=variant)
-    cfg.n_latents, cfg.decoder, cfg.aux, cfg.scale = n, "untied", False, 1.0
+        cfg = SAEConfig(d_in=d, n_latents=n, k=1, layer=layer, variant=variant)
+    cfg = dataclasses.replace(cfg, n_latents=n, k=k, decoder="untied", aux=False, scale=1.0)
     b_dec, b_enc = t["b_dec"].float(), t["b_enc"].float()
     if doc.get("apply_b_dec_to_input") is False:
         b_enc = b_enc + b_dec @ w_enc
@@ -171,6 +172,14 @@ def detect_format(path: str | Path) -> str:
                      f"dict (.pt/.pth, or a folder with {PAPER_FILE})")
 
 
+def _finite(sae: TopKSAE, where: str | Path) -> TopKSAE:
+    """Refuse NaN/inf weights now: the analysis would otherwise die on them much later."""
+    bad = [n for n, t in sae.named_parameters() if not torch.isfinite(t).all()]
+    if bad:
+        raise ValueError(f"{where}: non-finite values in {', '.join(bad)}; not importing")
+    return sae
+
+
 def import_sae(path: str | Path, fmt: str = "auto", k: int | None = None,
                layer: str | None = None, variant: str | None = None) -> TopKSAE:
     """Either format into a branchlens SAE (``k`` is needed for a bare paper state dict)."""
@@ -178,7 +187,7 @@ def import_sae(path: str | Path, fmt: str = "auto", k: int | None = None,
     if fmt not in FORMATS:
         raise ValueError(f"unknown SAE format {fmt!r}; choose from {', '.join(FORMATS)}")
     if fmt == "saelens":
-        return import_saelens(path, layer, variant)
+        return _finite(import_saelens(path, layer, variant), path)
     p = Path(path)
     if p.is_dir():
         info = read_json(p / "cfg.json") if (p / "cfg.json").is_file() else {}
@@ -187,7 +196,10 @@ def import_sae(path: str | Path, fmt: str = "auto", k: int | None = None,
         p = p / PAPER_FILE
     if not k:
         raise ValueError(f"{p}: the paper's state dict does not record k; pass --k")
-    return import_paper_checkpoint(p, k=k, layer=layer, variant=variant if layer else None)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"{p}: k must be a positive integer, got {k!r}")
+    return _finite(import_paper_checkpoint(p, k=k, layer=layer,
+                                           variant=variant if layer else None), p)
 
 
 def export_run_sae(run_dir: str | Path, layer: str, fmt: str, out: str | Path | None = None
