@@ -27,6 +27,7 @@ Ends with ``RESULT report_first_render_every_latent ours=<s> baseline=<s> unit=s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import shutil
@@ -34,7 +35,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -146,16 +149,11 @@ def add_evidence(run: Path, per_cell: int = 2, pairs: int = 2, px: int = 128,
 def gallery_times(html: Path) -> dict:
     """First render with the claim galleries in the page, how many of their images that first
     render fetched (they are lazy, inside closed <details>), and opening the first gallery."""
-    from _browser import LAUNCH_ARGS, chromium_path, unavailable_reason, wait_until
+    from _browser import wait_until
 
-    if unavailable_reason():
-        return {}
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium_path(), args=LAUNCH_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.set_default_timeout(600_000)
+    with bench_page() as page:
+        if page is None:
+            return {}
         fetched: list[str] = []
         page.on("requestfinished", lambda r: fetched.append(r.url))
         page.goto(html.resolve().as_uri(), wait_until="load")
@@ -171,7 +169,6 @@ def gallery_times(html: Path) -> dict:
                          "i.naturalWidth > 0)")
         opened = (time.perf_counter() - t0) * 1e3
         galleries = int(page.evaluate("document.querySelectorAll('details.evidence').length"))
-        browser.close()
     return {"first_render_ms": first, "gallery_images": len(srcs),
             "fetched_at_first_render": at_first, "open_gallery_ms": opened,
             "galleries": galleries}
@@ -198,19 +195,34 @@ def folder_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def chromium_times(html: Path, ours: bool, latents: list[tuple[str, int]]) -> dict:
-    from _browser import LAUNCH_ARGS, chromium_path, open_latent, unavailable_reason, wait_until
+@contextlib.contextmanager
+def bench_page() -> Iterator[Any]:
+    """A fresh headless Chromium page (None, said once, when Chromium is unavailable)."""
+    from _browser import LAUNCH_ARGS, chromium_path, unavailable_reason
 
     why = unavailable_reason()
     if why:
         print(f"(no Chromium timings: {why})")
-        return {}
+        yield None
+        return
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium_path(), args=LAUNCH_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.set_default_timeout(600_000)
+        try:
+            yield page
+        finally:
+            browser.close()
+
+
+def chromium_times(html: Path, ours: bool, latents: list[tuple[str, int]]) -> dict:
+    from _browser import open_latent, wait_until
+
+    with bench_page() as page:
+        if page is None:
+            return {}
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.goto(html.resolve().as_uri(), wait_until="load")
@@ -222,7 +234,6 @@ def chromium_times(html: Path, ours: bool, latents: list[tuple[str, int]]) -> di
             first = page.evaluate("performance.timing.loadEventEnd - "
                                   "performance.timing.navigationStart")
             opens = []
-        browser.close()
     return {"first_render_ms": float(first), "open_ms": opens, "errors": errors}
 
 

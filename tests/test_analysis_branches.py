@@ -255,3 +255,17 @@ def test_paper_ratio_test_refines_only_to_its_cap():
     full = br.analyze_branches(pl.decoder, SL, n_perm=200, paper_max_perm=None)
     assert np.nanmin(full.p_paper) < 1 / 401  # the planted ones need more: the cap is real
     np.testing.assert_array_equal(capped.reject, full.reject)  # no decision uses it
+
+
+def test_the_control_refinement_cap_still_lets_a_control_fail():
+    # a "null" family that is not null: 50 strongly planted among 250 directions; at the
+    # controls' cap (4·m/q permutations) BH still finds them, so the control would fail
+    pl = planted_decoder(SL, 200, 50, heavy=True, boost=6.0, seed=6)
+    m = pl.decoder.shape[0]
+    cap = int(np.ceil(br.CONTROL_PERM_FACTOR * m / Q))
+    res = br.permutation_pvalues(pl.decoder, SL, q=Q, n_perm=200, max_perm=cap)
+    rej, _ = br.bh_reject(res.p, Q)
+    planted = pl.truth != br.NONE
+    assert rej.any(1)[planted].mean() > 0.9 and res.n_perm.max() <= cap
+    ctl = br.null_controls(pl.decoder, SL, n_perm=200)
+    assert max(c["permutations_max"] for c in ctl.values()) <= cap

@@ -32,6 +32,7 @@ from scipy import stats as sps
 from branchlens.analysis.stats import bh_reject
 
 NONE = -1  # dominant-branch code for "no significant branch"
+CONTROL_PERM_FACTOR = 4  # refinement cap of control families: ⌈4·m/q⌉ (see null_controls)
 PAPER_MAX_PERM = 32_000  # refinement cap of the paper-ratio (reference) test; see analyze_branches
 
 
@@ -463,7 +464,10 @@ def null_controls(decoder, slices: dict[str, slice], *, std=None,
     if max_latents is not None and raw.shape[0] > max_latents:
         raw = raw[np.sort(rng.choice(raw.shape[0], max_latents, replace=False))]
     n, d = raw.shape
-    kw = dict(q=q, n_perm=n_perm, max_perm=max_perm, device=device)
+    # 4·m/q permutations resolve p down to q/(4m), below BH's first cut-off q/m, so a control can
+    # still reject (fail); the main test's 20·m/q would spend most of the analysis here
+    cap = max_perm or max(n_perm, int(np.ceil(CONTROL_PERM_FACTOR * max(n, 1) / q)))
+    kw = dict(q=q, n_perm=n_perm, max_perm=cap, device=device)
     def run(name: str, v: np.ndarray, strata=None, k: int = 0, independent: bool = True) -> None:
         res = permutation_pvalues(v, slices, strata=strata, seed=seed + 10 + k, **kw)
         rej, _ = bh_reject(res.p, q)

@@ -25,6 +25,7 @@ import numpy as np
 from scipy import stats as sps
 
 from branchlens.analysis.branches import (
+    CONTROL_PERM_FACTOR,
     _as_np,
     bh_threshold,
     branch_labels,
@@ -303,7 +304,8 @@ def data_baseline(p_raw: np.ndarray, p_scale: np.ndarray | None, tested: np.ndar
                                                 for i, b in enumerate(names)}},
                  "families": {}}
     for k, (name, v) in enumerate(data_directions(cov, int(idx.size) or n, rng).items()):
-        kw = dict(q=q, n_perm=n_perm, max_perm=max_perm, device=device)
+        cap = max_perm or max(n_perm, math.ceil(CONTROL_PERM_FACTOR * v.shape[0] / q))
+        kw = dict(q=q, n_perm=n_perm, max_perm=cap, device=device)
         pr = permutation_pvalues(v, slices, seed=seed + 10 + 2 * k, **kw).p
         ps = (permutation_pvalues(v, slices, strata=strata, seed=seed + 11 + 2 * k, **kw).p
               if strata is not None else None)
