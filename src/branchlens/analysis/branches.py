@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from scipy import stats as sps
 
-from branchlens.analysis.stats import bh_reject
+from branchlens.analysis.stats import bh_reject, calibration
 
 NONE = -1  # dominant-branch code for "no significant branch"
 CONTROL_PERM_FACTOR = 4  # refinement cap of control families: ⌈4·m/q⌉ (see null_controls)
@@ -455,8 +455,6 @@ def null_controls(decoder, slices: dict[str, slice], *, std=None,
     - ``raw_rule_scaled_gaussian`` (a reference, not a control): the same directions through
       the raw rule: how much pure channel scale the raw rule calls specialised.
     """
-    from branchlens.analysis.controls import calibration
-
     raw = _as_np(decoder)
     keep = np.ones(raw.shape[0], bool) if include is None else np.asarray(include, bool)
     raw = raw[keep]

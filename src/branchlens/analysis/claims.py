@@ -70,6 +70,11 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, mid - half), min(1.0, mid + half)
 
 
+def _enough_images(s: dict) -> bool:
+    """Which latents are alive, and their top images, are decided on the held-out images."""
+    return s.get("heldout_images", MIN_HELDOUT_IMAGES) >= MIN_HELDOUT_IMAGES
+
+
 def _scale_blind(s: dict, branches: list[str]) -> list[str]:
     """Of ``branches``, those where the layer's power check found the scale rule blind."""
     cells = (s.get("power") or {}).get("branches", {})
@@ -107,7 +112,7 @@ def specialisation(per_layer: dict[str, dict], q: float) -> dict:
                       or (vs_data["p_value"] < 0.05 and vs_data["difference"] > 0))
         scale_lost = [r["branch"] for r in s["branches"] if r["significant"] > r["robust"]]
         blind = _scale_blind(s, scale_lost)
-        few_images = s.get("heldout_images", MIN_HELDOUT_IMAGES) < MIN_HELDOUT_IMAGES
+        few_images = not _enough_images(s)
         if s["tested"] < MIN_LATENTS or few_images:
             st = "not testable"
             if few_images:
@@ -222,10 +227,10 @@ def animals(per_layer: dict[str, dict]) -> dict:
         dom = ct.get("dominant", {}).get("5x5", {})
         rows[layer] = {"robust": rob, "raw": dom}
         testable = ((rob.get("latents") or 0) >= MIN_LATENTS and rob.get("difference") is not None
-                    and s.get("heldout_images", MIN_HELDOUT_IMAGES) >= MIN_HELDOUT_IMAGES)
+                    and _enough_images(s))
         raw_ok = ((dom.get("latents") or 0) >= MIN_LATENTS and bool(dom.get("significant"))
                   and (dom.get("difference") or 0) > 0
-                  and s.get("heldout_images", MIN_HELDOUT_IMAGES) >= MIN_HELDOUT_IMAGES)
+                  and _enough_images(s))
         if not testable and not raw_ok:
             status[layer] = "not testable"
         else:

@@ -87,3 +87,26 @@ def mann_whitney(x: np.ndarray, y: np.ndarray) -> dict:
     u = float(res.statistic)
     return {**out, "U": u, "effect": 2 * u / (x.size * y.size) - 1,
             "p_value": float(res.pvalue)}
+
+
+def calibration(p: np.ndarray, branches: list[str],
+                levels: tuple[float, ...] = (0.05, 0.001)) -> dict:
+    """Rate of p < level per branch and overall, with the binomial upper bound of a calibrated
+    test (its rate may be lower: conservative is allowed, excess is not). The bound is at 1 %
+    over all the cells together (Bonferroni), so a calibrated rule fails it 1 time in 100."""
+    p = np.asarray(p, np.float64)
+    conf = 1 - 0.01 / (len(levels) * (len(branches) + 1))
+    out: dict = {"confidence_per_cell": conf}
+    for lev in levels:
+        cells = {}
+        for i, b in enumerate([*branches, "all"]):
+            col = p[:, i] if b != "all" else p.ravel()
+            col = col[np.isfinite(col)]
+            n = int(col.size)
+            hi = float(sps.binom.ppf(conf, n, lev) / n) if n else None
+            rate = float(np.mean(col < lev)) if n else None
+            cells[b] = {"n": n, "rate": rate, "upper": hi,
+                        "ok": None if n == 0 else bool(rate <= hi)}
+        out[str(lev)] = cells
+    out["ok"] = all(c["ok"] is not False for lev in levels for c in out[str(lev)].values())
+    return out
