@@ -66,7 +66,7 @@ def test_every_stage_through_the_report_from_the_cli(e2e_run):
     assert list(rec["stages"]) == ["harvest", "train", "analyze", "visualize", "examples",
                                    "circuits", "report"]
     summary = json.loads((out / "analysis" / "summary.json").read_text())
-    assert summary["layers"] == ["mixed4a", "mixed4b"] and len(summary["claims"]) == 5
+    assert summary["layers"] == ["mixed4a", "mixed4b"] and len(summary["claims"]) == 6
     assert summary["per_layer"]["mixed4b"]["latents"] == 512  # expansion 1 × 512 channels
     circ = json.loads((out / "viz" / "circuits" / "mixed4a__mixed4b.json").read_text())
     assert (circ["up"], circ["down"]) == ("mixed4a", "mixed4b") and circ["latents"]

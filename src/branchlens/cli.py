@@ -400,6 +400,91 @@ def stability(
     _out(format_stability(res))
 
 
+@app.command()
+def effects(
+    run: str = typer.Argument(..., help="an analysed run folder"),
+    layers: str | None = typer.Option(None, "--layers",
+                                      help="comma-separated; default: every analysed layer"),
+    scope: str = typer.Option("robust", "--scope", help="which latents get a promotes/"
+                              "suppresses label: robust (every robustly branch-labelled latent, "
+                              "the ones the claims rest on) | all (every alive latent)"),
+    top_images: int = typer.Option(4, "--top-images", help="held-out top images per latent "
+                                   "on which it is ablated"),
+    n_boot: int = typer.Option(2000, "--n-boot", help="bootstrap resamples of image groups"),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda[:N]"),
+    show_progress: bool = typer.Option(True, "--progress/--no-progress"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Ablate latents and see what the network does: per latent the classes it promotes and
+    suppresses (RUN/effects/latents_<layer>.csv), and the animal claim tested causally (the
+    `animals_causal` row of the claims table)."""
+    from branchlens.stages.effects import effects as run_effects
+
+    try:
+        with _run_lock(run):
+            claim = run_effects(run, layers.split(",") if layers else None, scope=scope,
+                                n_top=top_images, n_boot=n_boot, device=device, log=_info,
+                                show_progress=show_progress)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        _refuse(e)
+    if as_json:
+        _echo_json({"effects": f"{run}/effects/", "claim": claim})
+        return
+    _out(f"{claim['claim']}: {claim['verdict']}\n  {claim['evidence']}")
+
+
+@app.command()
+def steer(
+    run: str = typer.Argument(..., help="a run folder with an SAE for --layer"),
+    layer: str = typer.Option(..., "--layer"),
+    latents: str = typer.Option(..., "--latents", help="comma-separated latent ids"),
+    scale: float = typer.Option(0.0, "--scale", help="α: 0 ablates, 2 doubles, 1 changes "
+                                "nothing; x' = x + Σ (α − 1)·z_i·d_i"),
+    images: str | None = typer.Option(None, "--images", help="comma-separated image files; "
+                                      "default: the SAE's first held-out images"),
+    n_images: int = typer.Option(8, "--n-images", help="held-out images when --images is not "
+                                 "given"),
+    top: int = typer.Option(5, "--top", help="classes shown before/after"),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda[:N]"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Run the network with latents scaled (ablated, amplified) at one layer and show how the
+    predictions change: per image the top classes before/after, and the mean change per class."""
+    from branchlens.run import Run
+    from branchlens.variants import class_names
+
+    try:
+        ids = _int_list(latents) or []
+        r = Run(run, device=device)
+        if layer not in r.layers:
+            raise ValueError(f"no SAE for layer {layer!r} in {run}; layers: "
+                             f"{', '.join(r.layers) or 'none'}")
+        paths = [p for p in (images or "").split(",") if p]
+        for p in paths:
+            if not Path(p).is_file():
+                raise ValueError(f"--images: no such file {p}")
+        res = r.intervene(paths or None, layer, ids, scale, n_images=n_images)
+        names = class_names(r.model().variant)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        _refuse(e)
+    summ = res.summary(top)
+    if as_json:
+        _echo_json({k: summ[k] for k in ("n_images", "max_abs_delta_prob", "top1_changed")}
+                   | {"layer": layer, "latents": ids, "scale": scale,
+                      "mean_delta_prob": [[names[c], d] for c, d in summ["mean_delta_prob"]]})
+        return
+
+    def show(pairs: list) -> str:
+        return ", ".join(f"{names[c]} {p:.3f}" for c, p in pairs)
+
+    for im in summ["images"]:
+        _out(f"{im['id']}\n  before: {show(im['before'])}\n  after:  {show(im['after'])}")
+    _out("mean change per class: " + ", ".join(f"{names[c]} {d:+.4f}"
+                                                 for c, d in summ["mean_delta_prob"]))
+    _out(f"largest change of any class probability: {summ['max_abs_delta_prob']:.4f}; top-1 "
+         f"changed on {summ['top1_changed']}/{summ['n_images']} images")
+
+
 def _int_list(s: str | None) -> list[int] | None:
     try:
         return [int(t) for t in s.split(",") if t.strip()] if s else None

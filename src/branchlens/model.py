@@ -16,6 +16,8 @@ for every variant:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,17 +42,27 @@ def layer_names(variant: str | Variant) -> list[str]:
     return names + ["avgpool0", "logits"]
 
 
-class _Outputs:
-    """Collects requested tensors and tells the forward pass when it may stop."""
+Edit = Callable[[torch.Tensor], torch.Tensor]
 
-    def __init__(self, wanted: set[str]):
+
+class _Outputs:
+    """Collects requested tensors, applies edits, and tells the forward pass when it may stop.
+
+    An edit replaces a named tensor by ``edit(tensor)`` for the rest of the pass (what
+    interventions use); the recorded tensor is the edited one."""
+
+    def __init__(self, wanted: set[str], edits: Mapping[str, Edit] | None = None):
         self.wanted = set(wanted)
+        self.edits = dict(edits or {})
         self.got: dict[str, torch.Tensor] = {}
 
-    def __call__(self, name: str, t: torch.Tensor) -> None:
+    def __call__(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        if name in self.edits:
+            t = self.edits[name](t)
         if name in self.wanted:
             self.got[name] = t
             self.wanted.discard(name)
+        return t
 
     @property
     def done(self) -> bool:
@@ -88,61 +100,57 @@ class InceptionV1(nn.Module):
         return F.local_response_norm(x, v.lrn_size, v.lrn_alpha, v.lrn_beta, v.lrn_k)
 
     def _conv(self, name: str, x: torch.Tensor, out: _Outputs) -> torch.Tensor:
-        pre = self.convs[name](x)
-        out(f"{name}_pre_relu", pre)
-        y = self.relu_fn(pre)
-        out(name, y)
-        return y
+        pre = out(f"{name}_pre_relu", self.convs[name](x))
+        return out(name, self.relu_fn(pre))
 
     # -- forward ---------------------------------------------------------------------------------
     def forward(
-        self, x: torch.Tensor, layers: list[str] | tuple[str, ...] | None = None
+        self, x: torch.Tensor, layers: list[str] | tuple[str, ...] | None = None,
+        edits: Mapping[str, Edit] | None = None,
     ) -> torch.Tensor | dict[str, torch.Tensor]:
-        """Logits when ``layers`` is None, else ``{name: tensor}`` for the requested names."""
+        """Logits when ``layers`` is None, else ``{name: tensor}`` for the requested names.
+
+        ``edits`` maps a name to a function that replaces that tensor in the pass."""
         if layers is None:
-            return self.forward(x, ["logits"])["logits"]
-        unknown = [n for n in layers if n not in self._names]
+            return self.forward(x, ["logits"], edits)["logits"]
+        unknown = [n for n in [*layers, *(edits or {})] if n not in self._names]
         if unknown:
             raise KeyError(f"unknown layer(s) {unknown}; see branchlens.model.layer_names()")
-        out = _Outputs(set(layers))
+        out = _Outputs(set(layers), edits)
 
         if self.variant.pool_style == "caffe":
             x = F.pad(x, (3, 3, 3, 3))
         else:  # TF "SAME" for a stride-2 7x7 conv on an even input
             x = F.pad(x, (2, 3, 2, 3))
         x = self._conv("conv2d0", x, out)
-        x = self._pool_s2(x)
-        out("maxpool0", x)
-        x = self._lrn(x)
-        out("localresponsenorm0", x)
+        x = out("maxpool0", self._pool_s2(x))
+        x = out("localresponsenorm0", self._lrn(x))
         x = self._conv("conv2d1", x, out)
         x = self._conv("conv2d2", x, out)
-        x = self._lrn(x)
-        out("localresponsenorm1", x)
-        x = self._pool_s2(x)
-        out("maxpool1", x)
+        x = out("localresponsenorm1", self._lrn(x))
+        x = out("maxpool1", self._pool_s2(x))
         if out.done:
             return out.got
 
         for b in self.variant.blocks:
             if b.name in _STAGE_POOLS:
-                x = self._pool_s2(x)
-                out(_STAGE_POOLS[b.name], x)
+                x = out(_STAGE_POOLS[b.name], self._pool_s2(x))
             x = self._block(b, x, out)
             if out.done:
                 return out.got
 
-        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
-        out("avgpool0", x)
+        x = out("avgpool0", torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
         out("logits", self.classifier(x))
         return out.got
 
     def forward_between(self, x: torch.Tensor, src: str, dst: str) -> torch.Tensor:
-        """Block output ``dst`` computed from block output ``src`` (e.g. mixed4a → mixed4c)
-        through the model's own blocks and pools: what circuits differentiate through."""
+        """Block output ``dst`` (or ``"logits"``) computed from block output ``src`` (e.g.
+        mixed4a → mixed4c) through the model's own blocks and pools: what circuits
+        differentiate through, and how interventions reuse one prefix for many edits."""
         blocks = {b.name: b for b in self.variant.blocks}
-        if src not in blocks or dst not in blocks:
-            raise KeyError(f"need block outputs (e.g. mixed4a); got {src!r} -> {dst!r}")
+        if src not in blocks or (dst not in blocks and dst != "logits"):
+            raise KeyError(f"need block outputs (e.g. mixed4a) or 'logits'; got {src!r} -> "
+                           f"{dst!r}")
         i, j = self._names.index(src), self._names.index(dst)
         if j <= i:
             raise ValueError(f"{dst} is not downstream of {src}")
@@ -152,6 +160,8 @@ class InceptionV1(nn.Module):
                 x = self._pool_s2(x)
             elif name in blocks:
                 x = self._block(blocks[name], x, sink)
+            elif name == "logits":
+                x = self.classifier(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
         return x
 
     def _block(self, b: Block, x: torch.Tensor, out: _Outputs) -> torch.Tensor:
@@ -160,9 +170,7 @@ class InceptionV1(nn.Module):
         y3 = self._conv(f"{n}_3x3", self._conv(f"{n}_3x3_bottleneck", x, out), out)
         y5 = self._conv(f"{n}_5x5", self._conv(f"{n}_5x5_bottleneck", x, out), out)
         yp = self._conv(f"{n}_pool", F.max_pool2d(x, 3, 1, padding=1), out)
-        y = torch.cat([y1, y3, y5, yp], dim=1)
-        out(n, y)
-        return y
+        return out(n, torch.cat([y1, y3, y5, yp], dim=1))
 
 
 def _block_convs(b: Block) -> dict[str, nn.Conv2d]:

@@ -16,6 +16,8 @@ artifact's schema)::
     RUN/replicates/seed<k>/              replicate SAEs of other seeds (a run folder whose
                                          store links to RUN/store) and their analysis
     RUN/analysis/stability.json          latents, labels and verdicts across the replicates
+    RUN/effects/<layer>.json             ablations: the causal animal test (effects stage)
+    RUN/effects/latents_<layer>.csv      per latent: classes it promotes / suppresses
     RUN/report/index.html                the report
 
 In a notebook::
@@ -25,6 +27,7 @@ In a notebook::
     lat.ratios, lat.q_values, lat.dominant
     lat.top_images(9)                       # PIL crops with the receptive field
     run.encode_images(["my.jpg"], "mixed4c")
+    run.intervene(["my.jpg"], "mixed4c", [123], scale=0).summary()   # ablate, see the classes
 """
 
 from __future__ import annotations
@@ -152,6 +155,18 @@ class Run:
 
     def top_table_path(self, layer: str) -> Path:
         return self.examples_dir(layer) / "top.safetensors"
+
+    @property
+    def effects_dir(self) -> Path:
+        return self.path / "effects"
+
+    def effects_path(self, layer: str) -> Path:
+        """What ablating latents does to the classes, and the causal animal test (effects)."""
+        return self.effects_dir / f"{layer}.json"
+
+    def effects_table_path(self, layer: str) -> Path:
+        """Per latent: the classes it promotes and suppresses (effects stage)."""
+        return self.effects_dir / f"latents_{layer}.csv"
 
     def circuits_path(self, up: str, down: str) -> Path:
         return self.path / "viz" / "circuits" / f"{up}__{down}.json"
@@ -393,6 +408,48 @@ class Run:
         if not out:
             raise ValueError("encode_images needs at least one image")
         return torch.cat(out)
+
+    def intervene(self, images: Sequence[str | Path | Image.Image] | None, layer: str,
+                  latents: Sequence[int], scale: float | Sequence[float] = 0.0,
+                  positions=None, n_images: int = 8, batch_size: int = 16):
+        """Logits of ``images`` (``None``: the SAE's first ``n_images`` held-out images) before
+        and after moving ``latents`` of ``layer`` by ``scale`` (α: 0 ablates, 2 doubles, 1 is
+        the network unchanged), keeping the SAE's error term; an
+        :class:`branchlens.interventions.Intervention` (``.summary()``, ``.delta_p``, ``.ids``)."""
+        import torch
+
+        from branchlens.data import decode_image, iter_batches, preprocess
+        from branchlens.interventions import check_latents, intervene
+
+        sae = self.sae(layer)
+        alive = None
+        if self.latent_table_path.is_file():
+            table = self.latents(layer)
+            alive = np.zeros(sae.cfg.n_latents, bool)
+            alive[table.column("latent").astype(int)] = table.column("alive").astype(bool)
+        check_latents(sae, latents, scale, alive)  # before any image is decoded
+        model = self.model()
+        if images is None:
+            from branchlens.train.sampling import heldout_images
+
+            held, _ = heldout_images(sae, self.store())
+            source, _ = self.source()
+            xs, ids = [], []
+            for b in iter_batches(source, model.variant, batch_size, 0,
+                                  indices=[int(i) for i in held[:n_images]]):
+                xs.append(b.images)
+                ids += [str(self.store().images[i].get("id", i)) for i in b.indices]
+            x = torch.cat(xs) if xs else torch.zeros(0)
+        else:
+            x = torch.stack([preprocess(decode_image(im), model.variant) for im in images]) \
+                if len(images) else torch.zeros(0)
+            ids = [str(getattr(im, "filename", None) or im) for im in images]
+        if not len(x):
+            raise ValueError("no images to intervene on")
+        sae = sae.to(next(model.parameters()).device)
+        res = intervene(model, sae, layer, x, latents, scale, positions, batch_size, alive)
+        res.ids = ids
+        return res
 
 
 class LatentTable(Sequence):

@@ -80,6 +80,8 @@ def claim_stability(main: list[dict], replicates: list[list[dict]], layers: list
     same ``layers``, and how many agree with the main one."""
     out = {}
     for c in main:
+        if c["verdict"] == "not run":  # a stage that has not run says nothing to compare
+            continue
         verdicts = [c["verdict"]] + [next((r["verdict"] for r in rep if r["id"] == c["id"]),
                                           "missing") for rep in replicates]
         agree = sum(v == verdicts[0] for v in verdicts)

@@ -1,0 +1,186 @@
+"""The effects stage: what latents *do* to the classes, and the animal claim tested causally.
+
+Per layer, on the SAE's held-out images:
+
+- every latent in scope is ablated alone on its own top held-out images; the classes whose
+  probability falls most are what it *promotes*, those that rise what it *suppresses*
+  (``RUN/effects/latents_<layer>.csv``, shown on the latent's report page);
+- the robust 5x5 latents are ablated together and compared with as many robust latents of the
+  other branches matched on firing rate and activation mass: the drop in animal probability mass,
+  with a bootstrap interval over image groups; the whole 5x5 branch (its channels zeroed) gives
+  the scale of the effect, and the latents' share of it (``RUN/effects/<layer>.json``). The
+  verdict joins the claims table as ``animals_causal``.
+
+Reads the analysis' latent table (robust labels, firing rates), so it runs after ``analyze``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from branchlens.analysis.claims import animals_causal, attach_claim
+from branchlens.analysis.driver import image_groups
+from branchlens.artifacts import atomic_path, provenance, read_json, write_json
+from branchlens.data import iter_batches
+from branchlens.interventions import (
+    ablation_effects,
+    branch_slice,
+    causal_branch_test,
+    named_classes,
+    tail,
+)
+from branchlens.progress import progress
+from branchlens.run import Run
+from branchlens.train.sampling import heldout_images
+from branchlens.variants import branch_slices, class_names
+from branchlens.weights import sha256_file
+
+SCOPES = ("robust", "all")
+TARGET_BRANCH = "5x5"
+EFFECT_COLUMNS = ("latent", "n_images", "promotes", "suppresses", "max_abs_delta_prob")
+
+
+def heldout_activations(run: Run, layer: str, sae, batch_size: int = 16,
+                        show_progress: bool = True) -> tuple[torch.Tensor, np.ndarray]:
+    """(activations [N, C, H, W] of the SAE's held-out images, their store indices)."""
+    store = run.store()
+    held, _ = heldout_images(sae, store)
+    source, _ = run.source()
+    model = run.model()
+    dev = next(model.parameters()).device
+    out, got = [], []
+    with torch.no_grad(), progress(len(held), f"held-out {layer}", "img",
+                                   disable=not show_progress) as bar:
+        for batch in iter_batches(source, model.variant, batch_size, 0,
+                                  indices=[int(i) for i in held]):
+            out.append(model(batch.images.to(dev), [layer])[layer].cpu())
+            got += list(batch.indices)
+            bar.update(len(batch.indices))
+    if not out:
+        raise ValueError(f"no held-out images of {layer} could be read")
+    return torch.cat(out), np.asarray(got, np.int64)
+
+
+def top_images(sae, h: torch.Tensor, n_top: int, batch: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """(max code per image [N, n], top image rows per latent [n, n_top]; -1 where it never
+    fires)."""
+    maxes = []
+    with torch.no_grad():
+        for s in range(0, h.shape[0], batch):
+            hs = h[s:s + batch]
+            b, c, hh, ww = hs.shape
+            z = sae.encode(hs.permute(0, 2, 3, 1).reshape(-1, c)).reshape(b, hh * ww, -1)
+            maxes.append(z.amax(1))
+    mx = torch.cat(maxes).numpy()
+    order = np.argsort(-mx, axis=0, kind="stable")[:n_top].T  # [n, n_top]
+    fired = np.take_along_axis(mx.T, order, 1) > 0
+    return mx, np.where(fired, order, -1)
+
+
+def layer_effects(run: Run, layer: str, *, scope: str = "robust", n_top: int = 4,
+                  n_boot: int = 2000, seed: int = 0, batch_size: int = 32,
+                  log: Callable[[str], None] = print, show_progress: bool = True) -> dict:
+    t0 = time.time()
+    sae = run.sae(layer)
+    model = run.model()
+    go = tail(model, layer)
+    if go is None:
+        raise ValueError(f"effects need a block output (mixed4a…); {layer} is a branch output")
+    table = run.latents(layer)
+    alive = table.column("alive").astype(bool)
+    robust = np.array([str(x) for x in table.column("robust_dominant")])
+    h, rows = heldout_activations(run, layer, sae.to("cpu"), show_progress=show_progress)
+    seconds = {"activations": time.time() - t0}
+
+    # -- what each latent does ---------------------------------------------------------------
+    t = time.time()
+    _, tops = top_images(sae, h, n_top)
+    branches = list(branch_slices(model.variant, layer))
+    in_scope = alive & (np.isin(robust, branches) if scope == "robust" else True)
+    latents = [int(j) for j in np.flatnonzero(in_scope) if tops[j, 0] >= 0]
+    names = class_names(model.variant)
+    promotes, suppresses, max_dp = [], [], []
+    with progress(len(latents), f"ablations {layer}", "latent", disable=not show_progress) as bar:
+        for s in range(0, len(latents), 256):
+            chunk = latents[s:s + 256]
+            dp = ablation_effects(go, sae, h, [[int(i) for i in tops[j] if i >= 0]
+                                               for j in chunk], chunk, batch_size)
+            p, q = named_classes(dp, names)
+            promotes += p
+            suppresses += q
+            max_dp += dp.abs().amax(1).tolist()
+            bar.update(len(chunk))
+    seconds["latent_ablations"] = time.time() - t
+    eff_rows = [{"latent": j, "n_images": int((tops[j] >= 0).sum()), "promotes": p,
+                 "suppresses": q, "max_abs_delta_prob": round(m, 6)}
+                for j, p, q, m in zip(latents, promotes, suppresses, max_dp, strict=True)]
+
+    # -- the animal claim, causally -----------------------------------------------------------
+    t = time.time()
+    others = [b for b in branches if b != TARGET_BRANCH]
+    causal = causal_branch_test(
+        go, sae, h, image_groups(run.store())[rows], robust, alive,
+        table.column("firing_rate").astype(np.float64),
+        table.column("mean_activation").astype(np.float64),
+        TARGET_BRANCH, others, branch_slice(model.variant, layer, TARGET_BRANCH),
+        n_boot=n_boot, seed=seed)
+    seconds["causal_test"] = time.time() - t
+    return {"layer": layer, "scope": scope, "n_top": n_top, "n_images": int(h.shape[0]),
+            "latents_ablated": len(latents), "rows": eff_rows, "causal": causal,
+            "seconds": {k: round(v, 2) for k, v in seconds.items()}}
+
+
+def write_effects_table(path: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(EFFECT_COLUMNS), lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(buf.getvalue(), encoding="utf-8")
+
+
+def effects(run_dir: str | Path, layers: list[str] | None = None, *, scope: str = "robust",
+            n_top: int = 4, n_boot: int = 2000, seed: int = 0, device: str = "cpu",
+            log: Callable[[str], None] = print, show_progress: bool = True) -> dict:
+    """Run the stage on ``layers`` (default: every analysed layer); returns the causal claim."""
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {', '.join(SCOPES)}; got {scope!r}")
+    if n_top < 1:
+        raise ValueError(f"--top-images must be ≥ 1, got {n_top}")
+    run = Run(run_dir, device=device)
+    if not run.summary_path.is_file():
+        raise FileNotFoundError(f"no analysis in {run.path}: run branchlens analyze first")
+    summary = read_json(run.summary_path)
+    analysed = list(summary.get("layers") or [])
+    layers = layers or analysed
+    missing = [la for la in layers if la not in analysed]
+    if missing:
+        raise ValueError(f"layer(s) {missing} not analysed; analysed: {', '.join(analysed)}")
+    per_layer = {}
+    for layer in layers:
+        res = layer_effects(run, layer, scope=scope, n_top=n_top, n_boot=n_boot, seed=seed,
+                            log=log, show_progress=show_progress)
+        run.effects_dir.mkdir(parents=True, exist_ok=True)
+        write_effects_table(run.effects_table_path(layer), res.pop("rows"))
+        sae_sha = sha256_file(run.sae_dir(layer) / "weights.safetensors")
+        write_json(run.effects_path(layer), {**res, **provenance(sae_sha256=sae_sha)})
+        c = res["causal"]
+        log(f"{layer}: ablated {res['latents_ablated']} latents on ≤ {n_top} top images each; "
+            + (f"animal-mass drop {TARGET_BRANCH} {c['drop_target']:+.4f} vs matched "
+               f"{c['drop_matched']:+.4f} (Δ 95% CI [{c['difference']['ci_low']:+.4f}, "
+               f"{c['difference']['ci_high']:+.4f}])" if c["testable"] else
+               f"causal test not testable: {c['why']}")
+            + f" [{sum(res['seconds'].values()):.0f} s]")
+        per_layer[layer] = c
+    claim = animals_causal(per_layer)
+    summary = read_json(run.summary_path)
+    summary["claims"] = attach_claim(summary.get("claims") or [], claim, after="animals")
+    write_json(run.summary_path, summary)
+    return claim
