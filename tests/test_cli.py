@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 
 from typer.testing import CliRunner
@@ -202,3 +203,44 @@ def test_visualize_channels_of_the_network(e2e_run, tmp_path):
     assert idx["render"]["redirect_relu_steps"] == 16
     for e in idx["latents"]:
         assert (run / "viz" / "featurevis" / "mixed4a" / e["file"]).is_file()
+
+
+def test_global_options_work_after_the_command_too(tmp_path, monkeypatch):
+    import logging
+
+    from branchlens.cli import QUIET_ENV
+
+    monkeypatch.setenv(QUIET_ENV, "0")  # restored after the test; every invocation resets it
+    logger = logging.getLogger("branchlens")
+    for args in (["-q", "presets", "demo", "--json"], ["presets", "demo", "--json", "-q"],
+                 ["presets", "-q", "demo", "--json"]):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 0, r.output
+        assert logger.level == logging.WARNING and os.environ[QUIET_ENV] == "1", args
+        assert json.loads(r.stdout)["demo"]["preset"] == "demo"
+    r = runner.invoke(app, ["presets", "demo", "--json", "-v"])
+    assert r.exit_code == 0 and logger.level == logging.DEBUG and os.environ.get(QUIET_ENV) != "1"
+    r = runner.invoke(app, ["export-sae", str(tmp_path), "--layer", "-q"])  # a value: stays
+    assert r.exit_code == 2 and "no trained SAE for -q" in r.stderr
+    assert logger.level == logging.INFO
+    r = runner.invoke(app, ["import-sae", str(tmp_path / "nothing"), str(tmp_path / "o")])
+    assert r.exit_code == 2 and r.stderr.startswith("error: ")
+    r = runner.invoke(app, ["import-sae", str(tmp_path / "nothing"), str(tmp_path / "o"),
+                            "--debug"])
+    assert r.exit_code == 1 and isinstance(r.exception, ValueError)  # the traceback's error
+
+
+def test_classify_json_is_json_lines_as_its_help_says():
+    import re
+
+    boxed = runner.invoke(app, ["classify", "--help"]).stdout
+    help_text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", boxed).split())  # rich's frame, unwrapped
+    assert "--json <bool> JSON Lines on stdout: one object per shown prediction (--show), then " \
+           "one summary object" in help_text
+    r = runner.invoke(app, ["classify", "embedded:3", "--weights", "random", "--workers", "0",
+                            "--device", "cpu", "--show", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    lines = [json.loads(ln) for ln in r.stdout.splitlines()]  # every line is one JSON object
+    assert len(lines) == 3 and all(set(p) == {"image_id", "label", "top5", "probs"}
+                                   for p in lines[:2])
+    assert lines[-1] == {"n": 3, "top1": None, "top5": None, "skipped": 0}

@@ -13,7 +13,6 @@ from branchlens.sae import (
     SAEConfig,
     TopKSAE,
     _TopKGather,
-    export_paper_state_dict,
     geometric_median,
     import_paper_checkpoint,
     sparse_decode,
@@ -213,21 +212,3 @@ def test_import_paper_checkpoint(tmp_path):
         assert torch.allclose(sae(x)[0], paper(x), atol=1e-5)
     with pytest.raises(ValueError):
         import_paper_checkpoint(paper.state_dict(), layer="mixed4c", variant="bvlc_googlenet")
-
-
-def test_export_paper_layout_folds_the_input_scale():
-    torch.manual_seed(0)
-    sae = TopKSAE(SAEConfig(d_in=16, n_latents=40, k=3))
-    sae.init_from_sample(torch.rand(50, 16) * 9)
-    _steps(sae, 2)
-    sd = export_paper_state_dict(sae)
-    x = torch.rand(6, 16) * 9
-    pre = (x - sd["b_pre"]) @ sd["W_enc.weight"].t() + sd["b_latent"]
-    top = pre.topk(3, dim=1)
-    z = torch.zeros_like(pre).scatter(1, top.indices, top.values.relu())
-    with torch.no_grad():
-        assert torch.allclose(z @ sd["W_dec.weight"].t() + sd["b_pre"], sae(x)[0], atol=1e-4)
-    back = import_paper_checkpoint(sd, k=3)
-    assert back.cfg.decoder == "untied"
-    with torch.no_grad():
-        assert torch.allclose(back(x)[0], sae(x)[0], atol=1e-4)

@@ -1,5 +1,6 @@
 """WebDataset and Hugging Face sources on small shards / datasets built in the test."""
 
+import gzip
 import io
 import logging
 
@@ -118,18 +119,99 @@ def test_wds_workers_and_ranks_split_without_overlap(tmp_path):
     assert reasons == {1: "no_image", 7: "not_image"}
 
 
-def test_wds_broken_shard_is_a_counted_skip(tmp_path):
+def test_wds_broken_shard_is_a_counted_skip(tmp_path, caplog):
     _shards(tmp_path)
     good = (tmp_path / "shard-000000.tar").read_bytes()
     (tmp_path / "cut.tar").write_bytes(good[: len(good) // 2])
     src = open_source(f"wds:{tmp_path}/shard-000001.tar")
     src.urls.append(str(tmp_path / "cut.tar"))
+    src.names.append("cut.tar")
     src._sizes = [3, 4]  # the count of the intact shard: the tail has gone missing since
-    skipped = [s for b in iter_batches(src, "bvlc_googlenet", 4, with_skips=True)
-               for s in b.skipped]
+    with caplog.at_level(logging.WARNING, logger="branchlens.data"):
+        skipped = [s for b in iter_batches(src, "bvlc_googlenet", 4, with_skips=True)
+                   for s in b.skipped]
     assert len(skipped) >= 1 and all(s[0] >= 3 for s in skipped)
-    assert all(s[2] in ("missing", "truncated") or s[2].startswith("unit_error")
-               for s in skipped)
+    assert all(s[2] in ("missing", "truncated", "unit_error") for s in skipped)
+    warning = next(r.getMessage() for r in caplog.records if "cut.tar" in r.getMessage())
+    assert warning.startswith(f"wds:{tmp_path}/shard-000001.tar: shard {tmp_path}/cut.tar: "
+                              f"truncated at byte {len(good) // 2}")
+    assert "\n" not in warning and "_io." not in warning
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:  # bound, then closed: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stream_error(spec: str) -> str:
+    from branchlens.streaming import StreamError
+
+    with pytest.raises(StreamError) as e:
+        len(open_source(spec))
+    msg = str(e.value)
+    assert "\n" not in msg and " object at 0x" not in msg and "_io." not in msg, msg
+    return msg
+
+
+def test_wds_stream_errors_are_one_english_line_naming_spec_shard_and_cause(tmp_path):
+    import shutil
+
+    _shards(tmp_path)
+    good = (tmp_path / "shard-000000.tar").read_bytes()
+    cut = tmp_path / "cut.tar"
+    spec = f"wds:{tmp_path}/shard-000000.tar::{cut}"
+    # inside a member's data, and at a member boundary (which tarfile alone takes for the end)
+    for n, why in ((3700, "unexpected end of data"), (2048, "no end-of-archive blocks")):
+        cut.write_bytes(good[:n])
+        assert _stream_error(spec) == f"{spec}: shard {cut}: truncated at byte {n} ({why})"
+    (tmp_path / "z.tar.gz").write_bytes(gzip.compress(good))  # whole, though not 512-aligned
+    assert len(open_source(f"wds:{tmp_path}/z.tar.gz")) == SIZES[0]
+    assert _stream_error("wds:pipe:false") == \
+        "wds:pipe:false: shard pipe:false: command `false` exited with status 1"
+    (tmp_path / "notes.tar").write_text("not a tar at all\n" * 40)
+    assert "not a tar archive (invalid header" in _stream_error(f"wds:{tmp_path}/notes.tar")
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed: webdataset opens http URLs with it")
+    url = f"http://127.0.0.1:{_closed_port()}/x.tar"
+    msg = _stream_error(f"wds:{url}")
+    assert msg.startswith(f"wds:{url}: shard {url}: curl exited with status 7 (could not "
+                          f"connect to 127.0.0.1:") and msg.endswith("connection refused)")
+    msg = _stream_error(f"wds:pipe:curl -s -f {url}")
+    assert msg.startswith(f"wds:pipe:curl -s -f {url}: shard pipe:curl -s -f {url}: command "
+                          f"`curl -s -f {url}` exited with status 7 (could not connect")
+    assert msg.endswith("connection refused)")
+
+
+def test_wds_stream_error_at_the_cli_is_one_line_exit_2(tmp_path):
+    from typer.testing import CliRunner
+
+    from branchlens.cli import app
+
+    r = CliRunner().invoke(app, ["classify", "wds:pipe:exit 3", "--weights", "random",
+                                 "--workers", "0", "--device", "cpu"])
+    assert r.exit_code == 2, r.output
+    assert r.stderr.strip().splitlines()[-1] == \
+        "error: wds:pipe:exit 3: shard pipe:exit 3: command `exit 3` exited with status 3"
+
+
+def test_wds_ids_carry_the_shards_path_so_same_named_shards_do_not_collide(tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        with wds.TarWriter(str(tmp_path / folder / "000.tar")) as w:
+            for j in range(5):
+                w.write({"__key__": f"img{j}", "cls": j, "jpg": _jpeg()})
+    for spec in (f"wds:{tmp_path}/a/000.tar::{tmp_path}/b/000.tar",
+                 f"wds:{tmp_path}/{{a,b}}/000.tar"):
+        src = open_source(spec)
+        ids = [src[i].image_id for i in range(len(src))]
+        assert len(ids) == 10 and len(set(ids)) == 10, ids
+        assert ids[0] == "wds:a/000.tar:img0" and ids[5] == "wds:b/000.tar:img0"
+    assert open_source(f"wds:{tmp_path}/a/000.tar")[0].image_id == "wds:000.tar:img0"
+    with pytest.raises(ValueError, match="names shard .*000.tar twice"):
+        open_source(f"wds:{tmp_path}/a/000.tar::{tmp_path}/a/000.tar")
 
 
 # -- Hugging Face -------------------------------------------------------------------------------
@@ -161,12 +243,76 @@ def test_hf_imagefolder_class_names_map_to_variant_classes(hf_cache, classes):
         assert rec.label == {"n01440764": 0, "tench": 0, "n01443537": 1, "goldfish": 1}[folder]
 
 
-def test_hf_unmappable_class_names_warn_and_drop_labels(hf_cache, caplog):
-    root = _imagefolder(hf_cache / "imf", ["alpha", "beta"])
+def test_hf_class_names_that_cannot_be_trusted_leave_only_their_class_unlabelled(hf_cache,
+                                                                                  caplog):
+    root = _imagefolder(hf_cache / "imf", ["alpha", "crane", "tench"])
+    with caplog.at_level(logging.WARNING, logger="branchlens.data"):
+        src = open_source(f"hf:{root}")
+    by_class = {str(src[i].payload).rsplit("/", 2)[-2]: src[i].label for i in range(len(src))}
+    assert by_class == {"alpha": None, "crane": None, "tench": 0}
+    assert "2 of 3 classes left unlabelled: 1 ambiguous: crane (class 134 or 517); " \
+           "1 not ImageNet names (e.g. alpha)" in caplog.text
+    caplog.clear()
+    root = _imagefolder(hf_cache / "none", ["alpha", "beta"])
     with caplog.at_level(logging.WARNING, logger="branchlens.data"):
         src = open_source(f"hf:{root}")
     assert [src[i].label for i in range(len(src))] == [None] * 4
-    assert "not bvlc_googlenet classes" in caplog.text and "labels ignored" in caplog.text
+    assert "none of its 2 class names is an ImageNet class" in caplog.text
+    assert "labels left off" in caplog.text
+
+
+def test_class_names_crane_cardigan_maillot_crayfish_tench():
+    from branchlens.streaming import map_class_names
+
+    names = ["crane", "Cardigan", "maillot", "crayfish", "tench"]
+    m = map_class_names(names)
+    assert m.classes == [None, 264, None, 124, 0]
+    assert m.ambiguous == {"crane": [134, 517], "maillot": [638, 639]} and m.unknown == []
+    # the same names cased otherwise than ImageNet's: case no longer tells the corgi (264)
+    # from the sweater (474), so Cardigan is left out too rather than guessed
+    m = map_class_names(["Crane", "Cardigan", "Maillot", "Crayfish", "Tench"])
+    assert m.classes == [None, None, None, 124, 0] and m.ambiguous["Cardigan"] == [264, 474]
+    assert map_class_names(["cardigan", "tench"]).classes == [474, 0]
+    # wnids first; whole synonym lists; any synonym; folder-style underscores
+    assert map_class_names(["n02012849", "n03126707_crane", "maillot, tank suit", "tank suit",
+                            "great_white_shark", "Tinca tinca"]).classes == \
+        [134, 517, 639, 639, 2, 0]
+
+
+def test_no_imagenet_name_or_synonym_is_ever_mislabelled():
+    """All 1000 first names: only the two truly shared ones (crane, maillot) stay unlabelled;
+    and no synonym of any class ever maps to a class whose list lacks it."""
+    from branchlens.streaming import map_class_names
+    from branchlens.variants import label_synonyms
+
+    syns = label_synonyms()
+    m = map_class_names([s[0] for s in syns])
+    assert [i for i, c in enumerate(m.classes) if c != i] == [134, 517, 638, 639]
+    assert all(c is None for c in (m.classes[i] for i in (134, 517, 638, 639)))
+    every = [n for s in syns for n in s]
+    got = map_class_names(every).classes
+    assert all(c is None or n in syns[c] for n, c in zip(every, got, strict=True))
+    assert sum(c is not None for c in got) > 0.98 * len(every)
+
+
+def test_classify_scores_only_the_classes_whose_names_can_be_trusted(hf_cache, bvlc_model,
+                                                                     imagenet_sample):
+    """The issue's dataset (real ImageNet images under torchvision-style names): crane and
+    maillot are left unlabelled instead of being scored against the wrong class."""
+    from branchlens.classify import classify
+
+    files = {"crane": "n02012849_crane.JPEG", "Cardigan": "n02113186_Cardigan.JPEG",
+             "maillot": "n03710721_maillot.JPEG", "crayfish": "n01985128_crayfish.JPEG",
+             "tench": "n01440764_tench.JPEG"}
+    for name, file in files.items():
+        (hf_cache / "imf" / "train" / name).mkdir(parents=True)
+        (hf_cache / "imf" / "train" / name / file).write_bytes((imagenet_sample / file)
+                                                                .read_bytes())
+    res = classify(bvlc_model, open_source(f"hf:{hf_cache / 'imf'}"), workers=0,
+                   show_progress=False)
+    # imagefolder's class order: Cardigan, crane, crayfish, maillot, tench
+    assert [p.label for p in res.predictions] == [264, None, 124, None, 0]
+    assert res.summary()["labelled"] == 3
 
 
 def test_hf_save_to_disk_with_custom_keys_and_splits(hf_cache):

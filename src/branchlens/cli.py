@@ -7,18 +7,55 @@ import functools
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
 import typer
+from typer.core import TyperGroup
 
 from branchlens.variants import DEFAULT_VARIANT
 
-app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
+_GLOBAL_FLAG = re.compile(r"--quiet|--verbose|--debug|-[qv]+")  # the callback's flags
+
+
+class _Group(TyperGroup):
+    """The global flags (``-q``, ``-v``, ``--debug``) also work after the command
+    (``branchlens classify -q``): they are moved in front of it before parsing."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, _globals_first(self, ctx, list(args)))
+
+
+def _globals_first(group: TyperGroup, ctx: Any, args: list[str]) -> list[str]:
+    """``args`` with the global flags that follow the command moved before it; an option's
+    value (``--out -q``) and anything after ``--`` stay where they are."""
+    at = next((i for i, a in enumerate(args) if not a.startswith("-")), None)
+    cmd = group.get_command(ctx, args[at]) if at is not None else None
+    if cmd is None:
+        return args
+    valued = {o for p in cmd.params if p.param_type_name == "option" and not p.is_flag
+              and not p.count for o in p.opts}
+    moved, rest, tail, i = [], [], args[at + 1:], 0
+    while i < len(tail):
+        if tail[i] == "--":
+            rest += tail[i:]
+            break
+        if tail[i] in valued:
+            rest += tail[i:i + 2]
+            i += 2
+            continue
+        (moved if _GLOBAL_FLAG.fullmatch(tail[i]) else rest).append(tail[i])
+        i += 1
+    return args[:at] + moved + [args[at]] + rest
+
+
+app = typer.Typer(cls=_Group, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="TopK SAEs on InceptionV1 and branch specialization. Errors are one line "
-                       "on stderr (exit 2); --debug shows the traceback.")
+                       "on stderr (exit 2); --debug shows the traceback. Global options may "
+                       "also follow the command (branchlens classify -q).")
 USER_ERROR_RC = 2  # what every refused input or failed stage exits with
 DEBUG_ENV = "BRANCHLENS_DEBUG"
 QUIET_ENV = "BRANCHLENS_QUIET"  # read by branchlens.progress: no progress bars
@@ -228,7 +265,9 @@ def classify(
     limit: int | None = typer.Option(None, "--limit", help="first N images of SOURCE"),
     image_key: str | None = ImageKeyOpt,
     label_key: str | None = LabelKeyOpt,
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json",
+                                 help="JSON Lines on stdout: one object per shown prediction "
+                                      "(--show), then one summary object"),
 ) -> None:
     """Top-5 predictions (with class names) and accuracy when labels are known."""
     from branchlens.classify import classify as run_classify
@@ -411,6 +450,8 @@ def effects(
     top_images: int = typer.Option(4, "--top-images", help="held-out top images per latent "
                                    "on which it is ablated"),
     n_boot: int = typer.Option(2000, "--n-boot", help="bootstrap resamples of image groups"),
+    weights: str | None = typer.Option(None, "--weights", help="the weights the store was "
+                                       "harvested with (default: as the run recorded)"),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda[:N]"),
     show_progress: bool = typer.Option(True, "--progress/--no-progress"),
     as_json: bool = JsonOpt,
@@ -423,7 +464,8 @@ def effects(
     try:
         with _run_lock(run):
             claim = run_effects(run, layers.split(",") if layers else None, scope=scope,
-                                n_top=top_images, n_boot=n_boot, device=device, log=_info,
+                                n_top=top_images, n_boot=n_boot, device=device,
+                                weights=weights, log=_info,
                                 show_progress=show_progress)
     except (FileNotFoundError, KeyError, ValueError) as e:
         _refuse(e)
@@ -445,6 +487,8 @@ def steer(
     n_images: int = typer.Option(8, "--n-images", help="held-out images when --images is not "
                                  "given"),
     top: int = typer.Option(5, "--top", help="classes shown before/after"),
+    weights: str | None = typer.Option(None, "--weights", help="the weights the store was "
+                                       "harvested with (default: as the run recorded)"),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda[:N]"),
     as_json: bool = JsonOpt,
 ) -> None:
@@ -455,7 +499,7 @@ def steer(
 
     try:
         ids = _int_list(latents) or []
-        r = Run(run, device=device)
+        r = Run(run, device=device, weights=weights)
         if layer not in r.layers:
             raise ValueError(f"no SAE for layer {layer!r} in {run}; layers: "
                              f"{', '.join(r.layers) or 'none'}")
@@ -687,7 +731,7 @@ def train(
 def export_sae(
     run_dir: str = typer.Argument(..., help="run folder holding sae/<layer>/"),
     layer: str = typer.Option(..., "--layer"),
-    fmt: str = typer.Option("saelens", "--format", help="saelens | paper"),
+    fmt: str = typer.Option("saelens", "--format", help="saelens | paper (tied SAEs only)"),
     out: str | None = typer.Option(None, "--out", help="default: RUN/export/<layer>-<format>"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -708,7 +752,8 @@ def import_sae(
     out_dir: str = typer.Argument(..., help="writes weights.safetensors + cfg.json here, e.g. "
                                             "RUN/sae/<layer>"),
     fmt: str = typer.Option("auto", "--format", help="auto | saelens | paper"),
-    layer: str | None = typer.Option(None, "--layer"),
+    layer: str | None = typer.Option(None, "--layer", help="the layer the SAE reads; default: "
+                                     "the file's (metadata.hook_name for SAELens)"),
     variant: str = VariantOpt,
     k: int | None = typer.Option(None, "--k", help="TopK k of a paper state dict"),
     force: bool = typer.Option(False, "--force", help="replace an SAE already in OUT_DIR"),

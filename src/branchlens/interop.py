@@ -1,15 +1,20 @@
 """SAE files for other tools: SAELens folders and the paper notebook's state dict.
 
 branchlens keeps a fixed input scale ``s`` inside its SAE (``z = TopK(W(s·x − b_pre) +
-b_latent)``, ``x̂ = (W_dec z + b_pre)/s``). Both exports fold ``s`` into the weights, so the
-files compute the same codes and reconstructions on raw activations with the plain formulas of
-their tools:
+b_latent)``, ``x̂ = (W_dec z + b_pre)/s``). The exports fold ``s`` into the weights, so each
+file works on raw activations with its tool's plain formulas:
 
 - SAELens (``cfg.json`` + ``sae_weights.safetensors``, architecture ``topk``):
   ``z = ReLU(TopK_k((x − b_dec) W_enc + b_enc))``, ``x̂ = z W_dec + b_dec`` with ``W_enc``
-  [d_in, d_sae] and ``W_dec`` [d_sae, d_in];
-- the paper notebook (``sae.pt``): ``W_enc.weight`` [n, d], ``b_pre``, ``b_latent``, and
-  ``W_dec.weight`` [d, n] (an ``nn.Linear``).
+  [d_in, d_sae] and ``W_dec`` [d_sae, d_in]; the same codes and reconstructions as branchlens.
+  SAELens takes ``x`` as ``[..., d_in]`` (channels last); branchlens's ``encode`` also takes a
+  feature map ``[B, C, H, W]`` with ``channel_dim=1``: move the channels last for SAELens.
+- the paper notebook (``sae.pt``): its SAE class (``W_enc`` an ``nn.Linear`` without bias,
+  ``W_dec`` a module holding that same linear and applying its transpose, ``b_pre``,
+  ``b_latent``) loads the file strictly. Only a tied SAE fits that class. Its weights are
+  ``W`` itself with ``b_pre/s`` and ``b_latent/s``: TopK and ReLU commute with the positive
+  factor ``1/s``, so the notebook picks the same latents and reconstructs exactly, and its
+  codes are branchlens's codes times ``1/s`` (``cfg.json`` records ``input_scale`` = s).
 """
 
 from __future__ import annotations
@@ -20,11 +25,14 @@ from typing import Any
 
 import torch
 
-from branchlens.artifacts import load_tensors, read_json, save_tensors, write_json
-from branchlens.sae import SAEConfig, TopKSAE, export_paper_state_dict, import_paper_checkpoint
+from branchlens.artifacts import load_tensors, read_json, save_tensors, write_atomic, write_json
+from branchlens.sae import SAEConfig, TopKSAE, import_paper_checkpoint
 
 FORMATS = ("saelens", "paper")
 SAELENS_WEIGHTS, SAELENS_CFG = "sae_weights.safetensors", "cfg.json"
+# SAELens reads a cfg.json's ``metadata`` block as written only when it names a SAELens version
+# of 6 or later; older files get their metadata rebuilt from language-model keys (ours lost).
+SAELENS_FORMAT_VERSION = "6.0.0"
 PAPER_FILE = "sae.pt"
 SAE_FILES = ("weights.safetensors", "cfg.json")  # a branchlens SAE folder (TopKSAE.save)
 
@@ -40,19 +48,22 @@ def saelens_tensors(sae: TopKSAE) -> dict[str, torch.Tensor]:
 
 def export_saelens(sae: TopKSAE, out_dir: str | Path, hook_name: str | None = None,
                    model_name: str | None = None) -> Path:
-    """Write a SAELens TopK folder. The config names the architecture both ways SAELens has
-    used (``architecture: topk`` with ``k``, and ``activation_fn: topk`` with its kwargs)."""
+    """Write a SAELens TopK folder. ``metadata`` (SAELens 6) carries the hook, the model and a
+    ``branchlens`` block (layer, variant, branch slices, decoder, folded scale); the same keys
+    also stand at the top level, where SAELens 5 and older read them."""
     cfg = sae.cfg
     out = Path(out_dir)
-    hook = hook_name or cfg.layer
+    hook, model = hook_name or cfg.layer, model_name or cfg.variant
     doc = {
         "architecture": "topk", "d_in": cfg.d_in, "d_sae": cfg.n_latents, "k": cfg.k,
         "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
         "normalize_activations": "none", "reshape_activations": "none",
         "rescale_acts_by_decoder_norm": False,
         "activation_fn": "topk", "activation_fn_str": "topk", "activation_fn_kwargs": {"k": cfg.k},
-        "hook_name": hook, "model_name": model_name or cfg.variant,
-        "metadata": {"hook_name": hook, "model_name": model_name or cfg.variant,
+        "hook_name": hook, "model_name": model,
+        "metadata": {"sae_lens_version": SAELENS_FORMAT_VERSION,
+                     "sae_lens_training_version": None,  # trained by branchlens, not SAELens
+                     "hook_name": hook, "model_name": model,
                      "branchlens": {"layer": cfg.layer, "variant": cfg.variant,
                                     "branch_slices": cfg.branch_slices,
                                     "decoder": cfg.decoder, "input_scale_folded": cfg.scale}},
@@ -80,6 +91,40 @@ def _saelens_k(doc: dict[str, Any], where: Path) -> int:
     return k
 
 
+def _layer_config(where: Path, d: int, n: int, doc: dict[str, Any], layer: str | None,
+                  variant: str | None) -> SAEConfig:
+    """Which layer the SAE reads: ``--layer``/``--variant``; else the ``branchlens`` block of
+    our own export; else SAELens's ``hook_name``/``model_name`` (``metadata``, or the top level
+    of files older than SAELens 6), used only when they name a layer of a variant whose width
+    is the SAE's ``d_in``. Anything else is refused: an SAE without its layer has no branches."""
+    from branchlens.variants import VARIANTS
+
+    meta = doc.get("metadata") or {}
+    ours = meta.get("branchlens") if isinstance(meta.get("branchlens"), dict) else None
+    if layer is None and ours is not None:  # our export: taken as written, layer-less too
+        return SAEConfig(d_in=d, n_latents=n, k=1, layer=ours.get("layer"),
+                         variant=variant or ours.get("variant"),
+                         branch_slices=ours.get("branch_slices") or {})
+    given = layer is not None
+    layer = layer or meta.get("hook_name") or doc.get("hook_name")
+    variant = variant or meta.get("model_name") or doc.get("model_name")
+    ask = "pass --layer (and --variant) to say which layer it reads"
+    if not layer:
+        raise ValueError(f"{where}: the SAE names no layer (metadata.hook_name); {ask}")
+    if variant not in VARIANTS:
+        said = f"--layer {layer}" if given else f"metadata.hook_name {layer!r}"
+        raise ValueError(f"{where}: {said} but model {variant!r} is not a variant "
+                         f"({', '.join(VARIANTS)}); {ask}")
+    try:
+        cfg = SAEConfig.for_layer(variant, layer, expansion=1, k=1)
+    except KeyError:
+        raise ValueError(f"{where}: {layer!r} is not a layer of {variant}; {ask}") from None
+    if cfg.d_in != d:
+        raise ValueError(f"{where}: {variant} {layer} has {cfg.d_in} channels but the SAE reads "
+                         f"{d}; {ask}")
+    return cfg
+
+
 def import_saelens(in_dir: str | Path, layer: str | None = None,
                    variant: str | None = None) -> TopKSAE:
     """A SAELens TopK folder -> a branchlens SAE computing the same function (scale 1).
@@ -100,15 +145,7 @@ def import_saelens(in_dir: str | Path, layer: str | None = None,
     d, n = w_enc.shape
     if w_dec.shape != (n, d) or t["b_enc"].shape != (n,) or t["b_dec"].shape != (d,):
         raise ValueError(f"{where}: tensor shapes do not fit W_enc {tuple(w_enc.shape)}")
-    meta = (doc.get("metadata") or {}).get("branchlens", {})
-    layer = layer or meta.get("layer")
-    variant = variant or meta.get("variant")
-    try:  # the layer's widths and branch slices; k is checked against the real n below
-        cfg = SAEConfig.for_layer(variant, layer, expansion=1, k=1) if layer and variant else None
-    except KeyError:
-        cfg = None
-    if cfg is None or cfg.d_in != d:
-        cfg = SAEConfig(d_in=d, n_latents=n, k=1, layer=layer, variant=variant)
+    cfg = _layer_config(where, d, n, doc, layer, variant)
     cfg = dataclasses.replace(cfg, n_latents=n, k=k, decoder="untied", aux=False, scale=1.0)
     b_dec, b_enc = t["b_dec"].float(), t["b_enc"].float()
     if doc.get("apply_b_dec_to_input") is False:
@@ -122,17 +159,33 @@ def import_saelens(in_dir: str | Path, layer: str | None = None,
     return sae
 
 
+def paper_state_dict(sae: TopKSAE) -> dict[str, torch.Tensor]:
+    """The notebook's state dict of a tied SAE (see the module docstring): one ``W`` [n, d] as
+    both ``W_enc.weight`` and ``W_dec.linear.weight``, biases divided by the input scale."""
+    if sae.cfg.decoder != "tied":
+        raise ValueError(f"{sae.cfg.layer or 'this SAE'} has an untied decoder, which the paper's "
+                         "format cannot hold (its notebook reuses the encoder weight as the "
+                         "decoder); export it with --format saelens instead")
+    s = sae.cfg.scale
+    w = sae.W_enc.detach().float().contiguous()
+    return {"W_enc.weight": w, "W_dec.linear.weight": w,  # one tensor, saved once
+            "b_pre": (sae.b_pre.detach().float() / s).contiguous(),
+            "b_latent": (sae.b_latent.detach().float() / s).contiguous()}
+
+
 def export_paper(sae: TopKSAE, out_dir: str | Path) -> Path:
-    """``sae.pt`` (the notebook's state dict, scale folded) plus a small ``cfg.json`` (k)."""
+    """``sae.pt`` (the notebook's state dict) plus a ``cfg.json`` with k, the layer and the
+    input scale its codes are divided by. Untied SAEs are refused (:func:`paper_state_dict`)."""
     out = Path(out_dir)
     _check_export_folder(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{PAPER_FILE}.tmp"
-    torch.save({k: v.float().contiguous() for k, v in export_paper_state_dict(sae).items()}, tmp)
-    tmp.replace(out / PAPER_FILE)
+    state = paper_state_dict(sae)
+    write_atomic(out / PAPER_FILE, lambda tmp: torch.save(state, tmp))
     write_json(out / "cfg.json", {"format": "paper", "k": sae.cfg.k, "layer": sae.cfg.layer,
                                   "variant": sae.cfg.variant, "d_in": sae.cfg.d_in,
-                                  "n_latents": sae.cfg.n_latents})
+                                  "n_latents": sae.cfg.n_latents,
+                                  "input_scale": sae.cfg.scale,
+                                  "codes": "branchlens codes / input_scale",
+                                  "branch_slices": sae.cfg.branch_slices})
     return out
 
 
@@ -180,15 +233,42 @@ def _finite(sae: TopKSAE, where: str | Path) -> TopKSAE:
     return sae
 
 
+def _read_paper_state(p: Path) -> dict[str, torch.Tensor]:
+    """The notebook's state dict in the layout :func:`import_paper_checkpoint` reads: its tied
+    ``W_dec.linear.weight`` is the encoder weight again (dropped), any other one is an
+    untied decoder [n, d] (given as ``W_dec.weight`` [d, n])."""
+    if p.suffix == ".safetensors":
+        state, _ = load_tensors(p)
+    else:
+        from branchlens.weights import safe_torch_load
+
+        state = safe_torch_load(p)
+    if isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    missing = [k for k in ("W_enc.weight", "b_pre", "b_latent") if k not in state]
+    if missing:
+        raise ValueError(f"{p}: not the paper's SAE state dict (no {', '.join(missing)})")
+    state = dict(state)
+    linear = state.pop("W_dec.linear.weight", None)
+    if linear is not None and not torch.equal(linear, state["W_enc.weight"]):
+        state["W_dec.weight"] = linear.t()
+    return state
+
+
 def import_sae(path: str | Path, fmt: str = "auto", k: int | None = None,
                layer: str | None = None, variant: str | None = None) -> TopKSAE:
-    """Either format into a branchlens SAE (``k`` is needed for a bare paper state dict)."""
+    """Either format into a branchlens SAE (``k`` is needed for a bare paper state dict).
+
+    A paper folder written by :func:`export_paper` gives back the exported SAE itself (its
+    ``input_scale`` is restored, so the codes are branchlens's again); a bare state dict is
+    taken at scale 1 and gives the notebook's own codes."""
     fmt = detect_format(path) if fmt == "auto" else fmt
     if fmt not in FORMATS:
         raise ValueError(f"unknown SAE format {fmt!r}; choose from {', '.join(FORMATS)}")
     if fmt == "saelens":
         return _finite(import_saelens(path, layer, variant), path)
     p = Path(path)
+    info: dict[str, Any] = {}
     if p.is_dir():
         info = read_json(p / "cfg.json") if (p / "cfg.json").is_file() else {}
         k = k or info.get("k")
@@ -198,8 +278,17 @@ def import_sae(path: str | Path, fmt: str = "auto", k: int | None = None,
         raise ValueError(f"{p}: the paper's state dict does not record k; pass --k")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"{p}: k must be a positive integer, got {k!r}")
-    return _finite(import_paper_checkpoint(p, k=k, layer=layer,
-                                           variant=variant if layer else None), p)
+    sae = import_paper_checkpoint(_read_paper_state(p), k=k, layer=layer,
+                                  variant=variant if layer else None)
+    scale = info.get("input_scale")
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0:
+        with torch.no_grad():  # undo the export's b/s: the original SAE, codes and all
+            sae.b_pre.mul_(scale)
+            sae.b_latent.mul_(scale)
+        sae.cfg.scale = float(scale)
+    if not sae.cfg.branch_slices and sae.cfg.layer == info.get("layer"):
+        sae.cfg.branch_slices = info.get("branch_slices") or {}
+    return _finite(sae, p)
 
 
 def export_run_sae(run_dir: str | Path, layer: str, fmt: str, out: str | Path | None = None

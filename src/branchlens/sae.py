@@ -414,11 +414,3 @@ def import_paper_checkpoint(state: str | Path | dict[str, Tensor], k: int = 32,
         if not tied:
             sae.W_dec.copy_(w_dec.float().t())
     return sae
-
-
-def export_paper_state_dict(sae: TopKSAE) -> dict[str, Tensor]:
-    """The notebook's layout with the input scale folded in (same function on raw inputs)."""
-    s = sae.cfg.scale
-    return {"W_enc.weight": sae.W_enc.detach() * s, "b_pre": sae.b_pre.detach() / s,
-            "b_latent": sae.b_latent.detach().clone(),
-            "W_dec.weight": (sae.W_dec_rows.detach() / s).t().contiguous()}

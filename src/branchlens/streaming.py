@@ -11,12 +11,19 @@ harvest: tar shards are counted once (headers only, cached per local file) and c
 from __future__ import annotations
 
 import bisect
+import contextlib
+import functools
 import glob
 import json
 import logging
 import os
 import re
+import signal
+import socket
+import subprocess
+import tarfile
 import warnings
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +32,7 @@ from typing import Any
 import torch
 
 from branchlens.data import IMAGE_SUFFIXES, BadImage, ImageSource, RawRecord
-from branchlens.variants import Variant, get_variant
+from branchlens.variants import Variant, label_wnids
 
 log = logging.getLogger("branchlens.data")
 
@@ -35,6 +42,11 @@ _REMOTE = re.compile(r"^[a-z][a-z0-9+.-]*:", re.I)  # pipe:, http(s):, s3:, gs:,
 
 def missing_extra(lib: str, extra: str) -> ImportError:
     return ImportError(f"{lib} is not installed: pip install 'branchlens[{extra}]'")
+
+
+class StreamError(OSError):
+    """A unit of a streamed source (a shard, a block of rows) that cannot be read, in one
+    English line: the source's spec, the shard or rows, and the cause."""
 
 
 class StreamSource(ImageSource):
@@ -131,7 +143,12 @@ class WebDatasetSource(StreamSource):
         if missing:
             raise FileNotFoundError(f"wds:{spec}: {len(missing)} of {len(urls)} shards not found "
                                     f"(first: {missing[0]})")
+        twice = next((u for u, n in Counter(urls).items() if n > 1), None)
+        if twice is not None:
+            raise ValueError(f"wds:{spec} names shard {twice} twice; its images would be "
+                             "stored twice under the same ids")
         self.urls, self.limit = urls, limit
+        self.names = shard_names(urls)
         self.description = f"wds:{spec}"
 
     @property
@@ -143,7 +160,10 @@ class WebDatasetSource(StreamSource):
         for url in self.urls:
             if self.limit is not None and total >= self.limit:
                 break
-            n = count_shard(url)
+            try:
+                n = count_shard(url)
+            except StreamError as e:
+                raise StreamError(f"{self.description}: {e}") from None
             if self.limit is not None:
                 n = min(n, self.limit - total)
             sizes.append(n)
@@ -151,18 +171,156 @@ class WebDatasetSource(StreamSource):
         return sizes
 
     def unit_records(self, u: int) -> Iterator[RawRecord]:
-        from webdataset.tariterators import tarfile_samples
+        from webdataset.tariterators import group_by_keys, tar_file_expander
 
-        url, size = self.urls[u], self.unit_sizes[u]
-        name = url.rstrip("/").rsplit("/", 1)[-1]
-        for pos, sample in enumerate(tarfile_samples([{"url": url}])):
-            if pos >= size:
-                return
-            key = sample["__key__"]
-            image = next((v for k, v in sample.items() if not k.startswith("__")
-                          and f".{k.rsplit('.', 1)[-1]}" in IMAGE_SUFFIXES), None)
-            yield RawRecord(f"wds:{name}:{key}", _cls_label(sample.get("cls")),
-                            _NoImage(key) if image is None else image)
+        url, size, name = self.urls[u], self.unit_sizes[u], self.names[u]
+        try:
+            with _open_shard(url) as stream:
+                samples = group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
+                for pos, sample in enumerate(samples):
+                    if pos >= size:
+                        return
+                    key = sample["__key__"]
+                    image = next((v for k, v in sample.items() if not k.startswith("__")
+                                  and f".{k.rsplit('.', 1)[-1]}" in IMAGE_SUFFIXES), None)
+                    yield RawRecord(f"wds:{name}:{key}", _cls_label(sample.get("cls")),
+                                    _NoImage(key) if image is None else image)
+        except StreamError as e:
+            raise StreamError(f"{self.description}: {e}") from None
+
+
+def shard_names(urls: Sequence[str]) -> list[str]:
+    """Each shard as the spec names it, less the folder all of them share: the part of its
+    image ids that tells shards apart. One folder's shards keep short ids (``wds:000.tar:KEY``);
+    same-named shards of two folders stay apart (``wds:a/000.tar:KEY``, ``wds:b/000.tar:KEY``)."""
+    cut = os.path.commonprefix(list(urls)).rfind("/") + 1
+    return [u[cut:] or u for u in urls]
+
+
+class _Counted:
+    """A shard's byte stream that counts what it delivered (for "truncated at byte N") and
+    keeps its last block (a whole tar ends in zero blocks)."""
+
+    def __init__(self, raw: Any):
+        self.raw, self.pos, self.head, self.tail = raw, 0, b"", b""
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        if self.pos < len(COMPRESSED[-1]):
+            self.head = (self.head + data)[:len(COMPRESSED[-1])]
+        self.pos += len(data)
+        self.tail = (self.tail + data)[-TAR_BLOCK:]
+        return data
+
+    def check_complete(self) -> None:
+        """Read to the end and refuse a plain tar without its end-of-archive blocks: cut at or
+        inside a member header, a shard looks to ``tarfile`` like a shorter whole one. (In a
+        compressed shard the decompressor notices a cut.)"""
+        while self.read(1 << 16):
+            pass
+        if self.head.startswith(COMPRESSED):
+            return
+        if self.pos % TAR_BLOCK or self.tail.count(0) != TAR_BLOCK:
+            raise tarfile.ReadError(NO_END_MARKER)
+
+
+PIPE_WAIT_S = 5.0  # how long a shard's command may take to exit once its output is closed
+TAR_BLOCK = 512
+COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz magic (longest last)
+NO_END_MARKER = "no end-of-archive blocks"
+_TRUNCATED = ("unexpected end of data", "empty header", "truncated header", NO_END_MARKER)
+CURL_EXITS = {6: "could not resolve the host", 7: "could not connect",
+              22: "the server answered with an HTTP error", 28: "timed out",
+              35: "the TLS handshake failed", 56: "the connection broke while receiving"}
+_URL_HOST = re.compile(r"(https?)://([^/:\s'\"]+)(?::(\d+))?")
+
+
+@contextlib.contextmanager
+def _open_shard(url: str) -> Iterator[_Counted]:
+    """The shard's bytes as webdataset's ``gopen`` opens them (files, URLs, ``pipe:``); any
+    failure while they are read becomes a :class:`StreamError` naming the shard and its cause."""
+    from webdataset.gopen import gopen
+
+    stream = None
+    try:
+        stream = _Counted(gopen(url))
+        yield stream
+    except StreamError:
+        raise
+    except Exception as e:
+        raise StreamError(f"shard {url}: {_cause(e, stream, url)}") from None
+    finally:
+        if stream is not None:
+            _close(stream.raw)
+
+
+def _close(raw: Any) -> None:
+    """Close a shard read to its end or left early; a command still running after
+    :data:`PIPE_WAIT_S` is killed instead of waited for."""
+    proc = getattr(raw, "proc", None)
+    try:
+        if proc is None:
+            raw.close()
+            return
+        raw.stream.close()
+        try:
+            proc.wait(timeout=PIPE_WAIT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    except Exception:  # closing never hides the shard's own error, nor raises one of its own
+        pass
+
+
+def _cause(e: Exception, stream: _Counted | None, url: str) -> str:
+    """What went wrong, in words: a command's exit status, a truncation point, an OS error."""
+    raw = stream.raw if stream is not None else None
+    proc = getattr(raw, "proc", None)
+    if proc is not None:
+        try:
+            status = proc.wait(timeout=PIPE_WAIT_S)
+        except subprocess.TimeoutExpired:
+            status = None
+        if status not in (None, 0, 141, -signal.SIGPIPE):  # 141: a shell's SIGPIPE
+            return _exit_cause(raw, status, url)
+    msg = (str(e.args[0]) if e.args else str(e)).split(" @ ")[0]  # webdataset adds " @ <obj>"
+    n = stream.pos if stream is not None else 0
+    if isinstance(e, tarfile.TarError):
+        if n == 0:
+            return "the command wrote no bytes" if proc is not None else "empty (0 bytes)"
+        if msg in _TRUNCATED:
+            return f"truncated at byte {n} ({msg})"
+        return f"not a tar archive ({msg}; {n} bytes read)"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror + (f": {e.filename}" if e.filename else "")
+    first = msg.strip().splitlines()[0][:200] if msg.strip() else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def _exit_cause(raw: Any, status: int, url: str) -> str:
+    argv = raw.args[0][0] if getattr(raw, "args", None) and raw.args[0] else ""
+    cmd = argv if isinstance(argv, str) else " ".join(map(str, argv))
+    prog = cmd.split()[0] if cmd.split() else "the command"
+    who = f"command `{cmd[:200]}`" if url.startswith("pipe:") else prog
+    if status < 0:
+        return f"{who} was killed by signal {-status}"
+    why = ""
+    if Path(prog).name == "curl" and status in CURL_EXITS:
+        why = f" ({CURL_EXITS[status]}{_connect_error(url) if status == 7 else ''})"
+    return f"{who} exited with status {status}{why}"
+
+
+def _connect_error(text: str) -> str:
+    """Why the first http(s) host in ``text`` refuses a connection, asked of the OS once."""
+    m = _URL_HOST.search(text)
+    if m is None:
+        return ""
+    host, port = m.group(2), int(m.group(3) or (443 if m.group(1) == "https" else 80))
+    try:
+        socket.create_connection((host, port), timeout=PIPE_WAIT_S).close()
+    except OSError as e:
+        return f" to {host}:{port}: {(e.strerror or str(e) or type(e).__name__).lower()}"
+    return f" to {host}:{port}, which accepts connections now"
 
 
 def _cls_label(raw: bytes | None) -> int | None:
@@ -214,7 +372,7 @@ def count_shard(url: str) -> int:
 
 
 def _count_keys(url: str) -> int:
-    from webdataset.tariterators import base_plus_ext, tar_file_expander, url_opener
+    from webdataset.tariterators import base_plus_ext, tar_file_expander
 
     state: dict[str, Any] = {"key": None, "n": 0}
 
@@ -225,8 +383,10 @@ def _count_keys(url: str) -> int:
             state["n"] += 1
         return False
 
-    for _ in tar_file_expander(url_opener([{"url": url}]), select_files=select):
-        state["key"] = None  # end of shard: webdataset never groups across shards
+    with _open_shard(url) as stream:
+        for _ in tar_file_expander([{"url": url, "stream": stream}], select_files=select):
+            state["key"] = None  # end of shard: webdataset never groups across shards
+        stream.check_complete()
     return state["n"]
 
 
@@ -305,7 +465,7 @@ def open_hf(spec: str, variant: str | Variant = "bvlc_googlenet", limit: int | N
         label_key = None
     if isinstance(features.get(image_key), datasets.Image):
         ds = ds.cast_column(image_key, datasets.Image(decode=False))  # we decode, robustly
-    mapping = label_mapping(features.get(label_key) if label_key else None, variant, spec)
+    mapping = label_mapping(features.get(label_key) if label_key else None, spec)
     if isinstance(ds, datasets.IterableDataset):
         return HFStreamSource(ds, desc, limit, image_key, label_key, mapping)
     if limit is not None and limit < len(ds):
@@ -325,54 +485,111 @@ def _pick_split(dsd: Any, split: str | None, spec: str) -> Any:
     return dsd[split]
 
 
-def _imagenet_lookup(variant: str | Variant) -> dict[str, int] | None:
-    """wnid, full class string and every unambiguous synonym (lower case) -> class index."""
-    from importlib.resources import files
+@dataclass
+class ClassNameMap:
+    """ClassLabel names -> ILSVRC class indices; ``None`` where a name cannot be trusted."""
 
-    from branchlens.variants import LABEL_CLASSES
+    classes: list[int | None]
+    ambiguous: dict[str, list[int]]  # name -> the classes it could be
+    unknown: list[str]
 
-    lines = [ln for ln in (files("branchlens") / "resources" / LABEL_CLASSES).read_text()
-             .splitlines() if ln.strip()]
-    out: dict[str, int] = {}
-    seen: dict[str, int] = {}
-    for i, ln in enumerate(lines):
-        wnid, _, names = ln.partition(" ")
-        out[wnid.lower()] = i
-        out[names.strip().lower()] = i
-        for syn in names.split(","):
-            syn = syn.strip().lower()
-            seen[syn] = seen.get(syn, 0) + 1
-            out.setdefault(f"syn:{syn}", i)
-    for syn, n in seen.items():
-        if n == 1:
-            out.setdefault(syn, out[f"syn:{syn}"])
-    return {k: v for k, v in out.items() if not k.startswith("syn:")}
+    @property
+    def left_out(self) -> int:
+        return sum(c is None for c in self.classes)
+
+    def describe(self) -> str:
+        parts = []
+        if self.ambiguous:
+            parts.append(f"{len(self.ambiguous)} ambiguous: " + ", ".join(
+                f"{n} (class {' or '.join(map(str, c))})"
+                for n, c in list(self.ambiguous.items())[:3]))
+        if self.unknown:
+            parts.append(f"{len(self.unknown)} not ImageNet names (e.g. "
+                         f"{', '.join(self.unknown[:3])})")
+        return "; ".join(parts)
 
 
-def label_mapping(feature: Any, variant: str | Variant, spec: str) -> dict[int, int] | None:
-    """ClassLabel id -> the variant's class index, by wnid or name; ``None`` keeps labels off.
+_WNID_NAME = re.compile(r"(n\d{8})(?![0-9a-z])")
+_Tiers = tuple[dict[str, frozenset[int]], ...]
 
-    Plain integer labels are taken as the variant's own ids (``{}`` means identity)."""
+
+@functools.lru_cache(maxsize=1)
+def _imagenet_names() -> tuple[dict[str, int], _Tiers, _Tiers]:
+    """(wnid -> class, exact-case tiers, case-folded tiers) over the full synonym lists. The
+    tiers: a whole list as written (``tench, Tinca tinca``), first names, every synonym."""
+    from branchlens.variants import label_synonyms
+
+    syns = label_synonyms()
+
+    def tiers(fold: bool) -> _Tiers:
+        out: list[dict[str, set[int]]] = [{}, {}, {}]
+        for i, names in enumerate(syns):
+            names = [n.casefold() if fold else n for n in names]
+            for tier, keys in zip(out, ([", ".join(names)], names[:1], names), strict=True):
+                for key in keys:
+                    tier.setdefault(key, set()).add(i)
+        return tuple({k: frozenset(v) for k, v in t.items()} for t in out)
+
+    return {w: i for i, w in enumerate(label_wnids())}, tiers(False), tiers(True)
+
+
+def _lookup(key: str, tiers: _Tiers) -> frozenset[int] | None:
+    """The classes of the first tier that knows ``key`` (a name that is one class's first
+    name is that class, even when another class lists it further back: crayfish is 124, not
+    spiny lobster 123). A single name never matches a whole list: maillot is 638 *or* 639."""
+    for tier in tiers[:1] if ", " in key else tiers[1:]:
+        if key in tier:
+            return tier[key]
+    return None
+
+
+def map_class_names(names: Sequence[str]) -> ClassNameMap:
+    """Each name by wnid first, else through the full ImageNet synonym lists; a name that could
+    be several classes (crane: the bird 134 or the machine 517) or none stays unlabelled on
+    its own, never relabelled, never taking the others with it. Case tells Cardigan (the corgi,
+    264) from cardigan (the sweater, 474) only when the dataset writes every ImageNet name it
+    has in ImageNet's case; otherwise names are compared case-folded."""
+    wnids, exact, folded = _imagenet_names()
+    keys = [" ".join(n.replace("_", " ").split()) for n in names]
+    cased = all(_lookup(k, exact) is not None or _lookup(k.casefold(), folded) is None
+                for k in keys)
+    out = ClassNameMap([], {}, [])
+    for name, key in zip(names, keys, strict=True):
+        m = _WNID_NAME.match(key.lower())
+        hit = (frozenset({wnids[m.group(1)]}) if m and m.group(1) in wnids
+               else _lookup(key, exact) if cased else _lookup(key.casefold(), folded))
+        out.classes.append(next(iter(hit)) if hit and len(hit) == 1 else None)
+        if hit and len(hit) > 1:
+            out.ambiguous[name] = sorted(hit)
+        elif not hit:
+            out.unknown.append(name)
+    return out
+
+
+def label_mapping(feature: Any, spec: str) -> dict[int, int | None] | None:
+    """ClassLabel id -> ILSVRC class index (``None``: that class stays unlabelled) by
+    :func:`map_class_names`; ``None`` keeps labels off. Plain integer labels are taken as
+    ILSVRC ids (``{}`` means identity)."""
     import datasets
 
     if feature is None:
         return None
     if not isinstance(feature, datasets.ClassLabel):
         return {}
-    lookup = _imagenet_lookup(variant) or {}
-    names = feature.names
-    mapped = {i: lookup.get(n.strip().lower().replace("_", " "), lookup.get(n.strip().lower()))
-              for i, n in enumerate(names)}
-    bad = [names[i] for i, j in mapped.items() if j is None]
-    if bad:
-        log.warning("hf:%s: %d of %d class names are not %s classes (e.g. %s); labels ignored",
-                    spec, len(bad), len(names), get_variant(variant).name, ", ".join(bad[:3]))
+    found = map_class_names(feature.names)
+    n = len(feature.names)
+    if found.left_out == n:
+        log.warning("hf:%s: none of its %d class names is an ImageNet class (%s); labels "
+                    "left off", spec, n, found.describe())
         return None
-    return {i: int(j) for i, j in mapped.items() if j is not None}
+    if found.left_out:
+        log.warning("hf:%s: %d of %d classes left unlabelled: %s", spec, found.left_out, n,
+                    found.describe())
+    return dict(enumerate(found.classes))
 
 
 def _row_record(row: dict, i: int, desc: str, image_key: str, label_key: str | None,
-                mapping: dict[int, int] | None) -> RawRecord:
+                mapping: dict[int, int | None] | None) -> RawRecord:
     payload = row.get(image_key)
     if isinstance(payload, dict):  # datasets.Image(decode=False): bytes, or a path
         payload = payload.get("bytes") or payload.get("path") or b""
@@ -387,7 +604,7 @@ class HFSource(ImageSource):
     """An Arrow-backed ``datasets.Dataset`` (local folder, ``save_to_disk`` or hub cache)."""
 
     def __init__(self, ds: Any, description: str, image_key: str, label_key: str | None,
-                 mapping: dict[int, int] | None):
+                 mapping: dict[int, int | None] | None):
         self.ds, self.image_key, self.label_key, self.mapping = ds, image_key, label_key, mapping
         self.description = description
 
@@ -406,7 +623,7 @@ class HFStreamSource(StreamSource):
     :data:`HF_UNIT_ROWS` rows so ranks and workers share it out."""
 
     def __init__(self, ds: Any, description: str, limit: int | None, image_key: str,
-                 label_key: str | None, mapping: dict[int, int] | None):
+                 label_key: str | None, mapping: dict[int, int | None] | None):
         n = limit
         try:
             split = ds.info.splits.get(ds.split) if ds.info.splits else None
@@ -432,12 +649,19 @@ class HFStreamSource(StreamSource):
         part = self.ds.skip(start).take(self.unit_sizes[u]) if start else \
             self.ds.take(self.unit_sizes[u])
         pos = start
-        # .iter(): plain iteration would shard the stream again inside a DataLoader worker
-        for batch in part.iter(batch_size=64):
-            for j in range(len(next(iter(batch.values()), []))):
-                yield _row_record({k: v[j] for k, v in batch.items()}, pos, self.description,
-                                  self.image_key, self.label_key, self.mapping)
-                pos += 1
+        try:
+            # .iter(): plain iteration would shard the stream again inside a DataLoader worker
+            for batch in part.iter(batch_size=64):
+                for j in range(len(next(iter(batch.values()), []))):
+                    yield _row_record({k: v[j] for k, v in batch.items()}, pos,
+                                      self.description, self.image_key, self.label_key,
+                                      self.mapping)
+                    pos += 1
+        except Exception as e:  # the hub, the network: one line naming the rows
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            raise StreamError(f"{self.description}: rows {start}-{start + self.unit_sizes[u] - 1}"
+                              f" stopped at row {pos}: {type(e).__name__}"
+                              f"{': ' + first if first else ''}") from None
 
 
 class FlipStream(StreamSource):
@@ -507,10 +731,12 @@ class StreamedDecode(torch.utils.data.IterableDataset):
                         yield _decode_one(g, rec, self.variant, self.paper_compat,
                                           self.max_pixels)
             except Exception as e:  # a broken or unreachable shard: its rest is skipped
-                reason = f"unit_error:{type(e).__name__}"
-                log.warning("%s: unit %d failed after %d records (%s: %s)",
-                            self.source.description, u, len(seen), type(e).__name__,
-                            str(e).splitlines()[0][:200] if str(e) else "")
+                reason = "unit_error"
+                msg = str(e) if isinstance(e, StreamError) else (
+                    f"{self.source.description}: unit {u}: {type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:200] if str(e) else ''}")
+                log.warning("%s; %d of its %d wanted images were read, the rest are skipped",
+                            msg, len(seen), len(want))
             for g in want:
                 if g not in seen:
                     yield g, f"{self.source.description}:{g}", None, None, reason

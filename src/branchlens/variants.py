@@ -244,6 +244,16 @@ def label_wnids() -> list[str]:
     return [ln.split(" ", 1)[0] for ln in lines if ln.strip()]
 
 
+def label_synonyms() -> list[list[str]]:
+    """The ImageNet synonym lists of ILSVRC classes 0..999 as the WordNet lines give them, in
+    their case (``['Cardigan', 'Cardigan Welsh corgi']`` is 264, ``['cardigan']`` 474); the
+    first name is the one torchvision and most datasets use."""
+    from importlib.resources import files
+
+    lines = (files("branchlens") / "resources" / LABEL_CLASSES).read_text().splitlines()
+    return [[n.strip() for n in ln.partition(" ")[2].split(",")] for ln in lines if ln.strip()]
+
+
 def head_is_ilsvrc(variant: str | Variant) -> bool:
     """Whether the model's output i is ILSVRC class i (so labels can score predictions)."""
     return get_variant(variant).classes_file == LABEL_CLASSES
