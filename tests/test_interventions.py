@@ -228,3 +228,23 @@ def test_effects_and_steer_on_a_finished_run(e2e_run, tmp_path):
             base = ["steer", str(run)]
         res = cli.invoke(app, base + args)
         assert res.exit_code == 2 and msg in res.output, res.output
+
+
+def test_batched_per_latent_ablations_equal_one_intervention_each(net):
+    layer = "mixed4c"
+    sae = _sae(net, layer)
+    x = torch.rand(3, 3, 96, 96)
+    with torch.no_grad():
+        h = net(x, [layer])[layer]
+    codes = I.sparse_codes(sae, h, batch=2)
+    dense = sae.encode(h, channel_dim=1)
+    assert torch.allclose(codes.image_max(sae.cfg.n_latents), dense.amax((2, 3)), atol=1e-6)
+    go = I.tail(net, layer)
+    clean = I.clean_probabilities(go, h)
+    order = dense.sum((0, 2, 3)).argsort(descending=True)
+    lat = order[:3].tolist()
+    tops = [[0, 2], [1], [0, 1, 2]]
+    dp = I.ablation_effects(go, sae, h, codes, clean, tops, lat, batch_size=2)
+    for j, imgs in enumerate(tops):
+        one = I.intervene(net, sae, layer, x[imgs], [lat[j]], 0.0).delta_p.mean(0)
+        assert torch.allclose(dp[j], one, atol=1e-6)

@@ -155,30 +155,67 @@ def intervene(model: nn.Module, sae, layer: str, images: Tensor, latents: Sequen
 
 # -- what each latent does to the classes --------------------------------------------------------
 
-def ablation_effects(go, sae, h: Tensor, tops: Sequence[Sequence[int]], latents: Sequence[int],
+@dataclass
+class SparseCodes:
+    """The SAE's TopK code of every position of cached activations, computed once: the
+    per-latent ablations read their latent's map from here instead of re-encoding."""
+
+    vals: Tensor  # [N, P, k]
+    idx: Tensor  # [N, P, k]
+
+    def maps(self, rows: Tensor, latents: Tensor) -> Tensor:
+        """Code of ``latents[b]`` on image ``rows[b]`` at every position, [B, P]."""
+        hit = self.idx[rows] == latents.view(-1, 1, 1).to(self.idx.device)
+        return (self.vals[rows] * hit).sum(2)
+
+    def image_max(self, n_latents: int) -> Tensor:
+        """Largest code of every latent on every image, [N, n_latents]."""
+        n, p, k = self.vals.shape
+        out = torch.zeros(n, n_latents, dtype=self.vals.dtype)
+        return out.scatter_reduce(1, self.idx.reshape(n, -1), self.vals.reshape(n, -1), "amax")
+
+
+def sparse_codes(sae, h: Tensor, batch: int = 16) -> SparseCodes:
+    vals, idx = [], []
+    with torch.no_grad():
+        for s in range(0, h.shape[0], batch):
+            hs = h[s:s + batch]
+            b, c, hh, ww = hs.shape
+            v, i = sae.encode_sparse(hs.permute(0, 2, 3, 1).reshape(-1, c))
+            vals.append(v.reshape(b, hh * ww, -1).cpu())
+            idx.append(i.reshape(b, hh * ww, -1).cpu())
+    return SparseCodes(torch.cat(vals), torch.cat(idx))
+
+
+def clean_probabilities(go, h: Tensor, batch: int = 32) -> Tensor:
+    with torch.no_grad():
+        return torch.cat([go(h[s:s + batch]).softmax(-1) for s in range(0, h.shape[0], batch)])
+
+
+def ablation_effects(go, sae, h: Tensor, codes: SparseCodes, clean: Tensor,
+                     tops: Sequence[Sequence[int]], latents: Sequence[int],
                      batch_size: int = 32) -> Tensor:
     """Mean Δp [L, classes] when latent ``latents[j]`` alone is ablated (α = 0, every position)
-    on its own top images ``tops[j]`` (indices into the cached activations ``h`` [N, C, H, W]);
-    ``go`` maps activations to logits (:func:`tail`). One (latent, image) pair per batch row."""
+    on its own top images ``tops[j]`` (indices into the cached activations ``h`` [N, C, H, W],
+    their ``codes`` and ``clean`` probabilities); ``go`` maps activations to logits
+    (:func:`tail`). One (latent, image) pair per batch row: one tail pass each."""
     pairs = [(j, i) for j, imgs in enumerate(tops) for i in imgs]
+    if not pairs:
+        raise ValueError("no (latent, image) pairs to ablate")
     ids = torch.tensor([int(la) for la in latents])
-    sums, counts = None, torch.zeros(len(ids))
+    dirs = sae.decoder_directions().cpu()
+    sums = torch.zeros(len(ids), clean.shape[1])
+    counts = torch.zeros(len(ids))
     with torch.no_grad():
         for s in range(0, len(pairs), batch_size):
             js = torch.tensor([j for j, _ in pairs[s:s + batch_size]])
-            hs = h[torch.tensor([i for _, i in pairs[s:s + batch_size]])]
-            b, c, hh, ww = hs.shape
-            vals, idx = sae.encode_sparse(hs.permute(0, 2, 3, 1).reshape(-1, c))
-            mine = ids[js].repeat_interleave(hh * ww)[:, None]  # each row's own latent
-            z = (vals * (idx == mine)).sum(1).reshape(b, 1, hh, ww)
-            d = sae.decoder_directions()[ids[js]].to(hs)  # [B, C]
-            dp = go(hs - z * d[:, :, None, None]).softmax(-1) - go(hs).softmax(-1)
-            if sums is None:
-                sums = torch.zeros(len(ids), dp.shape[1])
+            rows = torch.tensor([i for _, i in pairs[s:s + batch_size]])
+            hs = h[rows]
+            z = codes.maps(rows, ids[js]).reshape(len(js), 1, *hs.shape[-2:])
+            d = dirs[ids[js]].to(hs)  # [B, C]
+            dp = go(hs - z * d[:, :, None, None]).softmax(-1) - clean[rows]
             sums.index_add_(0, js, dp.cpu())
             counts.index_add_(0, js, torch.ones(js.numel()))
-    if sums is None:
-        raise ValueError("no (latent, image) pairs to ablate")
     return sums / counts.clamp_min(1)[:, None]
 
 

@@ -33,7 +33,9 @@ from branchlens.interventions import (
     ablation_effects,
     branch_slice,
     causal_branch_test,
+    clean_probabilities,
     named_classes,
+    sparse_codes,
     tail,
 )
 from branchlens.progress import progress
@@ -68,20 +70,13 @@ def heldout_activations(run: Run, layer: str, sae, batch_size: int = 16,
     return torch.cat(out), np.asarray(got, np.int64)
 
 
-def top_images(sae, h: torch.Tensor, n_top: int, batch: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """(max code per image [N, n], top image rows per latent [n, n_top]; -1 where it never
-    fires)."""
-    maxes = []
-    with torch.no_grad():
-        for s in range(0, h.shape[0], batch):
-            hs = h[s:s + batch]
-            b, c, hh, ww = hs.shape
-            z = sae.encode(hs.permute(0, 2, 3, 1).reshape(-1, c)).reshape(b, hh * ww, -1)
-            maxes.append(z.amax(1))
-    mx = torch.cat(maxes).numpy()
-    order = np.argsort(-mx, axis=0, kind="stable")[:n_top].T  # [n, n_top]
+def top_rows(image_max: torch.Tensor, n_top: int) -> np.ndarray:
+    """Top image rows per latent [n, n_top] from the per-image maxima [N, n]; -1 where the
+    latent does not fire."""
+    mx = image_max.numpy()
+    order = np.argsort(-mx, axis=0, kind="stable")[:n_top].T
     fired = np.take_along_axis(mx.T, order, 1) > 0
-    return mx, np.where(fired, order, -1)
+    return np.where(fired, order, -1)
 
 
 def layer_effects(run: Run, layer: str, *, scope: str = "robust", n_top: int = 4,
@@ -101,7 +96,9 @@ def layer_effects(run: Run, layer: str, *, scope: str = "robust", n_top: int = 4
 
     # -- what each latent does ---------------------------------------------------------------
     t = time.time()
-    _, tops = top_images(sae, h, n_top)
+    codes = sparse_codes(sae, h)
+    tops = top_rows(codes.image_max(sae.cfg.n_latents), n_top)
+    clean = clean_probabilities(go, h)
     branches = list(branch_slices(model.variant, layer))
     in_scope = alive & (np.isin(robust, branches) if scope == "robust" else True)
     latents = [int(j) for j in np.flatnonzero(in_scope) if tops[j, 0] >= 0]
@@ -110,8 +107,9 @@ def layer_effects(run: Run, layer: str, *, scope: str = "robust", n_top: int = 4
     with progress(len(latents), f"ablations {layer}", "latent", disable=not show_progress) as bar:
         for s in range(0, len(latents), 256):
             chunk = latents[s:s + 256]
-            dp = ablation_effects(go, sae, h, [[int(i) for i in tops[j] if i >= 0]
-                                               for j in chunk], chunk, batch_size)
+            dp = ablation_effects(go, sae, h, codes, clean,
+                                  [[int(i) for i in tops[j] if i >= 0] for j in chunk], chunk,
+                                  batch_size)
             p, q = named_classes(dp, names)
             promotes += p
             suppresses += q
@@ -148,13 +146,14 @@ def write_effects_table(path: Path, rows: list[dict]) -> None:
 
 def effects(run_dir: str | Path, layers: list[str] | None = None, *, scope: str = "robust",
             n_top: int = 4, n_boot: int = 2000, seed: int = 0, device: str = "cpu",
-            log: Callable[[str], None] = print, show_progress: bool = True) -> dict:
+            weights: str | None = None, log: Callable[[str], None] = print,
+            show_progress: bool = True) -> dict:
     """Run the stage on ``layers`` (default: every analysed layer); returns the causal claim."""
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {', '.join(SCOPES)}; got {scope!r}")
     if n_top < 1:
         raise ValueError(f"--top-images must be ≥ 1, got {n_top}")
-    run = Run(run_dir, device=device)
+    run = Run(run_dir, device=device, weights=weights)
     if not run.summary_path.is_file():
         raise FileNotFoundError(f"no analysis in {run.path}: run branchlens analyze first")
     summary = read_json(run.summary_path)
