@@ -2,11 +2,13 @@
 
 A synthetic run in the stages' artifact formats (tests/_report_run.py: five layers mixed4a–4e
 with 8,192–13,312 latents, 46,336 in all; SAE decoders, latents.csv, summary, embeddings,
-sprite sheets + top tables like the examples stage writes, and the claim galleries' evidence
-pictures and 12 × 128 px strips as the sample16x preset renders them) is reported twice:
+the examples galleries the examples stage writes (200 held-out images, 12 per latent, each
+latent's map on each as sparse units; ``--examples sprites``: the sprite sheets of earlier
+versions), and the claim galleries' evidence pictures and 12 × 128 px strips as the sample16x
+preset renders them) is reported twice:
 
-- ours: the report folder (index.html + per-layer data scripts + lazily loaded detail chunks
-  and sprite sheets) of this checkout;
+- ours: the report folder (index.html + per-layer data scripts + lazily loaded detail and
+  gallery chunks and images) of this checkout;
 - baseline: the single-file report builder exactly as it was at commit ed95b4d (its files are
   read from git and imported under another package name, unchanged otherwise), asked for a
   card per latent (``cards_per_layer`` = the largest layer) so that it too shows every latent.
@@ -14,11 +16,14 @@ pictures and 12 × 128 px strips as the sample16x preset renders them) is report
 
 First render = navigation start until the browser is usable (ours: ``BL.ready``; baseline:
 the load event, after its script sorted the cards). Opening a latent = from the click (hash
-change) until its page is drawn, detail chunk loaded from disk (median of several). The claim
+change) until its page is drawn, detail chunk loaded from disk (median of several), and until
+its 12 example crops are drawn (gallery chunk, images, overlays). Examples bytes per layer: the
+gallery chunks and the held-out images the layer shows (copied once for all layers). The claim
 galleries are measured in ours: how many of their images the first render fetched (lazy, inside
 closed <details>: should be none) and how long opening the first gallery takes.
 
     python benchmarks/report.py [--out /tmp/branchlens-report-bench] [--no-baseline]
+                                [--layers mixed4c] [--examples gallery|sprites|none]
 
 Ends with ``RESULT report_first_render_every_latent ours=<s> baseline=<s> unit=s ratio=<x>``
 (``report_build_every_latent`` when Chromium is unavailable or skipped).
@@ -44,44 +49,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from _report_run import SIXTEEN_X, make_run  # noqa: E402
+from _report_run import SIXTEEN_X, add_gallery, add_sprites, make_run  # noqa: E402
 
 BASELINE_COMMIT = "ed95b4d"
 OLD_FILES = ("__init__.py", "builder.py", "gallery.py", "images.py", "sections.py",
              "report.css", "report.js", "template.html")
-
-
-def add_sprites(run: Path, tiles: int = 6, px: int = 40, per_sheet: int = 256,
-                seed: int = 0) -> None:
-    """Sheets and top tables as the examples stage writes them (smooth random crops)."""
-    from PIL import Image
-    from safetensors.numpy import save_file
-
-    rng = np.random.default_rng(seed)
-    summary = json.loads((run / "analysis" / "summary.json").read_text())
-    for layer in summary["layers"]:
-        n = summary["per_layer"][layer]["latents"]
-        d = run / "viz" / "examples" / layer
-        d.mkdir(parents=True, exist_ok=True)
-        values = np.sort(rng.exponential(1.0, (n, 16)).astype(np.float32), 1)[:, ::-1].copy()
-        images = rng.integers(0, 1000, (n, 16)).astype(np.int64)
-        ys, xs = rng.integers(0, 14, (2, n, 16)).astype(np.int64)
-        ids = [f"n{i:08d}_{i}.JPEG" for i in range(1000)]
-        save_file({"values": values, "images": images, "ys": ys, "xs": xs},
-                  str(d / "top.safetensors"),
-                  metadata={"layer": json.dumps(layer), "grid": "[14, 14]",
-                            "n_images": "1000", "image_ids": json.dumps(ids)})
-        sheets = []
-        for s0 in range(0, n, per_sheet):
-            rows = min(per_sheet, n - s0)
-            small = rng.integers(0, 255, (rows * 4, tiles * 4, 3), dtype=np.uint8)
-            img = Image.fromarray(small).resize((tiles * px, rows * px), Image.BILINEAR)
-            name = f"sprites_{s0 // per_sheet:03d}.jpg"
-            img.save(d / name, format="JPEG", quality=82)
-            sheets.append(name)
-        (d / "sprites.json").write_text(json.dumps(
-            {"layer": layer, "tile": px, "n_tiles": tiles, "per_sheet": per_sheet,
-             "sheets": sheets, "n_latents": n, "with_examples": n}))
 
 
 def add_evidence(run: Path, per_cell: int = 2, pairs: int = 2, px: int = 128,
@@ -217,31 +189,61 @@ def bench_page() -> Iterator[Any]:
             browser.close()
 
 
-def chromium_times(html: Path, ours: bool, latents: list[tuple[str, int]]) -> dict:
-    from _browser import open_latent, wait_until
+def chromium_times(html: Path, ours: bool, latents: list[tuple[str, int]],
+                   crops: bool = False) -> dict:
+    """First render; per probed latent the ms until its page (and with ``crops`` until its
+    example crops) is drawn, and how many crops of >= 96 px it shows."""
+    from _browser import open_crops, open_latent, wait_until
 
     with bench_page() as page:
         if page is None:
             return {}
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
         page.goto(html.resolve().as_uri(), wait_until="load")
+        opens, crop_ms, shown = [], [], []
         if ours:
             wait_until(page, "() => window.BL && window.BL.ready === true")
             first = page.evaluate("window.BL.readyMs")
-            opens = [open_latent(page, layer, j) for layer, j in latents]
+            for layer, j in latents:
+                if crops:
+                    a, b, cs = open_crops(page, layer, j)
+                    crop_ms.append(b)
+                    shown.append(sum(c["width"] >= 96 and not c["broken"] for c in cs))
+                else:
+                    a = open_latent(page, layer, j)
+                opens.append(a)
         else:
             first = page.evaluate("performance.timing.loadEventEnd - "
                                   "performance.timing.navigationStart")
-            opens = []
-    return {"first_render_ms": float(first), "open_ms": opens, "errors": errors}
+    return {"first_render_ms": float(first), "open_ms": opens, "crops_ms": crop_ms,
+            "crops_shown": shown, "errors": errors}
+
+
+def examples_bytes(run: Path, meta: dict) -> list[tuple[str, int, int, int]]:
+    """Per layer: (name, gallery chunk bytes, bytes of the images it shows, bytes of the
+    examples stage's gallery files in the run folder)."""
+    out = []
+    for lm in meta["layers"]:
+        g = lm.get("gallery")
+        if not g:
+            continue
+        d = run / "viz" / "examples" / lm["name"]
+        stage = sum(p.stat().st_size for p in [d / "gallery_maps.safetensors",
+                                               d / "gallery.json", *(d / "images").glob("*")])
+        out.append((lm["name"], int(g["bytes"]), int(g["image_bytes"]), stage))
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="/tmp/branchlens-report-bench")
     ap.add_argument("--no-baseline", action="store_true")
-    ap.add_argument("--no-sprites", action="store_true")
+    ap.add_argument("--examples", choices=("gallery", "sprites", "none"), default="gallery",
+                    help="examples as this version writes them (gallery) or as earlier ones")
+    ap.add_argument("--layers", default=",".join(SIXTEEN_X),
+                    help="a subset of the five 16x layers (one layer: a quick measurement)")
     ap.add_argument("--no-evidence", action="store_true",
                     help="no claim galleries (evidence pictures and strips)")
     ap.add_argument("--no-baseline-browser", action="store_true",
@@ -252,12 +254,15 @@ def main() -> None:
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    run = make_run(out / "run", SIXTEEN_X)
-    if not args.no_sprites:
+    layers = {name: SIXTEEN_X[name] for name in args.layers.split(",")}
+    run = make_run(out / "run", layers)
+    if args.examples == "sprites":
         add_sprites(run)
+    elif args.examples == "gallery":
+        add_gallery(run)
     pictures = 0 if args.no_evidence else add_evidence(run)
-    n = sum(SIXTEEN_X.values())
-    print(f"synthetic run: {len(SIXTEEN_X)} layers, {n} latents ({time.perf_counter() - t0:.1f} s)")
+    n = sum(layers.values())
+    print(f"synthetic run: {len(layers)} layers, {n} latents ({time.perf_counter() - t0:.1f} s)")
 
     t0 = time.perf_counter()
     html = build_report(run, out / "ours")
@@ -265,15 +270,25 @@ def main() -> None:
     size = folder_size(out / "ours")
     text = size - folder_size(out / "ours" / "assets" / "img") if (
         out / "ours" / "assets" / "img").is_dir() else size
-    probe = [("mixed4a", 17), ("mixed4c", 5000), ("mixed4e", 13311), ("mixed4b", 8191),
-             ("mixed4d", 4242)]
-    ch = chromium_times(html, True, probe)
+    probe = [(name, j) for name, j in (("mixed4a", 17), ("mixed4c", 5000), ("mixed4e", 13311),
+                                       ("mixed4b", 8191), ("mixed4d", 4242), ("mixed4c", 77),
+                                       ("mixed4a", 6000)) if name in layers]
+    ch = chromium_times(html, True, probe, crops=args.examples == "gallery")
     print(f"ours:     build {t_ours:6.1f} s, {size / 1e6:7.1f} MB ({text / 1e6:.1f} MB without "
           f"images), index.html {html.stat().st_size / 1e3:.0f} kB")
+    meta = json.loads(html.read_text().split('id="bl-meta">', 1)[1].split("</script>", 1)[0])
+    for name, chunks, images, stage in examples_bytes(run, meta):
+        print(f"          examples {name}: report {(chunks + images) / 1e6:.1f} MB (gallery "
+              f"chunks {chunks / 1e6:.1f} MB, {images / 1e6:.1f} MB images), run folder "
+              f"{stage / 1e6:.1f} MB")
     if ch:
         print(f"          first render {ch['first_render_ms']:.0f} ms, open a latent median "
               f"{statistics.median(ch['open_ms']):.0f} ms (max {max(ch['open_ms']):.0f}), "
               f"page errors {len(ch['errors'])}")
+    if ch and ch["crops_ms"]:
+        print(f"          open a latent and draw its crops: median "
+              f"{statistics.median(ch['crops_ms']):.0f} ms (max {max(ch['crops_ms']):.0f}), "
+              f"crops >= 96 px shown {min(ch['crops_shown'])}-{max(ch['crops_shown'])}")
     gal = gallery_times(html) if pictures else {}
     if gal:
         print(f"          claim galleries: {gal['galleries']} galleries, "
@@ -286,7 +301,7 @@ def main() -> None:
               "ratio=nan")
         return
     old = old_builder(out / "old")
-    per_layer = max(SIXTEEN_X.values())
+    per_layer = max(layers.values())
     t0 = time.perf_counter()
     base_html = old.build_report(run, out / "baseline" / "index.html",
                                  cards_per_layer=per_layer)

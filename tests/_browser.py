@@ -24,6 +24,9 @@ from typing import Any
 CANDIDATES = ("/usr/lib/chromium/chromium", "/usr/bin/chromium", "/usr/bin/chromium-browser",
               "/usr/bin/google-chrome")
 LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
+# file:// pages are each their own origin, so a canvas that drew a file's image is "tainted" and
+# cannot be read back; this flag lets a test compare the drawn pixels (the CSP still applies).
+PIXELS = ("--allow-file-access-from-files",)
 
 
 def chromium_path() -> str | None:
@@ -92,9 +95,10 @@ class PageLog:
 
 
 @contextmanager
-def open_page(html_path: str | Path, width: int = 1400, height: int = 1000
-              ) -> Iterator[tuple[Any, PageLog]]:
-    """Yield (playwright Page, PageLog) for ``html_path`` loaded from ``file://``."""
+def open_page(html_path: str | Path, width: int = 1400, height: int = 1000,
+              args: tuple[str, ...] = ()) -> Iterator[tuple[Any, PageLog]]:
+    """Yield (playwright Page, PageLog) for ``html_path`` loaded from ``file://``; ``args``:
+    more Chromium flags (``PIXELS`` lets a test read back canvases drawn from files)."""
     from playwright.sync_api import sync_playwright
 
     exe = chromium_path()
@@ -102,7 +106,7 @@ def open_page(html_path: str | Path, width: int = 1400, height: int = 1000
         raise RuntimeError(unavailable_reason() or "no chromium")
     log = PageLog()
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=exe, args=LAUNCH_ARGS)
+        browser = p.chromium.launch(executable_path=exe, args=[*LAUNCH_ARGS, *args])
         try:
             page = browser.new_page(viewport={"width": width, "height": height})
             page.set_default_timeout(10_000)
@@ -155,6 +159,34 @@ def open_latent(page: Any, layer: str, latent: int) -> float:
                      "a.dataset.latent === String(j) && window.BL.lastOpenMs !== null; }",
                arg=[layer, latent])
     return float(page.evaluate("window.BL.lastOpenMs"))
+
+
+def open_crops(page: Any, layer: str, latent: int) -> tuple[float, float, list[dict]]:
+    """Open a latent page and wait until its example crops are drawn (chunk, images and
+    overlays); returns (ms until the page, ms until the last crop, one dict per crop)."""
+    page_ms = open_latent(page, layer, latent)
+    wait_until(page, "() => { const g = document.querySelector('#latent .gallery'); "
+                     "return !!g && g.dataset.drawn !== undefined && "
+                     "window.BL.lastGalleryMs !== null; }")
+    crops = page.evaluate(
+        "() => Array.from(document.querySelectorAll('#latent .gallery figure.crop')).map(f => {"
+        " const c = f.querySelector('canvas'); return {width: c.clientWidth, height: "
+        "c.clientHeight, box: c.dataset.box.split(',').map(Number), unit: "
+        "c.dataset.unit.split(',').map(Number), cls: f.querySelector('.cls').textContent, "
+        "caption: f.querySelector('figcaption').textContent, title: f.title, "
+        "broken: f.classList.contains('broken')}; })")
+    return page_ms, float(page.evaluate("window.BL.lastGalleryMs")), crops
+
+
+def canvas_pixels(page: Any, index: int) -> Any:
+    """RGB [n, n, 3] uint8 of the ``index``-th crop canvas (needs ``open_page(args=PIXELS)``)."""
+    import numpy as np
+
+    w, data = page.evaluate(
+        "i => { const c = document.querySelectorAll('#latent .gallery canvas')[i]; "
+        "return [c.width, Array.from(c.getContext('2d').getImageData(0, 0, c.width, "
+        "c.height).data)]; }", index)
+    return np.asarray(data, dtype=np.uint8).reshape(w, w, 4)[..., :3]
 
 
 def screenshots(html_path: str | Path, report_png: str | Path, latent_png: str | Path,

@@ -116,3 +116,95 @@ def make_run(root: Path, layers: dict[str, int], seed: int = 0, hostile_layer: s
                            "rule": "BH q=0.05"}]}
     (run / "analysis" / "summary.json").write_text(json.dumps(summary))
     return run
+
+
+def smooth_image(rng: np.random.Generator, size: int = 224):
+    """A [3, size, size] image in [0, 1] without fine detail (resampling it anywhere gives the
+    same picture), as a torch tensor."""
+    import torch
+    import torch.nn.functional as F
+
+    small = torch.from_numpy(rng.random((1, 3, 6, 6)).astype(np.float32))
+    return F.interpolate(small, size=(size, size), mode="bicubic",
+                         align_corners=False)[0].clamp(0, 1)
+
+
+def add_gallery(run: Path, layers: list[str] | None = None, n_images: int = 200,
+                size: int = 12, seed: int = 0, ids: dict[int, str] | None = None) -> dict:
+    """Galleries as the examples stage writes them (the stage's own ``GalleryWriter``), from
+    smooth synthetic images: latent j's slot s shows image ``images[j, s]`` (distinct images per
+    latent, labels ``i % 1000``), and its map there is a bump at the recorded unit
+    (``ys, xs``) of height ``values[j, s]``, zero below a fifth of it (sparse, like TopK codes).
+    ``ids`` overrides image ids. Returns {layer: Gallery}."""
+    import torch
+
+    from branchlens.model import output_shape
+    from branchlens.viz.receptive import receptive_field
+    from branchlens.viz.sprites import Gallery, GalleryWriter
+
+    rng = np.random.default_rng(seed)
+    summary = json.loads((run / "analysis" / "summary.json").read_text())
+    pictures = [smooth_image(rng) for _ in range(n_images)]
+    out = {}
+    for layer in layers or summary["layers"]:
+        n = summary["per_layer"][layer]["latents"]
+        _, h, w = output_shape("bvlc_googlenet", layer)
+        k = min(size, n_images)
+        images = torch.from_numpy(np.argsort(rng.random((n, n_images)), 1)[:, :k].copy())
+        values = torch.from_numpy(-np.sort(-rng.exponential(1.0, (n, k)), 1).astype(np.float32)
+                                  + 0.1)
+        ys = torch.from_numpy(rng.integers(0, h, (n, k)))
+        xs = torch.from_numpy(rng.integers(0, w, (n, k)))
+        g = Gallery(layer, images, ys, xs, values)
+        writer = GalleryWriter(run / "viz" / "examples" / layer, g,
+                               receptive_field("bvlc_googlenet", layer), (h, w), 224)
+        gy, gx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        for i in range(n_images):
+            slots = writer.owed.get(i, [])
+            maps = torch.zeros(n, h, w)
+            if slots:
+                js = torch.tensor([j for j, _ in slots])
+                ss = torch.tensor([s for _, s in slots])
+                d2 = ((gy[None] - ys[js, ss][:, None, None]) ** 2
+                      + (gx[None] - xs[js, ss][:, None, None]) ** 2).float()
+                bump = values[js, ss][:, None, None] * torch.exp(-d2 / 2.0)
+                maps[js] = torch.where(bump >= 0.2 * values[js, ss][:, None, None], bump, 0.0)
+            name = (ids or {}).get(i, f"n{i % 1000:08d}_{i}.JPEG")
+            writer.add(i, pictures[i], name, i % 1000, maps)
+        writer.finish(n_images)
+        out[layer] = g
+    return out
+
+
+def add_sprites(run: Path, tiles: int = 6, px: int = 40, per_sheet: int = 256,
+                seed: int = 0) -> None:
+    """Sprite sheets and top tables as the examples stage of earlier versions wrote them
+    (smooth random crops): runs made then still show their crops."""
+    from PIL import Image
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+    summary = json.loads((run / "analysis" / "summary.json").read_text())
+    for layer in summary["layers"]:
+        n = summary["per_layer"][layer]["latents"]
+        d = run / "viz" / "examples" / layer
+        d.mkdir(parents=True, exist_ok=True)
+        values = np.sort(rng.exponential(1.0, (n, 16)).astype(np.float32), 1)[:, ::-1].copy()
+        images = rng.integers(0, 1000, (n, 16)).astype(np.int64)
+        ys, xs = rng.integers(0, 14, (2, n, 16)).astype(np.int64)
+        ids = [f"n{i:08d}_{i}.JPEG" for i in range(1000)]
+        save_file({"values": values, "images": images, "ys": ys, "xs": xs},
+                  str(d / "top.safetensors"),
+                  metadata={"layer": json.dumps(layer), "grid": "[14, 14]",
+                            "n_images": "1000", "image_ids": json.dumps(ids)})
+        sheets = []
+        for s0 in range(0, n, per_sheet):
+            rows = min(per_sheet, n - s0)
+            small = rng.integers(0, 255, (rows * 4, tiles * 4, 3), dtype=np.uint8)
+            img = Image.fromarray(small).resize((tiles * px, rows * px), Image.BILINEAR)
+            name = f"sprites_{s0 // per_sheet:03d}.jpg"
+            img.save(d / name, format="JPEG", quality=82)
+            sheets.append(name)
+        (d / "sprites.json").write_text(json.dumps(
+            {"layer": layer, "tile": px, "n_tiles": tiles, "per_sheet": per_sheet,
+             "sheets": sheets, "n_latents": n, "with_examples": n}))

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from _browser import wait_until
-from _report_run import make_run
+from _report_run import add_gallery, add_sprites, make_run
 from branchlens.analysis.table import read_latent_table
 from branchlens.report import build_report
 from branchlens.report.builder import gather
@@ -120,9 +120,13 @@ def real_run(tmp_path_factory) -> Path:
         # the latents the claims rest on (the planted mixed3b cells), full and per branch
         visualize_stage(run, "mixed3b", select="evidence", n_latents=6, per_cell=2, pairs=1,
                         size=32, steps=1, weights="random", device="cpu", show_progress=False)
-        examples_stage(run, "mixed3b", n_top=4, latents=[0, 1, 2, 3], batch_size=8,
-                       weights="random", device="cpu", show_progress=False, heldout=False,
-                       sprite_tiles=3, sprite_px=24)
+        ex = run / "viz" / "examples" / "mixed3b"  # what a killed earlier call left there
+        (ex / "tmpa1b2c3").mkdir(parents=True)
+        (ex / "tmpa1b2c3" / "tiles.npy").write_bytes(b"\0" * 64)
+        (ex / ".top.safetensors.x7y8z9_q.tmp").write_bytes(b"half")
+        examples_stage(run, "mixed3b", n_top=4, n_strips=4, select="evidence", per_cell=2,
+                       pairs=1, batch_size=8, weights="random", device="cpu",
+                       show_progress=False, heldout=False)
         circuits_stage(run, "mixed3a", "mixed3b", latents=[0, 1, 2, 3], n_images=2,
                        flow_latents=4, n_perm=50, top_k=5, ablate=2, weights="random",
                        device="cpu", batch_size=8, show_progress=False)
@@ -151,27 +155,32 @@ def test_claims_show_the_latents_they_rest_on(real_run: Path) -> None:
     tiles = re.findall(r'<a class="ev"[^>]*>(.*?)</a>', claims, re.S)
     pics = [m for t in tiles for m in re.findall(r'<img loading="lazy" src="([^"]+)"', t)]
     assert pics and all(Image.open(out.parent / html.unescape(i)).size == (32, 32) for i in pics)
-    # the examples strip of an evidence latent that has one (the fixture drew strips of 0-3)
+    # the examples strip of an evidence latent that has one (the fixture drew strips of the
+    # evidence latents first)
     strips = [m for t in tiles for m in re.findall(r'<img class="strip" loading="lazy" '
                                                     r'src="([^"]+)"', t)]
-    with_strip = {j for js in ev["cells"].values() for j in js} & {0, 1, 2, 3}
+    drawn = {e["latent"] for e in json.loads((real_run / "viz" / "examples" / "mixed3b" /
+                                               "index.json").read_text())["latents"]}
+    with_strip = {j for js in ev["cells"].values() for j in js} & drawn
     assert len(set(strips)) == len(with_strip)
     assert all(Image.open(out.parent / html.unescape(i)).height == 128 for i in strips)
     # each strip's images by name, best first, as the examples index lists them
     ex = json.loads((real_run / "viz" / "examples" / "mixed3b" / "index.json").read_text())
     from branchlens.report.evidence import short_name
 
+    assert with_strip
     for e in ex["latents"]:
-        if e["latent"] in with_strip:
-            names = " · ".join(short_name(x["image_id"]) for x in e["examples"][:6])
-            assert html.escape(f"top: {names}", quote=True) in claims
+        if e["latent"] in with_strip:  # each name isolated (a bidi control cannot reorder)
+            names = " · ".join(f"<bdi>{html.escape(short_name(x['image_id']))}</bdi>"
+                               for x in e["examples"][:6])
+            assert f"top: {names}" in claims
     assert short_name("imagenet-sample/n01440764_tench.JPEG#flip") == "tench"
 
 
 def _call(path: Path) -> list:
     """The arguments of a data script ``BL.name(a, b, ...);`` (JSON)."""
     text = path.read_text(encoding="ascii")
-    m = re.fullmatch(r"BL\.(table|detail)\((.*)\);\n", text, re.S)
+    m = re.fullmatch(r"BL\.(table|detail|gallery)\((.*)\);\n", text, re.S)
     assert m, text[:80]
     return json.loads(f"[{m.group(2)}]")
 
@@ -193,6 +202,70 @@ def _detail(report: Path, meta: dict, layer: str, j: int) -> dict:
 def _csv_rows(run: Path) -> dict[tuple[str, int], dict]:
     with open(run / "analysis" / "latents.csv", newline="") as f:
         return {(r["layer"], int(r["latent"])): r for r in csv.DictReader(f)}
+
+
+def _gallery(report: Path, meta: dict, layer: str, j: int) -> list[dict]:
+    """The examples of latent j as its gallery chunk sends them to the page."""
+    li = [x["name"] for x in meta["layers"]].index(layer)
+    g = meta["layers"][li]["gallery"]
+    _, c, chunk = _call(report / "assets" / "data" / f"g{li}_{j // g['chunk']}.js")
+    assert c == j // g["chunk"]
+    return [dict(zip(("url", "id", "cls"), chunk["i"][e[0]], strict=True))
+            | {"y": e[1], "x": e[2], "value": e[3], "map": e[4]}
+            for e in chunk["e"][j % g["chunk"]]]
+
+
+def _decode_map(code: str, g: dict) -> np.ndarray:
+    """The page's reading of a map string: values in [0, 1] of the latent's best example."""
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    h, w = g["grid"]
+    m = np.zeros(h * w)
+    step = g["pw"] + 1
+    for k in range(0, len(code), step):
+        pos = 0
+        for ch in code[k:k + g["pw"]]:
+            pos = pos * 64 + alphabet.index(ch)
+        m[pos] = alphabet.index(code[k + g["pw"]]) / g["levels"]
+    return m.reshape(h, w)
+
+
+def _check_gallery(run: Path, out: Path, meta: dict, layer: str, t: dict) -> None:
+    """The gallery chunks send exactly the examples stage's gallery: each latent's examples
+    (image, class, unit, value) in order, its maps to 1/63 of its best value, each held-out
+    image copied once."""
+    from branchlens.variants import class_names
+    from branchlens.viz.sprites import entry_map, load_gallery
+
+    doc, gt = load_gallery(run / "viz" / "examples" / layer)
+    g = next(x for x in meta["layers"] if x["name"] == layer)["gallery"]
+    rf = doc["receptive_field"]
+    assert g["rf"] == [rf["size"], rf["stride"], rf["offset"]] and g["grid"] == doc["grid"]
+    assert g["image"] == 224 and g["k"] == doc["size"] == 12
+    records = {r["index"]: r for r in doc["image_files"]}
+    names = class_names("bvlc_googlenet")
+    n = gt["images"].shape[0]
+    firing = [j for j in range(n) if gt["images"][j, 0] >= 0]
+    assert len(firing) == doc["with_examples"] > 0
+    assert all(t["ex"][j] for j in firing) and sum(t["ex"]) <= len(firing) + 4  # + strips
+    urls = {}
+    for j in firing:
+        shown = _gallery(out.parent, meta, layer, j)
+        slots = [s for s in range(12) if gt["images"][j, s] >= 0]
+        assert len(shown) == len(slots)
+        vmax = float(gt["values"][j].max())
+        for s, e in zip(slots, shown, strict=True):
+            r = records[int(gt["images"][j, s])]
+            assert e["id"] == r["id"] and (e["y"], e["x"]) == (int(gt["ys"][j, s]),
+                                                               int(gt["xs"][j, s]))
+            assert e["cls"] == (names[r["label"]] if r["label"] is not None else "")
+            assert e["value"] == pytest.approx(float(gt["values"][j, s]), rel=5e-3)  # 3 digits
+            want = entry_map(gt, doc["grid"], j, s).numpy() / vmax
+            assert np.abs(_decode_map(e["map"], g) - want).max() <= 1 / 63  # (tiny: 1/63)
+            assert (_decode_map(e["map"], g) > 0).sum() == (want > 0).sum()
+            urls.setdefault(r["id"], set()).add(e["url"])
+    assert all(len(u) == 1 for u in urls.values())  # one file per held-out image
+    files = {u for us in urls.values() for u in us}
+    assert files == {f"assets/img/{p.name}" for p in (out.parent / "assets" / "img").glob("g*")}
 
 
 def test_report_folder_from_real_run(real_run: Path) -> None:
@@ -273,18 +346,8 @@ def test_report_folder_from_real_run(real_run: Path) -> None:
     for j in range(4):
         up = _detail(out.parent, meta, "mixed3b", j)["up"]
         assert up and all(u[0] == "mixed3a" and isinstance(u[1], int) for u in up)
-    idx = json.loads((real_run / "viz" / "examples" / "mixed3b" / "sprites.json").read_text())
     _, t3b = _call(out.parent / "assets" / "data" / "t1.js")
-    from safetensors.numpy import load_file
-
-    values = load_file(str(real_run / "viz" / "examples" / "mixed3b" / "top.safetensors"))[
-        "values"]
-    firing = [j for j in range(values.shape[0]) if values[j, 0] > 0]
-    assert len(firing) == idx["with_examples"] > 0
-    assert all(t3b["ex"][j] for j in firing) and sum(t3b["ex"]) <= len(firing) + 4
-    j = firing[0]
-    ex = _detail(out.parent, meta, "mixed3b", j)["ex"]
-    assert (out.parent / ex["src"]).is_file() and ex["tile"] == 24 and 1 <= ex["k"] <= 3
+    _check_gallery(real_run, out, meta, "mixed3b", t3b)
     assert oct(out.stat().st_mode & 0o777) == "0o644"
     # a rebuild replaces the assets; a foreign assets folder is never touched
     again = build_report(real_run)
@@ -307,21 +370,42 @@ def test_report_tolerates_missing_and_broken_artifacts(real_run: Path, tmp_path:
             f"not available: run branchlens {cmd} " in page
     assert "RANDOM WEIGHTS" not in page
 
-    # sprites.json naming files outside the run (a shared folder must not pull them in)
+    # gallery.json / sprites.json naming files outside the run (a shared folder must not pull
+    # them in), and a gallery edited so that it no longer fits its maps
+    secret = tmp_path / "secret.jpg"
+    Image.new("RGB", (224, 224), (1, 2, 3)).save(secret, format="JPEG")
     nosy = tmp_path / "nosy"
     shutil.copytree(real_run, nosy)
-    secret = tmp_path / "secret.jpg"
-    sheet0 = json.loads((nosy / "viz" / "examples" / "mixed3b" / "sprites.json").read_text())[
-        "sheets"][0]
-    secret.write_bytes((nosy / "viz" / "examples" / "mixed3b" / sheet0).read_bytes() + b"x")
-    sj = nosy / "viz" / "examples" / "mixed3b" / "sprites.json"
-    doc = json.loads(sj.read_text())
-    doc["sheets"] = [str(secret), "../../../../secret.jpg", "/etc/passwd"][:len(doc["sheets"])]
-    sj.write_text(json.dumps(doc))
     shutil.rmtree(nosy / "report", ignore_errors=True)
+    gj = nosy / "viz" / "examples" / "mixed3b" / "gallery.json"
+    doc = json.loads(gj.read_text())
+    for r, bad in zip(doc["image_files"], [str(secret), "../../../../secret.jpg",
+                                           "/etc/passwd"], strict=False):
+        r["file"] = bad
+    (nosy / "viz" / "examples" / "mixed3b" / "images" / "link.jpg").symlink_to(secret)
+    doc["image_files"][-1]["file"] = "images/link.jpg"
+    gj.write_text(json.dumps(doc))
     out = build_report(nosy)
     copied = [p.read_bytes() for p in (out.parent / "assets").rglob("*.jpg")]
-    assert secret.read_bytes() not in copied
+    assert secret.read_bytes() not in copied and copied
+    assert "gallery example(s) left out: their image file is missing, outside the run" in \
+        out.read_text()
+    doc["grid"] = [2, 2]  # positions beyond the grid: refused, said, no crops
+    gj.write_text(json.dumps(doc))
+    page = build_report(nosy).read_text()
+    assert "mixed3b: the examples gallery is unreadable (ValueError: a unit or value out of " \
+        "range); re-run branchlens examples" in page
+    legacy = tmp_path / "legacy"  # a run from before the gallery: sprite sheets only
+    make_run(legacy, {"mixed4a": 40})
+    add_sprites(legacy, tiles=3, px=24)
+    sj = legacy / "viz" / "examples" / "mixed4a" / "sprites.json"
+    doc = json.loads(sj.read_text())
+    secret.write_bytes((sj.parent / doc["sheets"][0]).read_bytes() + b"x")
+    doc["sheets"] = [str(secret)]
+    sj.write_text(json.dumps(doc))
+    out = build_report(legacy)
+    assert secret.read_bytes() not in [p.read_bytes() for p in (out.parent / "assets").rglob(
+        "*.jpg")]
 
     partial = tmp_path / "partial"  # store + SAEs only, one SAE folder broken
     shutil.copytree(real_run / "store", partial / "store")
@@ -425,7 +509,7 @@ def _click_point(page, layer_index: int) -> tuple[str, int]:
 
 def test_report_in_chromium(real_run: Path) -> None:
     _require_browser()
-    from _browser import broken_images, open_latent, open_page, shown_count, wait_ready
+    from _browser import broken_images, open_crops, open_latent, open_page, shown_count, wait_ready
 
     out = build_report(real_run)
     meta = _meta(out)
@@ -483,21 +567,27 @@ def test_report_in_chromium(real_run: Path) -> None:
         wait_until(page, "() => document.getElementById('latent').dataset.layer === 'mixed3a'")
         details = [_detail(out.parent, meta, "mixed3b", k) for k in range(meta["layers"][1]["n"])]
         with_strip = next(k for k, d in enumerate(details) if "strips" in d)
-        open_latent(page, "mixed3b", with_strip)  # full-size strips win over the sprites
-        assert page.query_selector_all("#latent img.strip")
+        _, _, crops = open_crops(page, "mixed3b", with_strip)  # the gallery, and the strips
+        assert crops and page.query_selector_all("#latent img.strip")
         assert not page.query_selector_all("#latent .exs .tile")
-        j = next(k for k, d in enumerate(details) if "ex" in d and "strips" not in d)
-        open_latent(page, "mixed3b", j)
-        tiles = page.query_selector_all("#latent .exs .tile")
-        assert tiles and page.evaluate(  # the sprite sheet decodes
-            "s => new Promise(r => { const i = new Image(); i.onload = () => r(i.naturalWidth);"
-            " i.onerror = () => r(0); i.src = s; })",
-            _detail(out.parent, meta, "mixed3b", j)["ex"]["src"]) > 0
-        hostile = [k for k, d in enumerate(details) if "strips" not in d
-                   and any("<script>" in i for i in (d.get("ex") or {}).get("ids", []))]
-        if hostile:  # an image named like markup is shown as text
-            open_latent(page, "mixed3b", hostile[0])
-            assert "<script>alert(1)<" in page.inner_text("#latent .exs + .ids")
+        from branchlens.viz.receptive import receptive_field
+        from branchlens.viz.sprites import load_gallery
+
+        rf = receptive_field("bvlc_googlenet", "mixed3b")
+        doc, gt = load_gallery(real_run / "viz" / "examples" / "mixed3b")
+        ids = {r["index"]: r["id"] for r in doc["image_files"]}
+        firing = [k for k in range(gt["images"].shape[0]) if gt["images"][k, 0] >= 0]
+        for j in (firing[len(firing) // 2], firing[-1]):  # any latent that fires
+            _, _, crops = open_crops(page, "mixed3b", j)
+            slots = [s for s in range(12) if gt["images"][j, s] >= 0]
+            assert len(crops) == len(slots) and not any(c["broken"] for c in crops)
+            for s, c in zip(slots, crops, strict=True):
+                y, x = int(gt["ys"][j, s]), int(gt["xs"][j, s])
+                assert c["width"] == c["height"] == meta["crop_px"] >= 96
+                assert c["unit"] == [y, x] and c["box"] == list(rf.box(y, x, 224))
+                assert ids[int(gt["images"][j, s])] in c["title"]  # markup in ids: text
+        assert any("<script>alert(1)<" in c["title"] for k in firing[:30]
+                   for c in open_crops(page, "mixed3b", k)[2])
         label, j = _click_point(page, 1)
         assert label.startswith(f"mixed3b #{j}")
         assert broken_images(page) == []
@@ -567,3 +657,219 @@ def test_a_truncated_latent_table_is_said_not_silently_shown(tmp_path: Path) -> 
     assert "1 damaged line(s) left out" in page
     assert "latents.csv holds 80 of 200 latents of mixed4b" in page
     assert "of mixed4a" not in page  # the complete layer is not flagged
+
+
+# -- the gallery of every latent, drawn in the page -------------------------------------------
+
+RLO_NAME = "n01440764_\u202egpj.exe"  # shows as "n01440764_exe.jpg" unless isolated
+ODD_DIR = "it's a \"run\" folder"
+
+
+@pytest.fixture(scope="module")
+def gallery_run(tmp_path_factory) -> tuple[Path, dict]:
+    """A synthetic run (in a folder whose name needs shell quoting) whose mixed4a has a gallery
+    of 12 smooth images per latent (one image named with a right-to-left override); mixed4b
+    has no examples. Latent 7's analysis top images: that name first, then two plain ones."""
+    run = make_run(tmp_path_factory.mktemp("gal") / ODD_DIR / "run",
+                   {"mixed4a": 300, "mixed4b": 130})
+    gals = add_gallery(run, ["mixed4a"], n_images=16, ids={3: RLO_NAME})
+    path = run / "analysis" / "latents.csv"
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    rows[7]["top_images"] = f"{RLO_NAME};n01440764_bbb.JPEG;n01440764_ccc.JPEG"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return run, gals
+
+
+def _reference_crop(img01: torch.Tensor, rf, y: int, x: int, heat01: torch.Tensor | None,
+                    px: int) -> np.ndarray:
+    """The picture the page should draw, computed independently here: the image with the map
+    overlaid (heatmap: unit (y, x) at its receptive-field centre), cut to the receptive-field
+    box inside the image, fitted into px x px, grey around it."""
+    import math
+
+    import torch.nn.functional as F
+
+    from branchlens.viz.examples import OVERLAY_ALPHA, OVERLAY_RED, heatmap
+
+    comp = img01
+    if heat01 is not None:
+        a = heatmap(heat01, rf, img01.shape[-1]).clamp(0, 1) * OVERLAY_ALPHA
+        comp = img01 * (1 - a) + torch.tensor(OVERLAY_RED).view(3, 1, 1) * a
+    t, l_, b, r = rf.box(y, x, img01.shape[-1])
+    s = px / max(r - l_, b - t)
+    dw, dh = math.floor((r - l_) * s + 0.5), math.floor((b - t) * s + 0.5)
+    small = F.interpolate(comp[None, :, t:b, l_:r], size=(dh, dw), mode="bilinear",
+                          antialias=True, align_corners=False)[0]
+    out = torch.full((3, px, px), 128 / 255)
+    oy, ox = (px - dh) // 2, (px - dw) // 2
+    out[:, oy:oy + dh, ox:ox + dw] = small
+    return (out.clamp(0, 1) * 255).permute(1, 2, 0).numpy()
+
+
+def test_gallery_crops_are_the_receptive_field_with_the_map_in_chromium(gallery_run) -> None:
+    """For an arbitrary latent the page draws 12 crops of >= 96 px; each is the receptive-field
+    box of the recorded unit, its red overlay peaks at that unit, its pixels are the image with
+    the map overlaid (computed independently above), and its caption is the image's class."""
+    _require_browser()
+    from _browser import PIXELS, canvas_pixels, open_crops, open_page, wait_ready
+    from branchlens.variants import class_names
+    from branchlens.viz.receptive import receptive_field
+    from branchlens.viz.sprites import entry_map, load_gallery
+
+    run, gals = gallery_run
+    out = build_report(run)
+    meta = _meta(out)
+    _, t = _call(out.parent / "assets" / "data" / "t0.js")
+    _check_gallery(run, out, meta, "mixed4a", t)
+    rf = receptive_field("bvlc_googlenet", "mixed4a")
+    doc, gt = load_gallery(run / "viz" / "examples" / "mixed4a")
+    names = class_names("bvlc_googlenet")
+    px = meta["crop_px"]
+    with open_page(out, args=PIXELS) as (page, log):
+        wait_ready(page)
+        for j in (123, 299):
+            _, ms, crops = open_crops(page, "mixed4a", j)
+            assert len(crops) == 12 and ms < 5000
+            vmax = float(gt["values"][j].max())
+            for s, c in enumerate(crops):
+                i, y, x = (int(gt[k][j, s]) for k in ("images", "ys", "xs"))
+                assert c["width"] == c["height"] == px >= 96 and not c["broken"]
+                assert c["unit"] == [y, x] and c["box"] == list(rf.box(y, x, 224))
+                assert c["cls"] == names[i % 1000]  # add_gallery labels image i as class i % 1000
+                assert f"{float(gt['values'][j, s]):.3g}" in c["caption"]
+                img = torch.from_numpy(np.array(Image.open(
+                    run / "viz" / "examples" / "mixed4a" / f"images/{i:06d}.jpg"))).permute(
+                    2, 0, 1).float() / 255
+                heat = entry_map(gt, doc["grid"], j, s) / vmax
+                got = canvas_pixels(page, s).astype(float)
+                want = _reference_crop(img, rf, y, x, heat, px)
+                plain = _reference_crop(img, rf, y, x, None, px)
+                assert np.abs(got - want).mean() < 4 and np.percentile(np.abs(got - want),
+                                                                       99) < 25
+                if gt["values"][j, s] < 0.5 * vmax:
+                    continue  # a faint overlay: the pixels above say enough
+                assert np.abs(got - plain).mean() > 2 * np.abs(got - want).mean()
+                # the overlay's opacity (got = plain * (1 - a) + red * a, least squares over
+                # the channels) peaks at the unit's centre, within a third of a unit
+                red = np.array([255, 25.5, 25.5]) - plain
+                alpha = ((got - plain) * red).sum(-1) / np.maximum((red ** 2).sum(-1), 1e3)
+                py, pxx = np.unravel_index(np.argmax(alpha), alpha.shape)
+                t_, l_, b_, r_ = c["box"]
+                sc = px / max(r_ - l_, b_ - t_)
+                cy, cx = rf.center(y, x)
+                oy = (px - round((b_ - t_) * sc)) // 2
+                ox = (px - round((r_ - l_) * sc)) // 2
+                assert abs(py + 0.5 - (oy + (cy - t_ + 0.5) * sc)) <= rf.stride * sc / 3
+                assert abs(pxx + 0.5 - (ox + (cx - l_ + 0.5) * sc)) <= rf.stride * sc / 3
+        assert log.console_errors == [] and log.dialogs == [] and log.requests == []
+
+
+def test_names_are_isolated_and_commands_shell_quoted_in_chromium(gallery_run) -> None:
+    """A right-to-left override in one file name neither reverses the names after it (each
+    name is its own <bdi>, the control shown as a marker) nor hides what the name holds; every
+    command the report suggests, pasted into a shell, names this very run folder."""
+    import shlex
+
+    _require_browser()
+    from _browser import open_latent, open_page, wait_ready
+
+    run, _ = gallery_run
+    out = build_report(run)
+    (out.parent / "assets" / "data" / "g0_0.js").unlink()  # a gallery chunk gone: said, no hang
+    page_html = out.read_text()
+    cmds = [html.unescape(c) for c in re.findall(r"<code>(branchlens [^<]*)</code>", page_html)]
+    assert any(" examples " in c and c.endswith("--layer mixed4b") for c in cmds)
+    assert cmds and all(shlex.split(c)[2] == str(run) for c in cmds)
+    where = """p => ['bbb', 'ccc'].map(w => {  // screen x of each name on one line
+        p.style.whiteSpace = 'nowrap';
+        const t = document.createTreeWalker(p, NodeFilter.SHOW_TEXT);
+        for (let n = t.nextNode(); n; n = t.nextNode()) {
+          const i = n.data.indexOf(w);
+          if (i >= 0) { const r = document.createRange(); r.setStart(n, i);
+                        r.setEnd(n, i + 3); return r.getBoundingClientRect().left; }
+        } })"""
+    with open_page(out) as (page, log):
+        wait_ready(page)
+        open_latent(page, "mixed4a", 7)
+        p = page.query_selector("#latent .ids")
+        assert "n01440764_⟨U+202E⟩gpj.exe" in p.inner_text() and "\u202e" not in p.inner_text()
+        assert len(p.query_selector_all("bdi")) == 3
+        wait_until(page, "() => document.querySelector('#latent .gallery').textContent"
+                         ".startsWith('could not load')")
+        bbb, ccc = p.evaluate(where)
+        assert bbb < ccc  # left to right, in the order the analysis lists them
+        # the same names as one plain text (the page before the fix): the override reverses
+        # them, so the check above can fail
+        plain = page.evaluate_handle("""n => { const p = document.createElement('p');
+            p.textContent = n.join(', '); document.getElementById('latent').appendChild(p);
+            return p; }""", [RLO_NAME, "n01440764_bbb.JPEG", "n01440764_ccc.JPEG"])
+        bbb, ccc = plain.evaluate(where)
+        assert bbb > ccc
+        shown = []
+        for layer, j in (("mixed4a", 8), ("mixed4b", 3)):
+            open_latent(page, layer, j)
+            shown += page.eval_on_selector_all("#latent code.cmd", "e => e.map(c => c.textContent)")
+        words = [shlex.split(c) for c in shown]
+        assert {w[1] for w in words} == {"visualize", "examples", "circuits"}
+        assert all(w[2] == str(run) for w in words)
+        assert log.requests == [] and all("g0_0.js" in e or "ERR_FILE_NOT_FOUND" in e
+                                          for e in log.console_errors)
+
+
+def test_a_run_with_old_sprite_sheets_still_shows_its_crops_in_chromium(tmp_path: Path) -> None:
+    _require_browser()
+    from _browser import broken_images, open_latent, open_page, wait_ready
+
+    run = make_run(tmp_path / "run", {"mixed4a": 40})
+    add_sprites(run, tiles=3, px=24)
+    out = build_report(run)
+    with open_page(out) as (page, log):
+        wait_ready(page)
+        open_latent(page, "mixed4a", 5)
+        assert len(page.query_selector_all("#latent .exs .tile")) == 3
+        assert not page.query_selector_all("#latent .gallery")
+        src = _detail(out.parent, _meta(out), "mixed4a", 5)["ex"]["src"]
+        assert page.evaluate("s => new Promise(r => { const i = new Image(); i.onload = () => "
+                             "r(i.naturalWidth); i.onerror = () => r(0); i.src = s; })", src) > 0
+        assert broken_images(page) == [] and log.console_errors == []
+
+
+def test_a_killed_report_build_is_cleaned_up_by_the_next(tmp_path: Path) -> None:
+    """kill -9 in the middle of a build leaves its temp folders; the next build removes them
+    (and only them). A build that is still alive holds the folder: a second one refuses."""
+    import fcntl
+    import signal
+    import subprocess
+    import sys
+
+    run = make_run(tmp_path / "run", {"mixed4a": 64})
+    (run / "report").mkdir()
+    (run / "report" / "NOTES.txt").write_text("mine")
+    kill = ("import os, signal, sys\nfrom branchlens.report import build_report\n"
+            "build_report(sys.argv[1], log=lambda s: os.kill(os.getpid(), signal.SIGKILL))\n")
+    r = subprocess.run([sys.executable, "-c", kill, str(run)], capture_output=True, timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stderr.decode()[-500:]
+    left = sorted(p.name for p in (run / "report").iterdir())
+    assert [n for n in left if n.startswith(".assets-new-")] and "assets" not in left
+    (run / "report" / ".index.html.a1b2c3d4.tmp").write_text("half a page")  # killed later
+    build_report(run)
+    assert sorted(p.name for p in (run / "report").iterdir()) == ["NOTES.txt", "assets",
+                                                                 "index.html"]
+    fd = os.open(run / "report", os.O_RDONLY)  # a build in progress (another process's lock)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with pytest.raises(FileExistsError, match="another branchlens report is being written"):
+            build_report(run)
+    finally:
+        os.close(fd)
+    assert (run / "report" / "index.html").is_file()
+
+
+def test_examples_stage_cleans_what_a_killed_run_left(real_run: Path) -> None:
+    ex = real_run / "viz" / "examples" / "mixed3b"
+    assert not (ex / "tmpa1b2c3").exists() and not list(ex.glob(".*.tmp"))
+    assert (ex / "gallery.json").is_file() and (ex / "top.safetensors").is_file()

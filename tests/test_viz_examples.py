@@ -1,4 +1,4 @@
-"""Top dataset examples: streaming merge == brute force, real pass, crops and outputs."""
+"""Top dataset examples: streaming merge == brute force, real pass, crops, galleries, outputs."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 import _vizkit as K
+from _report_run import smooth_image
 from branchlens.viz.examples import (
     TopExamples,
     crop_with_overlay,
@@ -22,7 +22,16 @@ from branchlens.viz.examples import (
     top_examples,
 )
 from branchlens.viz.receptive import receptive_field
-from branchlens.viz.sprites import save_sprites, sprite_tile, tiles_for_image
+from branchlens.viz.sprites import (
+    GALLERY,
+    Gallery,
+    GalleryWriter,
+    choose_gallery,
+    entry_map,
+    load_gallery,
+    save_gallery,
+    sweep_leftovers,
+)
 
 
 def test_streaming_topk_equals_brute_force_with_bounded_state():
@@ -95,60 +104,124 @@ def test_real_pass_maps_strips_and_index(tmp_path):
     assert torch.equal(back.values, top.values) and back.image_ids == top.image_ids
 
 
-def test_sprite_tiles_are_the_full_size_crops_sampled_small():
-    """At tile = receptive-field size the batched sampler reproduces crop_with_overlay, border
-    (grey padding) and heatmap included; smaller tiles are its downsampling."""
+def _top(ids: dict[int, str], rows: list[list[tuple[int, float]]]) -> TopExamples:
+    """A top table from rows of (image, value), best first (y = x = image % 5)."""
+    n_top = max(len(r) for r in rows)
+    top = TopExamples.empty("mixed4a", len(rows), n_top)
+    for j, r in enumerate(rows):
+        for k, (i, v) in enumerate(r):
+            top.values[j, k], top.images[j, k] = v, i
+            top.ys[j, k] = top.xs[j, k] = i % 5
+    top.image_ids, top.grid = ids, (5, 5)
+    return top
+
+
+def test_gallery_shows_each_image_once_best_view_first():
+    """An image and its mirror are one example (the better view is kept); silent or empty
+    slots end the list; the order of the top table is kept."""
+    ids = {0: "a.jpg", 1: "a.jpg#flip", 2: "b.jpg", 3: "b.jpg#flip", 4: "c.jpg", 5: "d.jpg"}
+    top = _top(ids, [[(1, 9.0), (0, 8.0), (3, 7.0), (4, 6.0), (2, 5.0), (5, 4.0)],
+                     [(5, 2.0), (4, 0.0), (2, -1.0)],
+                     [(0, 0.0)]])
+    g = choose_gallery(top, size=3)
+    assert g.images.tolist() == [[1, 3, 4], [5, -1, -1], [-1, -1, -1]]
+    assert g.values[0].tolist() == [9.0, 7.0, 6.0]
+    assert g.ys[0].tolist() == [1, 3, 4] and g.xs[1, 0] == 0
+    assert choose_gallery(top, size=12).images[0].tolist()[:5] == [1, 3, 4, 5, -1]
+
+
+def _peak_map(n: int, grid: tuple[int, int], j: int, y: int, x: int, v: float) -> torch.Tensor:
+    m = torch.zeros(n, *grid)
+    m[j, y, x] = v
+    m[j, y, x + 1] = v / 2
+    m[n - 1, 0, 0] = 5.0  # a latent without examples fires on this image too: not stored
+    return m
+
+
+def test_gallery_writer_stores_each_image_once_and_the_maps_sparsely(tmp_path):
     rf = receptive_field("bvlc_googlenet", "mixed4a")
-    g = torch.Generator().manual_seed(1)
-    img = F.interpolate(torch.rand(1, 3, 8, 8, generator=g), size=(224, 224), mode="bilinear",
-                        align_corners=False)[0]  # smooth: point samples ≈ area averages
-    maps = torch.rand(3, 14, 14, generator=g)
-    ys, xs = torch.tensor([0, 7, 13]), torch.tensor([2, 7, 13])  # two at the border
-    vmax = maps.flatten(1).max(1).values
-    tiles = tiles_for_image(img, maps, rf, ys, xs, vmax, rf.size)
-    for s in range(3):
-        ref = torch.from_numpy(np.array(crop_with_overlay(
-            img, rf, int(ys[s]), int(xs[s]), maps[s], float(vmax[s]), tile=rf.size))).float()
-        got = (tiles[s].clamp(0, 1) * 255).permute(1, 2, 0)
-        assert (got - ref).abs().max() <= 2.0  # uint8 rounding only
-    small = tiles_for_image(img, maps, rf, ys, xs, vmax, 19)
-    assert small.shape == (3, 3, 19, 19)
-    down = F.interpolate(tiles, size=(19, 19), mode="area")
-    assert (small - down).abs().mean() < 0.02
+    g = Gallery("mixed4a", torch.tensor([[3, 7], [7, -1], [9, 3]]),
+                torch.tensor([[1, 2], [4, -1], [0, 3]]), torch.tensor([[0, 3], [2, -1], [1, 1]]),
+                torch.tensor([[2.0, 1.0], [3.0, 0.0], [1.5, 1.25]]))
+    out = tmp_path / "ex"
+    (out / "images").mkdir(parents=True)
+    (out / "images" / "000042.jpg").write_bytes(b"a previous gallery's image")
+    (out / "images" / "notes.txt").write_text("not ours")
+    w = GalleryWriter(out, g, rf, (5, 5), 224)
+    assert w.wanted == [3, 7, 9]
+    pics = {i: smooth_image(np.random.default_rng(i)) for i in (3, 7)}
+    # image 3 owes (0, 0) and (2, 1); image 7 owes (0, 1) and (1, 0); image 9 never comes
+    # (unreadable): latent 2 then shows image 3 first
+    maps3 = _peak_map(4, (5, 5), 0, 1, 0, 2.0) + _peak_map(4, (5, 5), 2, 3, 1, 1.25)
+    maps7 = _peak_map(4, (5, 5), 0, 2, 3, 1.0) + _peak_map(4, (5, 5), 1, 4, 2, 3.0)
+    w.add(3, pics[3], "n01440764_3.JPEG", 0, maps3)
+    w.add(7, pics[7], "x.png#flip", None, maps7)
+    assert not (out / GALLERY).exists()  # written last
+    doc = w.finish(n_images=10)
+    assert doc["missing_images"] == 1 and doc["with_examples"] == 3
+    back, t = load_gallery(out)
+    assert back["image_files"] == [
+        {"index": 3, "file": "images/000003.jpg", "id": "n01440764_3.JPEG", "label": 0},
+        {"index": 7, "file": "images/000007.jpg", "id": "x.png#flip", "label": None}]
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["000003.jpg", "000007.jpg",
+                                                                 "notes.txt"]
+    for i in (3, 7):  # the crop the network saw, once
+        a = torch.from_numpy(np.array(Image.open(out / f"images/{i:06d}.jpg"))).float() / 255
+        assert a.shape == (224, 224, 3)
+        assert (a.permute(2, 0, 1) - pics[i]).abs().max() < 0.05
+    assert t["images"].tolist() == [[3, 7], [7, -1], [3, -1]]  # image 9: left out
+    assert t["ys"][2].tolist() == [3, -1] and t["values"][2].tolist() == [1.25, 0]
+    assert torch.equal(entry_map(t, (5, 5), 0, 0), maps3[0])
+    assert torch.equal(entry_map(t, (5, 5), 0, 1), maps7[0])
+    assert torch.equal(entry_map(t, (5, 5), 1, 0), maps7[1])
+    assert torch.equal(entry_map(t, (5, 5), 2, 0), maps3[2])
+    assert not entry_map(t, (5, 5), 2, 1).any()
+    assert t["pos"].numel() == 8  # two nonzero units per entry, nothing else stored
 
 
-def test_sprites_hold_every_firing_latent_in_order(tmp_path):
+def test_sweep_removes_what_a_killed_stage_left_and_nothing_else(tmp_path):
+    out = tmp_path / "ex"
+    (out / "images").mkdir(parents=True)
+    left = [out / ".top.safetensors.k2x_9a.tmp", out / "images" / ".000003.jpg.abc123.tmp",
+            out / GALLERY, out / "sprites.json", out / "sprites_000.jpg"]
+    for p in left:
+        p.write_bytes(b"x")
+    (out / "tmpq1w2e3").mkdir()
+    (out / "tmpq1w2e3" / "tiles.npy").write_bytes(b"x")  # the old tile buffer
+    keep = [out / "NOTES.txt", out / "mixed4a_00001.png", out / "tmpmine" / "data.csv",
+            out / ".hidden.tmp.keep"]
+    for p in keep:
+        p.parent.mkdir(exist_ok=True)
+        p.write_text("mine")
+    gone = sweep_leftovers(out)
+    assert len(gone) == len(left) + 1 and not (out / "tmpq1w2e3").exists()
+    assert not any(p.exists() for p in left) and all(p.exists() for p in keep)
+    assert sweep_leftovers(tmp_path / "absent") == []
+
+
+def test_real_gallery_pass_maps_agree_with_the_top_table(tmp_path):
     K.need_shared()
     model, sae, src = K.model(), K.trained_sae("mixed4a"), K.source()
-    idx = K.image_indices()[:10]
-    top = top_examples(model, sae, "mixed4a", src, n_top=4, batch_size=5, indices=idx,
+    idx = K.image_indices()[:12]
+    top = top_examples(model, sae, "mixed4a", src, n_top=6, batch_size=5, indices=idx,
                        show_progress=False)
-    doc = save_sprites(model, sae, top, src, tmp_path, model.variant, n_tiles=3, tile=24,
-                       per_sheet=100, batch_size=4, show_progress=False)
-    n = top.values.shape[0]
-    assert doc["sheets"] == [f"sprites_{s:03d}.jpg" for s in range((n + 99) // 100)]
-    assert json.loads((tmp_path / "sprites.json").read_text())["with_examples"] == int(
-        (top.values[:, 0] > 0).sum()) > 0
-    assert not list(tmp_path.glob("tmp*"))  # the tile buffer is gone
-    rf = receptive_field(model.variant, "mixed4a")
-    firing = [j for j in range(n) if top.values[j, 0] > 0]
-    silent = [j for j in range(n) if top.values[j, 0] <= 0]
-    for j in firing[:5] + firing[-3:]:
-        entries = top.entries(j)
-        for k, e in enumerate(entries[:3]):
-            ref = crop_with_overlay(K_unit(src, e["image_index"], model.variant), rf, e["y"],
-                                    e["x"], None, None, tile=24)
-            got = np.asarray(sprite_tile(tmp_path, j, k)).astype(float)
-            # the overlay only reddens: green/blue of the crop never exceed the plain crop's
-            assert np.mean(got[..., 1:] - np.asarray(ref)[..., 1:]) < 6
-            assert np.abs(got - np.asarray(ref)).mean() < 60
-        for k in range(len(entries), 3):  # fewer examples than tiles: white
-            assert np.asarray(sprite_tile(tmp_path, j, k)).min() > 240
-    for j in silent[:3]:
-        assert np.asarray(sprite_tile(tmp_path, j, 0)).min() > 240
-
-
-def K_unit(src, i, variant):
-    from branchlens.viz.examples import unit_image
-
-    return unit_image(src, i, variant)
+    doc = save_gallery(model, sae, top, src, tmp_path, model.variant, size=3, batch_size=4,
+                       show_progress=False)
+    doc2, t = load_gallery(tmp_path)
+    assert doc2["size"] == doc["size"] == 3 and doc2["grid"] == [14, 14]
+    assert doc2["receptive_field"] == {"size": 171, "stride": 16, "offset": 14.0}
+    labels = {i: src[i].label for i in idx}
+    assert {r["index"]: r["label"] for r in doc2["image_files"]} == {
+        i: labels[i] for i in {r["index"] for r in doc2["image_files"]}}
+    firing = [j for j in range(top.values.shape[0]) if top.values[j, 0] > 0]
+    assert doc2["with_examples"] == len(firing) > 0
+    for j in firing[:40]:
+        for s in range(3):
+            i = int(t["images"][j, s])
+            if i < 0:
+                break
+            m = entry_map(t, doc2["grid"], j, s)  # the latent's map on that image
+            y, x, v = int(t["ys"][j, s]), int(t["xs"][j, s]), float(t["values"][j, s])
+            assert float(m[y, x]) == pytest.approx(v, rel=2e-3)  # float16 storage
+            assert float(m.max()) == pytest.approx(v, rel=2e-3)
+            assert (tmp_path / f"images/{i:06d}.jpg").is_file()

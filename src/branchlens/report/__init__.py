@@ -11,10 +11,13 @@ with autoescaping; the page script builds the browser with ``textContent`` only.
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -92,7 +95,7 @@ def claims(ctx: ReportContext) -> list[dict[str, Any]] | None:
              "cls": VERDICT_CLASS.get(c.get("verdict"), ""), "evidence": c.get("evidence"),
              "rule": c.get("rule"),
              "stability": (c.get("stability") or {}).get("summary")
-             or f"not run: branchlens stability {ctx.run_dir}",
+             or f"not run: {S.shell_command('branchlens', 'stability', ctx.run_dir)}",
              "stable": (c.get("stability") or {}).get("stable"),
              "gallery": Markup(_section(lambda x, i=c.get("id"): claim_gallery(x, str(i)), ctx))}
             for c in ctx.summary.get("claims") or [] if isinstance(c, dict)]
@@ -122,13 +125,14 @@ def render(ctx: ReportContext, browser: dict[str, Any]) -> str:
         random_weights=ctx.random_weights, notes=ctx.notes,
         overview=overview(ctx, time.strftime("%Y-%m-%d %H:%M:%S %Z")), claims=claims(ctx),
         stability=Markup(_section(S.stability_section, ctx)),
-        run_dir=str(ctx.run_dir), sections=secs, browser=browser, q=q,
-        na=lambda what, cmd: f"{what} not available: run branchlens {cmd} {ctx.run_dir}")
+        run_dir=str(ctx.run_dir), sections=secs, browser=browser, q=q, sh=S.shell_command,
+        na=lambda what, cmd: f"{what} not available: run "
+                             f"{S.shell_command('branchlens', cmd, ctx.run_dir)}")
 
 
 def write_assets(ctx: ReportContext, root: Path, log: Callable[[str], None]) -> dict[str, Any]:
     """Scripts, styles and the browser's data files under ``root``; returns the browser meta."""
-    from branchlens.report.browse import Assets, write_layer
+    from branchlens.report.browse import GALLERY_PX, Assets, write_layer
 
     (root / "data").mkdir(parents=True)
     (root / MARKER).write_text("written by branchlens.report; replaced on every build\n")
@@ -140,7 +144,7 @@ def write_assets(ctx: ReportContext, root: Path, log: Callable[[str], None]) -> 
     entries = [write_layer(ctx, i, layer, ctx.columns.get(layer), root / "data", ctx.assets,
                            q, log) for i, layer in enumerate(layers)]
     return {"layers": entries, "q": q, "run": str(ctx.run_dir), "base": ASSETS,
-            "colors": S.BRANCH_COLORS}
+            "colors": S.BRANCH_COLORS, "crop_px": GALLERY_PX}
 
 
 def build_report(run_dir: str | Path, out: str | Path | None = None,
@@ -168,22 +172,56 @@ def build_report(run_dir: str | Path, out: str | Path | None = None,
     folder.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:8]
     tmp, old = folder / f".{ASSETS}-new-{tag}", folder / f".{ASSETS}-old-{tag}"
-    try:
-        ctx = gather(run_dir)
-        browser = write_assets(ctx, tmp, log or (lambda s: None))
-        page = render(ctx, browser)
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        _public(final)
-        path = folder / entry
-        with atomic_path(path) as t:
-            t.write_text(page, encoding="utf-8")
-            t.chmod(0o644)  # a report is for sharing (the temp file starts private)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+    with _building(folder):
+        _sweep(folder, entry)
+        try:
+            ctx = gather(run_dir)
+            browser = write_assets(ctx, tmp, log or (lambda s: None))
+            page = render(ctx, browser)
+            if final.exists():
+                final.rename(old)
+            tmp.rename(final)
+            _public(final)
+            path = folder / entry
+            with atomic_path(path) as t:
+                t.write_text(page, encoding="utf-8")
+                t.chmod(0o644)  # a report is for sharing (the temp file starts private)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+@contextmanager
+def _building(folder: Path) -> Iterator[None]:
+    """An exclusive lock on the report folder while one build writes it (``flock`` on the
+    folder itself: no lock file, and the kernel drops it when its holder dies, even by
+    ``kill -9``), so whatever temp folders a build finds are a dead build's."""
+    import fcntl
+
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FileExistsError(f"another branchlens report is being written into {folder}; "
+                                  "wait for it to finish") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _sweep(folder: Path, entry: str) -> None:
+    """Remove what a killed build left (under :func:`_building`): its new or old assets
+    folders and the temp file of its page."""
+    left = re.compile(rf"\.{ASSETS}-(new|old)-[0-9a-f]{{8}}|\.{re.escape(entry)}\.\w+\.tmp")
+    for p in folder.iterdir():
+        if not left.fullmatch(p.name) or p.is_symlink():
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.is_file():
+            p.unlink()
 
 
 def _check_page(page: Path) -> None:

@@ -3,14 +3,16 @@
 // Every string from the data is put into the page with textContent, never parsed as HTML.
 (function () {
   "use strict";
-  var BL = window.BL = { tables: [], details: {}, waiting: {} };
+  // Detail chunks (d<li>_<c>.js) and gallery chunks (g<li>_<c>.js) arrive the same way.
+  var BL = window.BL = { tables: [], chunks: {}, waiting: {} };
   BL.table = function (li, t) { BL.tables[li] = t; };
-  BL.detail = function (li, c, items) {
-    var key = li + "/" + c;
-    BL.details[key] = items;
-    (BL.waiting[key] || []).forEach(function (f) { f(items); });
+  function arrive(key, data) {
+    BL.chunks[key] = data;
+    (BL.waiting[key] || []).forEach(function (f) { f[0](data); });
     delete BL.waiting[key];
-  };
+  }
+  BL.detail = function (li, c, items) { arrive("d" + li + "_" + c, items); };
+  BL.gallery = function (li, c, g) { arrive("g" + li + "_" + c, g); };
 
   var ROW_H = 22, SHIFT = 1048576;  // row id = layer index * SHIFT + latent
   var META, L, Q, ALL_BRANCHES, shown = new Int32Array(0), sortKey = "id", sortDir = 1;
@@ -27,6 +29,29 @@
     if (typeof x !== "number" || Number.isInteger(x)) { return String(x); }
     if (x !== 0 && Math.abs(x) < 1e-3) { return x.toExponential(1); }
     return String(Number(x.toPrecision(d || 3)));
+  }
+  // Bidi controls in a file name (U+202E reverses what follows) are shown as visible markers,
+  // and every name is its own isolated <bdi>, so one name cannot reorder the next.
+  var BIDI = /[\u061C\u200E\u200F\u202A-\u202E\u2066-\u2069]/g;
+  function visible(s) {
+    return String(s).replace(BIDI, function (c) {
+      return "\u27E8U+" + ("000" + c.charCodeAt(0).toString(16).toUpperCase()).slice(-4) + "\u27E9";
+    });
+  }
+  function nm(s, cls) { return h("bdi", cls, visible(s)); }
+  function names(list, lead) {
+    var p = h("p", "note ids", lead || "");
+    list.forEach(function (x, i) {
+      if (i) { p.appendChild(document.createTextNode(", ")); }
+      p.appendChild(nm(x[0]));
+      if (x[1]) { p.appendChild(document.createTextNode(" (" + x[1] + ")")); }
+    });
+    return p;
+  }
+  // a command to paste into a POSIX shell: each word quoted as Python's shlex.quote does
+  function shq(s) {
+    s = String(s);
+    return /^[A-Za-z0-9_@%+=:,.\/-]+$/.test(s) ? s : "'" + s.replace(/'/g, "'\"'\"'") + "'";
   }
   function color(b) { return META.colors[b] || "#555"; }
   function tag(b) {
@@ -298,17 +323,137 @@
   }
 
   // ---- latent page ------------------------------------------------------------------------
-  function loadDetail(li, j, done) {
-    var c = Math.floor(j / L[li].chunk), key = li + "/" + c;
-    if (BL.details[key]) { done(BL.details[key][j - c * L[li].chunk]); return; }
+  function loadChunk(kind, li, c, done, fail) {
+    var key = kind + li + "_" + c;
+    if (BL.chunks[key]) { done(BL.chunks[key]); return; }
     var first = !BL.waiting[key];
-    (BL.waiting[key] = BL.waiting[key] || []).push(function (items) { done(items[j - c * L[li].chunk]); });
+    (BL.waiting[key] = BL.waiting[key] || []).push([done, fail]);
     if (first) {
       var s = document.createElement("script");
-      s.src = META.base + "/data/d" + li + "_" + c + ".js";
-      s.onerror = function () { el("latent").textContent = "could not load " + s.src; };
+      s.src = META.base + "/data/" + key + ".js";
+      s.onerror = function () {
+        var w = BL.waiting[key] || [];
+        delete BL.waiting[key];
+        w.forEach(function (f) { f[1](s.src); });
+      };
       document.body.appendChild(s);
     }
+  }
+  function loadDetail(li, j, done) {
+    var c = Math.floor(j / L[li].chunk);
+    loadChunk("d", li, c, function (items) { done(items[j - c * L[li].chunk]); },
+              function (src) { el("latent").textContent = "could not load " + src; });
+  }
+
+  // ---- example crops, drawn from the held-out image and the latent's sparse map ------------
+  var B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_", DIGIT = {};
+  for (var q = 0; q < 64; q++) { DIGIT[B64.charAt(q)] = q; }
+  var PICS = {};
+  function picture(url, ok, bad) {  // each held-out image is fetched once, when first shown
+    var p = PICS[url];
+    if (!p) {
+      p = PICS[url] = { img: new Image(), state: 0, queue: [] };
+      p.img.onload = function () { p.state = 1; p.queue.forEach(function (f) { f[0](p.img); }); p.queue = []; };
+      p.img.onerror = function () { p.state = 2; p.queue.forEach(function (f) { f[1](); }); p.queue = []; };
+      p.img.src = url;
+    }
+    if (p.state === 1) { ok(p.img); } else if (p.state === 2) { bad(); } else { p.queue.push([ok, bad]); }
+  }
+  function roundEven(v) {  // Python's round(): the receptive-field box is computed the same way
+    var f = Math.floor(v), d = v - f;
+    return d > 0.5 ? f + 1 : (d < 0.5 ? f : (f % 2 === 0 ? f : f + 1));
+  }
+  function rfBox(G, y, x) {  // (top, left, bottom, right) of unit (y, x), clipped to the image
+    var size = G.rf[0], half = size / 2, cy = G.rf[2] + G.rf[1] * y, cx = G.rf[2] + G.rf[1] * x;
+    return [Math.max(0, roundEven(cy - half + 0.5)), Math.max(0, roundEven(cx - half + 0.5)),
+            Math.min(G.image, roundEven(cy + half + 0.5)), Math.min(G.image, roundEven(cx + half + 0.5))];
+  }
+  function denseMap(G, code) {  // map values in [0, 1] of the latent's best example
+    var H = G.grid[0], W = G.grid[1], m = new Float32Array(H * W), step = G.pw + 1;
+    for (var k = 0; k + step <= code.length; k += step) {
+      var p = 0;
+      for (var d = 0; d < G.pw; d++) { p = p * 64 + DIGIT[code.charAt(k + d)]; }
+      if (p < H * W) { m[p] = DIGIT[code.charAt(k + G.pw)] / G.levels; }
+    }
+    return m;
+  }
+  // The crop: the receptive-field box of the unit (inside the image) fitted into n x n pixels,
+  // grey around it. The overlay: the map interpolated bilinearly between unit centres (unit y
+  // sits at pixel offset + stride * y), red with opacity alpha * value, inside the image only.
+  function fit(G, box, n) {
+    var bw = box[3] - box[1], bh = box[2] - box[0], s = n / Math.max(bw, bh);
+    var dw = Math.round(bw * s), dh = Math.round(bh * s);
+    return { x: Math.floor((n - dw) / 2), y: Math.floor((n - dh) / 2), w: dw, h: dh, sx: dw / bw, sy: dh / bh };
+  }
+  function heat(G, m, box, f, n) {
+    var H = G.grid[0], W = G.grid[1], st = G.rf[1], off = G.rf[2];
+    var cv = document.createElement("canvas"); cv.width = cv.height = n;
+    var ctx = cv.getContext("2d"), im = ctx.createImageData(n, n), a = im.data;
+    for (var v = 0; v < f.h; v++) {
+      var uy = Math.min(H - 1, Math.max(0, (box[0] + (v + 0.5) / f.sy - 0.5 - off) / st));
+      var y0 = Math.floor(uy), y1 = Math.min(y0 + 1, H - 1), fy = uy - y0;
+      for (var u = 0; u < f.w; u++) {
+        var ux = Math.min(W - 1, Math.max(0, (box[1] + (u + 0.5) / f.sx - 0.5 - off) / st));
+        var x0 = Math.floor(ux), x1 = Math.min(x0 + 1, W - 1), fx = ux - x0;
+        var val = (1 - fy) * ((1 - fx) * m[y0 * W + x0] + fx * m[y0 * W + x1]) +
+                  fy * ((1 - fx) * m[y1 * W + x0] + fx * m[y1 * W + x1]);
+        var i = 4 * ((v + f.y) * n + u + f.x);
+        a[i] = G.red[0]; a[i + 1] = G.red[1]; a[i + 2] = G.red[2];
+        a[i + 3] = Math.round(255 * G.alpha * Math.min(1, val));
+      }
+    }
+    ctx.putImageData(im, 0, 0);
+    return cv;
+  }
+  function drawCrop(cv, img, G, e, box) {
+    var px = META.crop_px, dpr = Math.max(1, Math.round(window.devicePixelRatio || 1)), n = px * dpr;
+    cv.width = cv.height = n; cv.style.width = cv.style.height = px + "px";
+    var ctx = cv.getContext("2d"), f = fit(G, box, n), k = img ? img.naturalWidth / G.image : 1;
+    ctx.fillStyle = "rgb(128,128,128)"; ctx.fillRect(0, 0, n, n);
+    if (!img) { return; }
+    ctx.imageSmoothingEnabled = true; ctx.imageSmoothingQuality = "high";
+    ctx.drawImage(img, box[1] * k, box[0] * k, (box[3] - box[1]) * k, (box[2] - box[0]) * k, f.x, f.y, f.w, f.h);
+    ctx.drawImage(heat(G, denseMap(G, e[4]), box, f, n), 0, 0);
+  }
+  function shortName(id) {
+    var s = String(id).split("/").pop().split("#")[0].replace(/\.[^.]*$/, "");
+    return s.replace(/^n\d{8}_?/, "").replace(/_/g, " ") || s;
+  }
+  function drawGallery(box, G, g, row, t0) {
+    box.textContent = "";
+    if (!row || !row.length) { box.appendChild(h("p", "na small", "no example image could be shown")); return; }
+    var done = 0;
+    function one() {
+      done++;
+      if (done === row.length) { box.dataset.drawn = String(done); BL.lastGalleryMs = performance.now() - t0; }
+    }
+    row.forEach(function (e) {
+      var im = g.i[e[0]], fig = h("figure", "crop"), cv = h("canvas"), b = rfBox(G, e[1], e[2]);
+      fig.style.width = META.crop_px + "px";
+      cv.dataset.unit = e[1] + "," + e[2]; cv.dataset.box = b.join(",");
+      cv.setAttribute("role", "img");
+      cv.setAttribute("aria-label", visible(im[1]) + ", unit (" + e[1] + ", " + e[2] + ")");
+      drawCrop(cv, null, G, e, b);
+      fig.appendChild(cv);
+      var cap = h("figcaption");
+      cap.appendChild(nm(im[2] || shortName(im[1]), "cls"));
+      cap.appendChild(h("span", "v", " " + fmt(e[3])));
+      fig.appendChild(cap);
+      fig.title = visible(im[1]) + (im[2] ? " · " + im[2] : "") + " · unit (" + e[1] + ", " + e[2] + ") · " + fmt(e[3]);
+      box.appendChild(fig);
+      picture(im[0], function (img) { drawCrop(cv, img, G, e, b); one(); },
+              function () { fig.classList.add("broken"); one(); });
+    });
+  }
+  function gallery(right, li, j, t0) {
+    var G = L[li].gallery, c = Math.floor(j / G.chunk), box = h("div", "gallery");
+    box.appendChild(h("p", "note", "loading examples…"));
+    right.appendChild(box);
+    loadChunk("g", li, c, function (g) {
+      var art = el("latent");
+      if (art.dataset.layer !== L[li].name || art.dataset.latent !== String(j)) { return; }  // another latent is open
+      drawGallery(box, G, g, g.e[j - c * G.chunk], t0);
+    }, function (src) { box.textContent = "could not load " + src; });
   }
   function link(li, j) {
     var a = h("a", "lat", L[li].name + " #" + j);
@@ -320,15 +465,17 @@
     parts.forEach(function (x) { p.appendChild(typeof x === "string" ? document.createTextNode(x) : x); });
     return p;
   }
-  function cmd(text) { return h("code", "cmd", text); }
+  function cmd(words) { return h("code", "cmd", words.map(shq).join(" ")); }
 
   function open(li, j) {
     if (!(li >= 0 && li < L.length) || !(j >= 0 && j < L[li].n) || !BL.tables[li]) { return; }
-    var t0 = performance.now();
-    loadDetail(li, j, function (d) { renderLatent(li, j, d || {}); BL.lastOpenMs = performance.now() - t0; });
+    var t0 = performance.now(), G = L[li].gallery, none = function () {};
+    BL.lastGalleryMs = null;
+    if (G && BL.tables[li].ex[j]) { loadChunk("g", li, Math.floor(j / G.chunk), none, none); }  // in parallel
+    loadDetail(li, j, function (d) { renderLatent(li, j, d || {}, t0); BL.lastOpenMs = performance.now() - t0; });
   }
 
-  function renderLatent(li, j, d) {
+  function renderLatent(li, j, d, t0) {
     var r = li * SHIFT + j, art = el("latent"), lay0 = L[li], t = BL.tables[li];
     art.textContent = "";
     art.hidden = false;
@@ -400,36 +547,39 @@
       right.appendChild(box);
     } else {
       right.appendChild(para("na small", [(d.fv && d.fv.length ? "unreadable image; " : "not rendered; ") + "render it with ",
-        cmd("branchlens visualize " + META.run + " --layer " + lay0.name + " --latents " + j)]));
+        cmd(["branchlens", "visualize", META.run, "--layer", lay0.name, "--latents", j])]));
     }
-    // top dataset examples
+    // top dataset examples: the gallery of every latent, and full-size strips where drawn
     right.appendChild(h("h4", null, "Top held-out examples (receptive-field crops, latent map in red)"));
-    if (d.strips && d.strips.length) {  // full-size strips (12 crops) where the stage drew them
-      d.strips.forEach(function (s) {
-        if (!s[1]) { right.appendChild(h("p", "na small", "unreadable strip: " + s[0])); return; }
-        var im = h("img", "strip"); im.src = s[1]; im.alt = "top examples " + lay0.name + " #" + j;
-        im.title = s[0]; im.loading = "lazy"; right.appendChild(im);
-        right.appendChild(h("p", "note ids", s[0]));
-      });
-    } else if (d.ex) {
+    var strips = d.strips && d.strips.length;
+    if (lay0.gallery) {
+      if (t.ex[j]) { gallery(right, li, j, t0); } else { right.appendChild(h("p", "na small", "fired on no held-out image")); }
+    } else if (d.ex && !strips) {  // sprite sheets of runs made by earlier versions
       var exs = h("div", "exs");
       for (var k = 0; k < d.ex.k; k++) {
         var tile = h("div", "tile");
         tile.style.width = tile.style.height = d.ex.tile + "px";
         tile.style.backgroundImage = "url(\"" + d.ex.src + "\")";
         tile.style.backgroundPosition = (-k * d.ex.tile) + "px " + (-d.ex.row * d.ex.tile) + "px";
-        tile.title = d.ex.ids[k] + " (" + fmt(d.ex.v[k]) + ")";
+        tile.title = visible(d.ex.ids[k]) + " (" + fmt(d.ex.v[k]) + ")";
         exs.appendChild(tile);
       }
       right.appendChild(exs);
-      right.appendChild(h("p", "note ids", d.ex.ids.join(", ")));
-    } else {
+      right.appendChild(names(d.ex.ids.map(function (x) { return [x]; })));
+    } else if (!strips) {
       right.appendChild(para("na small", ["no crops; compute them with ",
-        cmd("branchlens examples " + META.run + " --layer " + lay0.name)]));
+        cmd(["branchlens", "examples", META.run, "--layer", lay0.name])]));
+    }
+    if (strips) {  // full-size strips (12 crops of 128 px) of the latents the claims rest on
+      d.strips.forEach(function (s) {
+        if (!s[1]) { right.appendChild(h("p", "na small", "unreadable strip: " + visible(s[0]))); return; }
+        var im = h("img", "strip"); im.src = s[1]; im.alt = "top examples " + lay0.name + " #" + j;
+        im.title = visible(s[0]); im.loading = "lazy"; right.appendChild(im);
+        right.appendChild(names([[s[0]]]));
+      });
     }
     if (d.top && d.top.length) {
-      right.appendChild(h("p", "note ids", "top held-out images (analysis): " + d.top.map(function (x) {
-        return x[0] + (x[1] ? " (" + x[1] + ")" : ""); }).join(", ")));
+      right.appendChild(names(d.top, "top held-out images (analysis): "));
     }
     // upstream latents (circuits) and decoder-space neighbours
     var links = h("div", "links");
@@ -448,7 +598,9 @@
       up.appendChild(ol);
       if (d.err !== null && d.err !== undefined) { up.appendChild(h("p", "note", "SAE error share " + fmt(d.err))); }
     } else {
-      up.appendChild(para("na small", ["not computed for this latent; see ", cmd("branchlens circuits " + META.run + " --up <layer> --down " + lay0.name + " --latents " + j)]));
+      up.appendChild(li > 0 ? para("na small", ["not computed for this latent; see ",
+        cmd(["branchlens", "circuits", META.run, "--up", L[li - 1].name, "--down", lay0.name, "--latents", j])])
+        : h("p", "na small", "not computed (no upstream layer in this run)"));
     }
     var nb = h("div"); nb.appendChild(h("h4", null, "Neighbours in decoder space (cosine)"));
     if (d.nb && d.nb.length) {

@@ -331,9 +331,11 @@ def gather(run_dir: str | Path) -> ReportContext:
             have = ctx.columns.get(layer) if ctx.columns else None
             n = s.get("latents") if isinstance(s, dict) else None
             if isinstance(n, int) and (have is None or have.rows != n):
+                from branchlens.report.sections import shell_command
+
                 ctx.notes.append(f"latents.csv holds {have.rows if have else 0} of {n} latents "
                                  f"of {layer} (truncated or edited): the browser shows only "
-                                 f"those; re-run branchlens analyze {run}")
+                                 f"those; re-run {shell_command('branchlens', 'analyze', run)}")
     read_viz(run / "viz", ctx)
     for path in sorted((run / "analysis").glob("circuits*.json")):  # circuits may live here
         for doc in _subdocs(_read_json(path, ctx.notes)):

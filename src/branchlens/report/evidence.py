@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import quote
 
 from branchlens.report.images import image_src
-from branchlens.report.sections import esc, fmt
+from branchlens.report.sections import esc, fmt, name_html
 
 # claim id -> which cells it rests on (None: every branch)
 CELL_CLAIMS = {"specialise": None, "five_by_five": "5x5", "animals": "5x5",
@@ -104,7 +104,7 @@ def _tile(ctx: Any, doc: dict, layer: str, j: int, branch: str | None, cache: di
                 f"q ≤ {fmt(q, 2)}"]
     label = f"{esc(layer)} #{j}" + (" · " + " · ".join(nums) if nums else "")
     if strip and ids:
-        label += "<br>top: " + esc(" · ".join(short_name(i) for i in ids[:6]))
+        label += "<br>top: " + " · ".join(name_html(short_name(i)) for i in ids[:6])
     href = f"#latent/{quote(layer, safe='')}/{j}"
     return (f'<a class="ev" href="{esc(href)}">{imgs or "<span class=na>no picture</span>"}'
             f"<span>{label}</span></a>")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import html
 import json
 import math
+import re
+import shlex
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -23,6 +25,27 @@ BRANCH_COLORS = {"1x1": "#1f77b4", "3x3": "#2ca02c", "5x5": "#d62728", "pool": "
 def esc(x: Any) -> str:
     """HTML-escaped text of any value (None: an em dash)."""
     return "—" if x is None else html.escape(str(x), quote=True)
+
+
+# Unicode bidi controls: an override (U+202E) in one file name would reverse every name after
+# it; names are isolated (<bdi>) and these shown as visible markers instead.
+BIDI_CONTROLS = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def visible_bidi(text: str) -> str:
+    """``text`` with each bidi control spelled ``⟨U+202E⟩`` (what the file name really holds)."""
+    return BIDI_CONTROLS.sub(lambda m: f"⟨U+{ord(m.group()):04X}⟩", text)
+
+
+def name_html(x: Any) -> str:
+    """A user-supplied name (file, image id) as an isolated, escaped span of text."""
+    return f"<bdi>{esc(visible_bidi(str(x)))}</bdi>"
+
+
+def shell_command(*parts: Any) -> str:
+    """A command line to paste into a POSIX shell: every part quoted where needed, so a run
+    path with spaces or quotes stays one argument."""
+    return " ".join(shlex.quote(str(p)) for p in parts)
 
 
 def fmt(x: Any, digits: int = 3) -> str:
@@ -41,7 +64,7 @@ def fmt(x: Any, digits: int = 3) -> str:
 def na(what: str, command: str, ctx: ReportContext) -> str:
     """The note shown in place of a section whose stage has not run."""
     return (f'<p class="na">{esc(what)} not available: run '
-            f'<code>branchlens {esc(command)} {esc(ctx.run_dir)}</code></p>')
+            f'<code>{esc(shell_command("branchlens", command, ctx.run_dir))}</code></p>')
 
 
 def table(head: Sequence[str], rows: Iterable[Sequence[Any]], cls: str = "") -> str:

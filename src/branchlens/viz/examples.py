@@ -31,6 +31,9 @@ from branchlens.viz.featurevis import save_png, to_pil
 from branchlens.viz.latents import SAELike
 from branchlens.viz.receptive import ReceptiveField, receptive_field
 
+OVERLAY_ALPHA = 0.6  # opacity of the latent map at its best example's value
+OVERLAY_RED = (1.0, 0.1, 0.1)
+
 
 @dataclass
 class TopExamples:
@@ -54,6 +57,13 @@ class TopExamples:
     @property
     def n_top(self) -> int:
         return self.values.shape[1]
+
+    def head(self, n: int) -> TopExamples:
+        """The best ``n`` examples of every latent (the same table when it has no more)."""
+        if n >= self.n_top:
+            return self
+        return TopExamples(self.layer, self.values[:, :n], self.images[:, :n], self.ys[:, :n],
+                           self.xs[:, :n], self.image_ids, self.grid, self.n_images)
 
     def update(self, maps: Tensor, image_indices: Sequence[int]) -> None:
         """Merge a batch of latent maps [B, n_latents, H, W] (one image each)."""
@@ -159,7 +169,7 @@ def heatmap(latent_map: Tensor, rf: ReceptiveField, size: int) -> Tensor:
 
 def crop_with_overlay(
     image01: Tensor, rf: ReceptiveField, y: int, x: int, latent_map: Tensor | None = None,
-    vmax: float | None = None, tile: int = 128, alpha: float = 0.6,
+    vmax: float | None = None, tile: int = 128, alpha: float = OVERLAY_ALPHA,
 ) -> Image.Image:
     """Receptive-field crop centred on unit (y, x); parts outside the image stay grey."""
     size = image01.shape[-1]
@@ -168,7 +178,7 @@ def crop_with_overlay(
         heat = heatmap(latent_map, rf, size)
         top = vmax if vmax and vmax > 0 else float(heat.max().clamp_min(1e-8))
         a = (heat / top).clamp(0, 1) * alpha
-        red = torch.tensor([1.0, 0.1, 0.1]).view(3, 1, 1)
+        red = torch.tensor(OVERLAY_RED).view(3, 1, 1)
         img = img * (1 - a) + red * a
     t, l_, b, r = rf.box(y, x, size)
     ct, cl, _, _ = rf.box(y, x)

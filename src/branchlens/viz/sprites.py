@@ -1,136 +1,260 @@
-"""Small receptive-field crops of the top examples of *every* latent, as JPEG sprite sheets.
+"""The examples gallery of *every* latent: each held-out image once, plus sparse latent maps.
 
-A 16× SAE has ~8–13 k latents per layer; one PNG strip per latent would be ~10⁴ files and
-hundreds of MB. Instead a second streaming pass visits each image that is in some latent's
-top list once, computes all latent maps for it, and samples every crop it owes straight at
-tile resolution (one batched ``grid_sample`` per image for the pixels and one for the latent's
-heatmap). Tiles go into a memory-mapped array, then into sheets of ``per_sheet`` latents ×
-``n_tiles`` columns: latent ``j`` is row ``j % per_sheet`` of sheet ``j // per_sheet``, column
-``k`` its k-th best example (the order of ``top.safetensors``). The report loads a sheet only
-when a latent on it is opened.
+A 16× SAE has ~8–13 k latents per layer; a dozen crops of ≥ 96 px per latent drawn here would be
+~10⁵ tiles and hundreds of MB per layer. The top lists of all latents together name only the
+few hundred (at most a few ten thousand) held-out images they were taken from, so each of those
+is stored once (``images/<index>.jpg``, the 224 px crop the network saw) with, per latent and
+example, the latent's map on that image in sparse form (TopK codes are zero almost everywhere).
+The report draws the receptive-field crops and the red overlay in the browser.
+
+Per latent the gallery holds the best view of up to ``size`` *distinct* images (an image and its
+mirror count once, as the analysis' top images do), so the candidates come from a top table of
+``2 · size`` views. A second streaming pass visits each owed image once and keeps, for every
+(latent, example) it owes, the nonzero positions and values of the latent's map.
+
+Files in ``RUN/viz/examples/<layer>/``:
+
+- ``gallery_maps.safetensors``: ``images, ys, xs, values`` [n_latents, size] (best first; image
+  -1 = empty) and the maps, CSR-style: entry ``e = latent * size + slot`` owns
+  ``pos[offsets[e]:offsets[e + 1]]`` (flat unit ``y * W + x``) and ``val[...]``;
+- ``images/<index:06d>.jpg``; ``gallery.json`` (written last: its presence means complete):
+  ``size, grid, image_size, receptive_field, image_files`` [{index, file, id, label}], counts.
 """
 
 from __future__ import annotations
 
-import tempfile
+import re
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from branchlens.artifacts import atomic_path, provenance, write_json
-from branchlens.data import ImageSource, iter_batches
+from branchlens.artifacts import atomic_path, provenance, save_tensors, write_json
+from branchlens.data import VIEW_SEP, ImageSource, iter_batches
 from branchlens.progress import progress
 from branchlens.viz.examples import TopExamples, latent_maps_of, unit_image
 from branchlens.viz.latents import SAELike
 from branchlens.viz.receptive import ReceptiveField, receptive_field
 
-RED = torch.tensor([1.0, 0.1, 0.1]).view(1, 3, 1, 1)
+GALLERY = "gallery.json"
+MAPS = "gallery_maps.safetensors"
+IMAGES = "images"
+GALLERY_SIZE = 12  # examples per latent (Microscope-style dashboards show a dozen or more)
+JPEG_QUALITY = 85  # ~15–25 kB for a 224 px photograph
+IMAGE_NAME = re.compile(r"\d{6,}\.jpg")
+TEMP_NAME = re.compile(r"\..+\.[A-Za-z0-9_]+\.tmp")  # artifacts.atomic_path's temp files
+SHEET_NAME = re.compile(r"sprites_\d{3,}\.jpg")  # the sprite sheets earlier versions wrote
 
 
-def tiles_for_image(image01: Tensor, maps: Tensor, rf: ReceptiveField, ys: Tensor, xs: Tensor,
-                    vmax: Tensor, tile: int, alpha: float = 0.6) -> Tensor:
-    """Crops [S, 3, tile, tile] in [0, 1] of one image centred on units (ys, xs), each with its
-    latent map [S, H, W] overlaid in red relative to ``vmax`` [S]; grey outside the image.
+@dataclass
+class Gallery:
+    """Per latent, the examples the report shows: [n_latents, size], best first, image -1 =
+    empty (a latent that fired on fewer distinct images)."""
 
-    The same picture as :func:`branchlens.viz.examples.crop_with_overlay` at ``tile`` pixels,
-    sampled directly at that size."""
-    s = ys.numel()
-    size = image01.shape[-1]
-    h, w = maps.shape[-2:]
-    step = (torch.arange(tile, dtype=torch.float32) + 0.5) * rf.size / tile
-    top = torch.tensor([rf.box(int(y), int(x))[0] for y, x in zip(ys, xs, strict=True)],
-                       dtype=torch.float32)
-    left = torch.tensor([rf.box(int(y), int(x))[1] for y, x in zip(ys, xs, strict=True)],
-                        dtype=torch.float32)
-    uy = top[:, None] + step[None]  # [S, tile] pixel-edge coordinates
-    ux = left[:, None] + step[None]
-    gy = (2 * uy / size - 1)[:, :, None].expand(s, tile, tile)
-    gx = (2 * ux / size - 1)[:, None, :].expand(s, tile, tile)
-    img = torch.cat([image01, torch.ones(1, size, size)])[None]  # 4th channel: inside mask
-    grid = torch.stack([gx, gy], -1).reshape(1, s * tile, tile, 2)  # all crops, one call
-    px = F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    px = px[0].reshape(4, s, tile, tile).permute(1, 0, 2, 3)
-    rgb, inside = px[:, :3], px[:, 3:4]
-    my = (uy - 0.5 - rf.offset) / rf.stride  # unit coordinates of each pixel centre
-    mx = (ux - 0.5 - rf.offset) / rf.stride
-    hy = (2 * my / max(h - 1, 1) - 1)[:, :, None].expand(s, tile, tile)
-    hx = (2 * mx / max(w - 1, 1) - 1)[:, None, :].expand(s, tile, tile)
-    heat = F.grid_sample(maps[:, None].float(), torch.stack([hx, hy], -1), mode="bilinear",
-                         padding_mode="border", align_corners=True)
-    a = (heat / vmax.clamp_min(1e-8).view(s, 1, 1, 1)).clamp(0, 1) * alpha
-    out = rgb * (1 - a) + RED * a
-    return out * inside + 0.5 * (1 - inside)
+    layer: str
+    images: Tensor
+    ys: Tensor
+    xs: Tensor
+    values: Tensor
+
+    @property
+    def size(self) -> int:
+        return self.images.shape[1]
 
 
-def save_sprites(
-    model: nn.Module, sae: SAELike, top: TopExamples, source: ImageSource, out_dir: str | Path,
-    variant, *, n_tiles: int = 6, tile: int = 40, per_sheet: int = 256, batch_size: int = 16,
-    quality: int = 82, meta: dict | None = None, show_progress: bool = True,
-) -> dict:
-    """``sprites_<s>.jpg`` + ``sprites.json`` for every latent with a positive example."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rf = receptive_field(variant, top.layer)
+def base_id(image_id: str) -> str:
+    """The underlying image of a view (``x.jpg#flip`` -> ``x.jpg``)."""
+    return image_id.split(VIEW_SEP, 1)[0]
+
+
+def choose_gallery(top: TopExamples, size: int = GALLERY_SIZE) -> Gallery:
+    """The best view of up to ``size`` distinct underlying images per latent, positive values
+    only, in the order of ``top`` (which should hold ``2 · size`` views per latent)."""
     n = top.values.shape[0]
-    k = min(n_tiles, top.n_top)
-    vals, imgs = top.values[:, :k], top.images[:, :k]
-    owed: dict[int, list[tuple[int, int]]] = {}
-    for j, kk in (vals > 0).nonzero().tolist():
-        owed.setdefault(int(imgs[j, kk]), []).append((j, kk))
-    vmax = vals.clamp_min(0).max(1).values
+    out = {k: torch.full((n, size), -1, dtype=torch.long) for k in ("images", "ys", "xs")}
+    values = torch.zeros(n, size)
+    base = {i: base_id(s) for i, s in top.image_ids.items()}
+    vals, imgs = top.values.tolist(), top.images.tolist()
+    ys, xs = top.ys.tolist(), top.xs.tolist()
+    for j in range(n):
+        seen: set[str] = set()
+        s = 0
+        for k, (v, i) in enumerate(zip(vals[j], imgs[j], strict=True)):
+            if s == size or i < 0 or not v > 0:
+                break
+            b = base.get(i, str(i))
+            if b in seen:
+                continue
+            seen.add(b)
+            out["images"][j, s], out["ys"][j, s], out["xs"][j, s] = i, ys[j][k], xs[j][k]
+            values[j, s] = v
+            s += 1
+    return Gallery(top.layer, out["images"], out["ys"], out["xs"], values)
+
+
+class GalleryWriter:
+    """Collects the owed images and sparse maps of a :class:`Gallery`, then writes the files.
+
+    ``add`` takes one image's [0, 1] crop and every latent's map on it [n_latents, H, W]; only
+    the (latent, slot) entries that show that image are kept."""
+
+    def __init__(self, out_dir: str | Path, gallery: Gallery, rf: ReceptiveField,
+                 grid: tuple[int, int], image_size: int, quality: int = JPEG_QUALITY):
+        self.out, self.g, self.rf = Path(out_dir), gallery, rf
+        self.grid = (int(grid[0]), int(grid[1]))
+        self.image_size, self.quality = image_size, quality
+        if self.grid[0] * self.grid[1] > np.iinfo(np.int16).max:
+            raise ValueError(f"a {self.grid} grid does not fit the gallery's int16 positions")
+        self.owed: dict[int, list[tuple[int, int]]] = {}
+        for j, s in (gallery.images >= 0).nonzero().tolist():
+            self.owed.setdefault(int(gallery.images[j, s]), []).append((j, s))
+        self.records: dict[int, dict] = {}
+        self.parts: list[tuple[Tensor, Tensor, Tensor]] = []  # (entry, pos, val) per image
+
+    @property
+    def wanted(self) -> list[int]:
+        return sorted(self.owed)
+
+    def add(self, index: int, image01: Tensor, image_id: str, label: int | None,
+            maps: Tensor) -> None:
+        slots = self.owed.get(int(index))
+        index = int(index)
+        if not slots or index in self.records:
+            return
+        name = f"{IMAGES}/{int(index):06d}.jpg"
+        arr = (image01.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy()
+        with atomic_path(self.out / name) as tmp:
+            Image.fromarray(arr).save(tmp, format="JPEG", quality=self.quality)
+        self.records[index] = {"index": int(index), "file": name, "id": image_id,
+                               "label": None if label is None else int(label)}
+        js = torch.tensor([j for j, _ in slots])
+        ss = torch.tensor([s for _, s in slots])
+        m = maps[js].float()
+        r, y, x = (m > 0).nonzero(as_tuple=True)
+        self.parts.append(((js[r] * self.g.size + ss[r]).to(torch.int64),
+                           (y * self.grid[1] + x).to(torch.int16), m[r, y, x].half()))
+
+    def finish(self, n_images: int, meta: dict | None = None) -> dict:
+        """Write the maps and ``gallery.json``; entries whose image never came (unreadable
+        now) are emptied and counted."""
+        g = self.g
+        missing = [i for i in self.owed if i not in self.records]
+        kept = (g.images >= 0) & ~torch.isin(g.images, torch.tensor(missing, dtype=torch.long))
+        # close the gaps: a row keeps its order, empty slots (-1) only at its end
+        order = torch.argsort((~kept).to(torch.int8), dim=1, stable=True)
+        slot = torch.argsort(order, dim=1)  # old slot -> new slot
+        for t in (g.images, g.ys, g.xs, g.values):
+            t.copy_(t.gather(1, order))
+        gone = ~kept.gather(1, order)
+        for t in (g.images, g.ys, g.xs):
+            t[gone] = -1
+        g.values[gone] = 0.0
+        empty = (torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int16),
+                 torch.zeros(0, dtype=torch.float16))
+        entry, pos, val = (torch.cat([p[k] for p in self.parts]) if self.parts else empty[k]
+                           for k in range(3))
+        entry = entry // g.size * g.size + slot.flatten()[entry]
+        order = torch.argsort(entry, stable=True)
+        pos, val = pos[order], val[order]
+        counts = torch.bincount(entry, minlength=g.images.numel())
+        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+        save_tensors(self.out / MAPS, {"images": g.images, "ys": g.ys, "xs": g.xs,
+                                       "values": g.values, "offsets": offsets, "pos": pos,
+                                       "val": val},
+                     {"layer": g.layer, "size": g.size, "grid": list(self.grid)})
+        keep = {r["file"].rsplit("/", 1)[1] for r in self.records.values()}
+        for p in (self.out / IMAGES).glob("*.jpg"):  # a previous gallery's images
+            if IMAGE_NAME.fullmatch(p.name) and p.name not in keep:
+                p.unlink()
+        doc = {"layer": g.layer, "size": g.size, "grid": list(self.grid),
+               "image_size": self.image_size,
+               "receptive_field": {"size": self.rf.size, "stride": self.rf.stride,
+                                   "offset": self.rf.offset},
+               "n_latents": int(g.images.shape[0]),
+               "with_examples": int((g.images[:, 0] >= 0).sum()), "n_images": n_images,
+               "missing_images": len(missing), "maps": MAPS,
+               "image_files": [self.records[i] for i in sorted(self.records)],
+               "order": "best first; one view per underlying image; entry latent*size+slot "
+                        "owns pos/val[offsets[e]:offsets[e+1]] (pos = y*W + x)",
+               **provenance(**(meta or {}))}
+        write_json(self.out / GALLERY, doc)
+        return doc
+
+
+def save_gallery(
+    model: nn.Module, sae: SAELike, top: TopExamples, source: ImageSource, out_dir: str | Path,
+    variant, *, size: int = GALLERY_SIZE, batch_size: int = 16, meta: dict | None = None,
+    show_progress: bool = True,
+) -> dict:
+    """The gallery of every latent of ``top`` (see the module doc): one pass over the images
+    its top lists name, every latent map computed once per image."""
+    from branchlens.variants import get_variant
+
+    gallery = choose_gallery(top, size)
+    writer = GalleryWriter(out_dir, gallery, receptive_field(variant, top.layer), top.grid,
+                           get_variant(variant).preprocessing.crop)
     device = next(model.parameters()).device
-    with tempfile.TemporaryDirectory(dir=out) as tmp:
-        mm = np.lib.format.open_memmap(Path(tmp) / "tiles.npy", mode="w+", dtype=np.uint8,
-                                       shape=(n, tile, k * tile, 3))
-        mm[:] = 255
-        wanted = sorted(owed)
-        with progress(len(wanted), f"crops {top.layer}", "img",
-                      disable=not show_progress) as bar:
-            for batch in iter_batches(source, model.variant, batch_size, 0, indices=wanted):
-                maps = latent_maps_of(model, sae, top.layer, batch.images.to(device)).cpu()
-                for b, i in enumerate(batch.indices):
-                    slots = owed[i]
-                    js = torch.tensor([j for j, _ in slots])
-                    ks = torch.tensor([kk for _, kk in slots])
-                    t = tiles_for_image(unit_image(source, i, variant), maps[b, js], rf,
-                                        top.ys[js, ks], top.xs[js, ks], vmax[js], tile)
-                    arr = (t.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-                    for (j, kk), a in zip(slots, arr, strict=True):
-                        mm[j, :, kk * tile:(kk + 1) * tile] = a
-                bar.update(len(batch.indices))
-        sheets = []
-        for s0 in range(0, n, per_sheet):
-            block = np.asarray(mm[s0:s0 + per_sheet]).reshape(-1, k * tile, 3)
-            name = f"sprites_{s0 // per_sheet:03d}.jpg"
-            with atomic_path(out / name) as tmp_file:
-                Image.fromarray(block).save(tmp_file, format="JPEG", quality=quality,
-                                            optimize=True)
-            sheets.append(name)
-        del mm
-    index = {"layer": top.layer, "tile": tile, "n_tiles": k, "per_sheet": per_sheet,
-             "sheets": sheets, "n_latents": n, "with_examples": int((vals[:, 0] > 0).sum()),
-             "n_images": top.n_images,
-             "receptive_field": {"size": rf.size, "stride": rf.stride, "offset": rf.offset},
-             "order": "top.safetensors (best first); row j % per_sheet of sheet j // per_sheet",
-             **provenance(**(meta or {}))}
-    write_json(out / "sprites.json", index)
-    return index
+    wanted = writer.wanted
+    with progress(len(wanted), f"gallery {top.layer}", "img", disable=not show_progress) as bar:
+        for batch in iter_batches(source, model.variant, batch_size, 0, indices=wanted):
+            maps = latent_maps_of(model, sae, top.layer, batch.images.to(device)).cpu()
+            for b, i in enumerate(batch.indices):
+                writer.add(i, unit_image(source, i, variant), batch.image_ids[b],
+                           batch.labels[b], maps[b])
+            bar.update(len(batch.indices))
+    return writer.finish(top.n_images, meta)
 
 
-def sprite_tile(out_dir: str | Path, latent: int, k: int) -> Image.Image:
-    """Tile ``k`` of ``latent`` cut back out of its sheet (for checks and notebooks)."""
+def load_gallery(out_dir: str | Path) -> tuple[dict, dict[str, Tensor]]:
+    """``gallery.json`` and the verified tensors of ``gallery_maps.safetensors``."""
     import json
 
+    from branchlens.artifacts import load_tensors
+
     out = Path(out_dir)
-    idx = json.loads((out / "sprites.json").read_text())
-    t, per = idx["tile"], idx["per_sheet"]
-    with Image.open(out / idx["sheets"][latent // per]) as im:
-        r = latent % per
-        return im.crop((k * t, r * t, (k + 1) * t, (r + 1) * t)).copy()
+    doc = json.loads((out / GALLERY).read_text())
+    tensors, _ = load_tensors(out / MAPS)
+    return doc, tensors
+
+
+def entry_map(tensors: dict[str, Tensor], grid: Sequence[int], latent: int, slot: int) -> Tensor:
+    """The dense [H, W] map of one gallery entry (zeros where the latent is silent)."""
+    size = tensors["images"].shape[1]
+    e = latent * size + slot
+    a, b = int(tensors["offsets"][e]), int(tensors["offsets"][e + 1])
+    m = torch.zeros(int(grid[0]) * int(grid[1]))
+    m[tensors["pos"][a:b].long()] = tensors["val"][a:b].float()
+    return m.view(int(grid[0]), int(grid[1]))
+
+
+def sweep_leftovers(out_dir: str | Path) -> list[str]:
+    """Remove what a killed examples stage can leave in its folder (called under the run lock,
+    so no live writer owns them): temp files of atomic writes, the tile buffers of earlier
+    versions (``tmp*/tiles.npy``), and an incomplete or superseded gallery index; also the sprite
+    sheets earlier versions wrote (the gallery replaces them). Returns the names removed."""
+    out = Path(out_dir)
+    gone: list[str] = []
+    if not out.is_dir():
+        return gone
+    for folder in (out, out / IMAGES):
+        for p in folder.glob(".*.tmp") if folder.is_dir() else ():
+            if TEMP_NAME.fullmatch(p.name) and p.is_file():
+                p.unlink()
+                gone.append(str(p.relative_to(out)))
+    for p in out.glob("tmp*"):
+        if p.is_dir() and not p.is_symlink() and {c.name for c in p.iterdir()} <= {"tiles.npy"}:
+            shutil.rmtree(p)
+            gone.append(p.name)
+    for p in [out / GALLERY, out / "sprites.json", *out.glob("sprites_*.jpg")]:
+        if p.is_file() and (p.name in (GALLERY, "sprites.json") or SHEET_NAME.fullmatch(p.name)):
+            p.unlink()
+            gone.append(p.name)
+    return gone
 
 
 def heldout_indices(run_dir: str | Path, sae) -> tuple[list[int] | None, str]:

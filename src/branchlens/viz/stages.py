@@ -180,24 +180,33 @@ def examples_stage(
     run_dir: str | Path, layer: str, source: str | None = None, n_top: int = 16,
     latents: Sequence[int] | None = None, n_strips: int = 32, maps: bool = True,
     batch_size: int = 16, limit: int | None = None, weights: str | None = None,
-    device: str = "auto", seed: int = 0, show_progress: bool = True, sprites: bool = True,
-    sprite_tiles: int = 6, sprite_px: int = 40, heldout: bool = True, select: str = "random",
+    device: str = "auto", seed: int = 0, show_progress: bool = True, gallery: bool = True,
+    gallery_size: int = 12, heldout: bool = True, select: str = "random",
     per_cell: int = 4, pairs: int = 4,
 ) -> dict:
     """Top-``n_top`` held-out images of every latent in one streaming pass
-    (``top.safetensors``), crops of every latent that fires as sprite sheets (``sprites``), and
-    full-size strips (128 px crops of the receptive field, the latent's map overlaid) for
-    ``latents``, or else ``n_strips`` latents: with ``select="evidence"`` the latents the
-    claims rest on first (as the visualize stage picks them; needs the analysis), then
-    sampled firing ones.
+    (``top.safetensors``), the gallery of every latent that fires (``gallery``: its best
+    ``gallery_size`` distinct images, each stored once, with the latent's map on each, drawn as
+    receptive-field crops by the report; see :mod:`branchlens.viz.sprites`), and full-size
+    strips (128 px crops of the receptive field, the latent's map overlaid) for ``latents``, or
+    else ``n_strips`` latents: with ``select="evidence"`` the latents the claims rest on first
+    (as the visualize stage picks them; needs the analysis), then sampled firing ones.
 
     ``heldout``: only the SAE's held-out images of the run's store (the images the analysis
     measures on; all of the source when the run has no store); ``limit``: the first N of them.
+    What a killed earlier call left in the folder (temp files, an unfinished gallery) is
+    removed first.
     """
     from branchlens.viz.examples import example_maps, save_examples, save_top_table, top_examples
-    from branchlens.viz.sprites import heldout_indices, save_sprites
+    from branchlens.viz.sprites import heldout_indices, save_gallery, sweep_leftovers
 
     _validate("examples", locals())
+    if gallery_size < 1:
+        from branchlens.config import ConfigError
+
+        raise ConfigError(f"examples.gallery_size must be >= 1, got {gallery_size}")
+    if select not in ("random", "evidence"):
+        raise ValueError(f"examples.select must be random or evidence, not {select!r}")
     sae = load_sae(run_dir, layer)
     check_sae_store(run_dir, sae)
     model, winfo = _model(_variant_of(sae), weights, device, run_dir)
@@ -206,18 +215,19 @@ def examples_stage(
     held, note = heldout_indices(run_dir, sae) if heldout else (None, "all images")
     pool = held if held is not None else list(range(min(len(src), n_used or len(src))))
     pool = [i for i in pool if i < len(src)][:limit or None]
-    top = top_examples(model, sae, layer, src, n_top=n_top, batch_size=batch_size,
-                       indices=pool, show_progress=show_progress)
     out = Run(run_dir).examples_dir(layer)
+    sweep_leftovers(out)
+    # twice the gallery's views: an image and its mirror fill one gallery slot
+    n_cand = max(n_top, 2 * gallery_size) if gallery else n_top
+    cand = top_examples(model, sae, layer, src, n_top=n_cand, batch_size=batch_size,
+                        indices=pool, show_progress=show_progress)
+    top = cand.head(n_top)
     save_top_table(top, out / "top.safetensors")
     meta = {"variant": model.variant.name, "weights": winfo.to_dict(),
             "source": getattr(src, "description", ""), "images": note}
-    if sprites:
-        save_sprites(model, sae, top, src, out, model.variant, n_tiles=sprite_tiles,
-                     tile=sprite_px, batch_size=batch_size, meta=meta,
-                     show_progress=show_progress)
-    if select not in ("random", "evidence"):
-        raise ValueError(f"examples.select must be random or evidence, not {select!r}")
+    if gallery:
+        save_gallery(model, sae, cand, src, out, model.variant, size=gallery_size,
+                     batch_size=batch_size, meta=meta, show_progress=show_progress)
     first = _evidence(run_dir, layer, per_cell, pairs, n_strips)["latents"] \
         if select == "evidence" and not latents else []
     fill = [j for j in pick_latents(sae, 10 * n_strips, seed) if top.values[j, 0] > 0]
