@@ -873,3 +873,34 @@ def test_examples_stage_cleans_what_a_killed_run_left(real_run: Path) -> None:
     ex = real_run / "viz" / "examples" / "mixed3b"
     assert not (ex / "tmpa1b2c3").exists() and not list(ex.glob(".*.tmp"))
     assert (ex / "gallery.json").is_file() and (ex / "top.safetensors").is_file()
+
+
+def test_latent_pages_say_what_the_latent_promotes_and_suppresses_in_chromium(tmp_path: Path
+                                                                            ) -> None:
+    """The effects stage's per-latent table reaches the latent page; a latent it did not
+    ablate says so with the command that would, and a layer without effects shows nothing."""
+    _require_browser()
+    from _browser import open_latent, open_page, wait_ready
+    from branchlens.run import Run
+    from branchlens.stages.effects import write_effects_table
+
+    run = make_run(tmp_path / "run", {"mixed4a": 40, "mixed4b": 40})
+    Run(run).effects_dir.mkdir()
+    write_effects_table(Run(run).effects_table_path("mixed4a"), [
+        {"latent": 3, "n_images": 4, "promotes": "tabby (+0.120); lion (+0.010)",
+         "suppresses": "\u202egnome (+0.050)", "max_abs_delta_prob": 0.12}])
+    out = build_report(run)
+    with open_page(out) as (page, log):
+        wait_ready(page)
+        open_latent(page, "mixed4a", 3)
+        text = page.inner_text("#latent")
+        assert "promotes: tabby (+0.120); lion (+0.010)" in text
+        assert "suppresses: ⟨U+202E⟩gnome (+0.050)" in text
+        open_latent(page, "mixed4a", 4)
+        text = page.inner_text("#latent")
+        assert "promotes:" not in text and "not ablated by the effects stage" in text
+        assert "--scope all" in text
+        open_latent(page, "mixed4b", 3)
+        text = page.inner_text("#latent")
+        assert "promotes:" not in text and "effects stage" not in text
+        assert log.console_errors == []

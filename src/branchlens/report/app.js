@@ -581,6 +581,15 @@
     if (d.top && d.top.length) {
       right.appendChild(names(d.top, "top held-out images (analysis): "));
     }
+    // what the latent does (effects stage: ablated alone on its top held-out images)
+    if (d.eff) {
+      right.appendChild(h("p", "effects", "promotes: " + (visible(d.eff[0]) || "nothing above 1e-4")));
+      right.appendChild(h("p", "effects", "suppresses: " + (visible(d.eff[1]) || "nothing above 1e-4")));
+      right.appendChild(h("p", "note", "Δ class probability when the latent is ablated (α = 0) on its top held-out images, sign flipped: what it adds"));
+    } else if (d.eff === 0) {
+      right.appendChild(para("na small", ["not ablated by the effects stage (it labels robust latents by default); all of them: ",
+        cmd(["branchlens", "effects", META.run, "--layers", lay0.name, "--scope", "all"])]));
+    }
     // upstream latents (circuits) and decoder-space neighbours
     var links = h("div", "links");
     var up = h("div"); up.appendChild(h("h4", null, "Upstream latents (circuits)"));

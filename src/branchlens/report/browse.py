@@ -335,6 +335,26 @@ def write_gallery(ctx: ReportContext, li: int, g: dict, data_dir: Path, assets: 
             "bytes": size, "image_bytes": img_bytes, "images": sum(1 for u in urls.values() if u)}
 
 
+def layer_effects(run_dir: Path, layer: str) -> dict[int, list[str]] | None:
+    """{latent: [promotes, suppresses]} from the effects stage's table of ``layer``, or None
+    when the stage has not run (a malformed row is left out, never guessed)."""
+    import csv
+
+    from branchlens.run import Run
+
+    path = Run(run_dir).effects_table_path(layer)
+    if not path.is_file():
+        return None
+    out: dict[int, list[str]] = {}
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        for row in csv.DictReader(f):
+            try:
+                out[int(row["latent"])] = [row.get("promotes") or "", row.get("suppresses") or ""]
+            except (KeyError, TypeError, ValueError):
+                continue
+    return out
+
+
 def _class_names(variant: str | None) -> list[str]:
     try:
         from branchlens.variants import class_names
@@ -415,10 +435,14 @@ def write_layer(ctx: ReportContext, li: int, layer: str, cols: LayerColumns | No
     fact_rows = sig_round(np.stack([cols.f(k) for k in facts], 1)).tolist() if facts else []
     pre["m"] = [{k: v for k, v in zip(facts, r, strict=True) if v == v} for r in fact_rows]
     band_l = np.round(band.astype(np.float64), 3).tolist() if band is not None else None
+    effects = layer_effects(ctx.run_dir, layer)
     chunks = 0
     for c0 in range(0, n, CHUNK):
         items = [_detail(ctx, layer, j, cols, pre, band_l, nb, ex, assets, labels, li)
                  for j in range(c0, min(n, c0 + CHUNK))]
+        for j, d in zip(range(c0, min(n, c0 + CHUNK)), items, strict=True):
+            if effects is not None:  # 0: the stage ran but did not ablate this latent
+                d["eff"] = effects.get(j, 0)
         size += _script(data_dir / f"d{li}_{c0 // CHUNK}.js", "detail", li, c0 // CHUNK, items)
         chunks += 1
     return {"name": layer, "n": n, "branches": branches, "doms": doms, "cats": cats,

@@ -19,7 +19,7 @@ from branchlens.report.images import image_src
 from branchlens.report.sections import esc, fmt, name_html
 
 # claim id -> which cells it rests on (None: every branch)
-CELL_CLAIMS = {"specialise": None, "five_by_five": "5x5", "animals": "5x5",
+CELL_CLAIMS = {"specialise": None, "five_by_five": "5x5", "animals": "5x5", "animals_causal": "5x5",
                "paper_curve": "5x5"}
 
 
