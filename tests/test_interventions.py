@@ -248,3 +248,25 @@ def test_batched_per_latent_ablations_equal_one_intervention_each(net):
     for j, imgs in enumerate(tops):
         one = I.intervene(net, sae, layer, x[imgs], [lat[j]], 0.0).delta_p.mean(0)
         assert torch.allclose(dp[j], one, atol=1e-6)
+
+
+def test_the_causal_claim_is_re_decided_on_every_replicate_sae(e2e_run, tmp_path):
+    src, _ = e2e_run
+    run = tmp_path / "run"
+    shutil.copytree(src, run, symlinks=True)
+    rep = run / "replicates" / "seed1"
+    rep.mkdir(parents=True)
+    (rep / "store").symlink_to("../../store")
+    shutil.copytree(run / "sae", rep / "sae")
+    shutil.copytree(run / "analysis", rep / "analysis")
+    (run / "analysis" / "stability.json").write_text(json.dumps(
+        {"layers": ["mixed4a"], "seeds": [0, 1], "replicates": 2}))
+    res = CliRunner().invoke(app, ["effects", str(run), "--layers", "mixed4a", "--scope", "none",
+                                   "--n-boot", "50", "--no-progress", "--json"])
+    assert res.exit_code == 0, res.output
+    claim = json.loads(res.output.strip().splitlines()[-1])["claim"]
+    st = claim["stability"]
+    assert st["replicates"] == 2 and st["layers"] == ["mixed4a"]
+    assert st["verdicts"] == [claim["verdict"]] * 2 and st["stable"]
+    assert list(claim["numbers"]["replicates"]) == ["seed1"]
+    assert not (run / "effects" / "latents_mixed4a.csv").read_text().splitlines()[1:]

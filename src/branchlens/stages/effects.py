@@ -27,6 +27,7 @@ import torch
 
 from branchlens.analysis.claims import animals_causal, attach_claim
 from branchlens.analysis.driver import image_groups
+from branchlens.analysis.stability import claim_stability
 from branchlens.artifacts import atomic_path, provenance, read_json, write_json
 from branchlens.data import iter_batches
 from branchlens.interventions import (
@@ -44,7 +45,7 @@ from branchlens.train.sampling import heldout_images
 from branchlens.variants import branch_slices, class_names
 from branchlens.weights import sha256_file
 
-SCOPES = ("robust", "all")
+SCOPES = ("robust", "all", "none")  # none: the causal test alone
 TARGET_BRANCH = "5x5"
 EFFECT_COLUMNS = ("latent", "n_images", "promotes", "suppresses", "max_abs_delta_prob")
 
@@ -100,11 +101,12 @@ def layer_effects(run: Run, layer: str, *, scope: str = "robust", n_top: int = 4
     tops = top_rows(codes.image_max(sae.cfg.n_latents), n_top)
     clean = clean_probabilities(go, h)
     branches = list(branch_slices(model.variant, layer))
-    in_scope = alive & (np.isin(robust, branches) if scope == "robust" else True)
+    in_scope = alive & (np.isin(robust, branches) if scope == "robust" else scope == "all")
     latents = [int(j) for j in np.flatnonzero(in_scope) if tops[j, 0] >= 0]
     names = class_names(model.variant)
     promotes, suppresses, max_dp = [], [], []
-    with progress(len(latents), f"ablations {layer}", "latent", disable=not show_progress) as bar:
+    with progress(len(latents), f"ablations {layer}", "latent",
+                  disable=not show_progress or not latents) as bar:
         for s in range(0, len(latents), 256):
             chunk = latents[s:s + 256]
             dp = ablation_effects(go, sae, h, codes, clean,
@@ -133,6 +135,35 @@ def layer_effects(run: Run, layer: str, *, scope: str = "robust", n_top: int = 4
     return {"layer": layer, "scope": scope, "n_top": n_top, "n_images": int(h.shape[0]),
             "latents_ablated": len(latents), "rows": eff_rows, "causal": causal,
             "seconds": {k: round(v, 2) for k, v in seconds.items()}}
+
+
+def replicate_stability(run: Run, per_layer: dict[str, dict], *, n_boot: int, seed: int,
+                        log: Callable[[str], None], show_progress: bool
+                        ) -> tuple[dict, dict] | None:
+    """The causal verdict of every replicate SAE that ``branchlens stability`` trained (same
+    layers, their own held-out images and robust labels), compared with the main SAEs' verdict
+    on those layers as the other claims are; None when there are no replicates."""
+    if not run.stability_path.is_file():
+        return None
+    doc = read_json(run.stability_path)
+    layers = [la for la in doc.get("layers") or [] if la in per_layer]
+    seeds = (doc.get("seeds") or [])[1:]
+    if not layers or not seeds:
+        return None
+    reps, numbers = [], {}
+    for s in seeds:
+        rep = Run(run.replicate_dir(int(s)), device=run.device, weights=run.weights)
+        if not rep.latent_table_path.is_file():
+            log(f"replicate seed {s}: no analysis; left out of the causal claim's stability")
+            continue
+        got = {la: layer_effects(rep, la, scope="none", n_boot=n_boot, seed=seed, log=log,
+                                 show_progress=show_progress)["causal"] for la in layers}
+        numbers[f"seed{s}"] = got
+        reps.append([animals_causal(got)])
+    if not reps:
+        return None
+    main = [animals_causal({la: per_layer[la] for la in layers})]
+    return claim_stability(main, reps, layers)["animals_causal"], numbers
 
 
 def write_effects_table(path: Path, rows: list[dict]) -> None:
@@ -179,6 +210,10 @@ def effects(run_dir: str | Path, layers: list[str] | None = None, *, scope: str 
             + f" [{sum(res['seconds'].values()):.0f} s]")
         per_layer[layer] = c
     claim = animals_causal(per_layer)
+    stab = replicate_stability(run, per_layer, n_boot=n_boot, seed=seed, log=log,
+                               show_progress=show_progress)
+    if stab is not None:
+        claim["stability"], claim["numbers"]["replicates"] = stab
     summary = read_json(run.summary_path)
     summary["claims"] = attach_claim(summary.get("claims") or [], claim, after="animals")
     write_json(run.summary_path, summary)
