@@ -269,4 +269,14 @@ def test_the_causal_claim_is_re_decided_on_every_replicate_sae(e2e_run, tmp_path
     assert st["replicates"] == 2 and st["layers"] == ["mixed4a"]
     assert st["verdicts"] == [claim["verdict"]] * 2 and st["stable"]
     assert list(claim["numbers"]["replicates"]) == ["seed1"]
-    assert not (run / "effects" / "latents_mixed4a.csv").read_text().splitlines()[1:]
+    assert not (run / "effects" / "latents_mixed4a.csv").exists()  # none: no labels written
+    res = CliRunner().invoke(app, ["effects", str(run), "--layers", "mixed4b", "--scope", "none",
+                                   "--n-boot", "50", "--no-progress", "--json"])
+    claim = json.loads(res.output.strip().splitlines()[-1])["claim"]
+    assert list(claim["numbers"]["per_layer"]) == ["mixed4a", "mixed4b"]  # adds, never drops
+    (run / "sae" / "mixed4a" / "weights.safetensors").write_bytes(
+        (run / "sae" / "mixed4b" / "weights.safetensors").read_bytes())  # "retrained"
+    res = CliRunner().invoke(app, ["effects", str(run), "--layers", "mixed4b", "--scope", "none",
+                                   "--n-boot", "50", "--no-progress", "--json"])
+    claim = json.loads(res.output.strip().splitlines()[-1])["claim"]
+    assert list(claim["numbers"]["per_layer"]) == ["mixed4b"]

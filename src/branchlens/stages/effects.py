@@ -166,6 +166,26 @@ def replicate_stability(run: Run, per_layer: dict[str, dict], *, n_boot: int, se
     return claim_stability(main, reps, layers)["animals_causal"], numbers
 
 
+def _sae_sha(run: Run, layer: str) -> str:
+    return sha256_file(run.sae_dir(layer) / "weights.safetensors")
+
+
+def current_causal(run: Run, layers: list[str], log: Callable[[str], None]) -> dict[str, dict]:
+    """The causal test of every layer whose effects were computed with its current SAE (a run
+    on some layers adds to the others'; a retrained SAE's old effects are left out, said)."""
+    out = {}
+    for layer in layers:
+        path = run.effects_path(layer)
+        if not path.is_file():
+            continue
+        doc = read_json(path)
+        if doc.get("sae_sha256") != _sae_sha(run, layer):
+            log(f"{layer}: effects were computed with another SAE; left out (run effects on it)")
+            continue
+        out[layer] = doc["causal"]
+    return out
+
+
 def write_effects_table(path: Path, rows: list[dict]) -> None:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(EFFECT_COLUMNS), lineterminator="\n")
@@ -193,14 +213,14 @@ def effects(run_dir: str | Path, layers: list[str] | None = None, *, scope: str 
     missing = [la for la in layers if la not in analysed]
     if missing:
         raise ValueError(f"layer(s) {missing} not analysed; analysed: {', '.join(analysed)}")
-    per_layer = {}
     for layer in layers:
         res = layer_effects(run, layer, scope=scope, n_top=n_top, n_boot=n_boot, seed=seed,
                             log=log, show_progress=show_progress)
         run.effects_dir.mkdir(parents=True, exist_ok=True)
-        write_effects_table(run.effects_table_path(layer), res.pop("rows"))
-        sae_sha = sha256_file(run.sae_dir(layer) / "weights.safetensors")
-        write_json(run.effects_path(layer), {**res, **provenance(sae_sha256=sae_sha)})
+        rows = res.pop("rows")
+        if scope != "none":  # --scope none keeps the labels an earlier run wrote
+            write_effects_table(run.effects_table_path(layer), rows)
+        write_json(run.effects_path(layer), {**res, **provenance(sae_sha256=_sae_sha(run, layer))})
         c = res["causal"]
         log(f"{layer}: ablated {res['latents_ablated']} latents on ≤ {n_top} top images each; "
             + (f"animal-mass drop {TARGET_BRANCH} {c['drop_target']:+.4f} vs matched "
@@ -208,7 +228,7 @@ def effects(run_dir: str | Path, layers: list[str] | None = None, *, scope: str 
                f"{c['difference']['ci_high']:+.4f}])" if c["testable"] else
                f"causal test not testable: {c['why']}")
             + f" [{sum(res['seconds'].values()):.0f} s]")
-        per_layer[layer] = c
+    per_layer = current_causal(run, analysed, log)
     claim = animals_causal(per_layer)
     stab = replicate_stability(run, per_layer, n_boot=n_boot, seed=seed, log=log,
                                show_progress=show_progress)
