@@ -280,3 +280,17 @@ def test_the_causal_claim_is_re_decided_on_every_replicate_sae(e2e_run, tmp_path
                                    "--n-boot", "50", "--no-progress", "--json"])
     claim = json.loads(res.output.strip().splitlines()[-1])["claim"]
     assert list(claim["numbers"]["per_layer"]) == ["mixed4b"]
+
+
+def test_fewer_candidates_than_targets_match_a_random_subset_of_the_targets():
+    go, sae, h, robust, rate, mass = _planted_branch_world()
+    robust = robust.copy()
+    robust[14:] = "none"  # 8 targets, 6 candidates
+    res = I.causal_branch_test(go, sae, h, np.arange(h.shape[0]) // 2, robust, np.ones(16, bool),
+                               rate, mass, "5x5", ["1x1"], ("5x5", slice(0, 4)), n_boot=200)
+    assert res["testable"] and res["latents"] == 8 and res["latents_used"] == 6
+    assert sorted(res["controls"]) == list(range(8, 14))
+    robust[10:] = "none"  # 2 candidates: not enough for a test
+    few = I.causal_branch_test(go, sae, h, np.arange(h.shape[0]) // 2, robust, np.ones(16, bool),
+                               rate, mass, "5x5", ["1x1"], None)
+    assert not few["testable"] and "other branches" in few["why"]

@@ -326,13 +326,15 @@ def causal_branch_test(go, sae, h: Tensor, groups: np.ndarray, robust: np.ndarra
     why = None
     if target.size < MIN_LATENTS:
         why = f"{target.size} robust {target_branch} latents, fewer than {MIN_LATENTS}"
-    elif others.size < target.size:
-        why = (f"{others.size} robust latents of other branches to match {target.size} "
-               f"{target_branch} latents")
+    elif others.size < MIN_LATENTS:
+        why = f"{others.size} robust latents of other branches, fewer than {MIN_LATENTS}"
     elif h.shape[0] < MIN_IMAGES:
         why = f"{h.shape[0]} held-out images, fewer than {MIN_IMAGES}"
     if why:
         return {**out, "testable": False, "why": why}
+    if others.size < target.size:  # equal set sizes: a random subset of the targets
+        target = np.sort(np.random.default_rng(seed).choice(target, others.size, replace=False))
+        out["latents_used"] = int(target.size)
     feats = np.stack([np.log10(np.maximum(firing_rate, 1e-7)),
                       np.log10(np.maximum(mean_activation, 1e-9))], 1)
     feats = (feats - feats[alive].mean(0)) / feats[alive].std(0).clip(1e-9)
@@ -356,10 +358,16 @@ def causal_branch_test(go, sae, h: Tensor, groups: np.ndarray, robust: np.ndarra
            "drop_branch": None, "latent_share_of_branch": None}
     if branch is not None:
         key = f"branch_{branch[0]}"
-        share = grouped_bootstrap(drops["target"], groups, n_boot, seed, denom=drops[key])
-        res["drop_branch"] = float(drops[key].mean())
-        res["latent_share_of_branch"] = {"mean": share[0], "ci_low": share[1],
-                                         "ci_high": share[2]}
+        b = grouped_bootstrap(drops[key], groups, n_boot, seed)
+        res["drop_branch"] = b[0]
+        res["drop_branch_ci"] = [b[1], b[2]]
+        if b[1] > 0 or b[2] < 0:  # a share of an effect that is there
+            share = grouped_bootstrap(drops["target"], groups, n_boot, seed, denom=drops[key])
+            res["latent_share_of_branch"] = {"mean": share[0], "ci_low": share[1],
+                                             "ci_high": share[2]}
+        else:
+            res["share_undefined"] = ("the whole branch's own animal-mass effect is not "
+                                      "distinguishable from 0")
     return res
 
 

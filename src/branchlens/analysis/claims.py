@@ -291,12 +291,17 @@ def animals_causal(per_layer: dict[str, dict]) -> dict:
         d = c["difference"]
         status[layer] = "supported" if d["ci_low"] > 0 else "not supported"
         sh = c.get("latent_share_of_branch")
-        parts.append(f"{layer}: {c['latents']} latents, animal-mass drop {c['drop_target']:+.4f} "
+        n = c.get("latents_used") or c["latents"]
+        used = f" (a random {n} of {c['latents']}, to match)" if n != c["latents"] else ""
+        branch = ""
+        if c.get("drop_branch") is not None:
+            lo, hi = c.get("drop_branch_ci") or (float("nan"),) * 2
+            branch = (f"; whole 5x5 branch {c['drop_branch']:+.4f} [{lo:+.4f}, {hi:+.4f}], "
+                      + (f"the latents' share {sh['mean']:.2f} [{sh['ci_low']:.2f}, "
+                         f"{sh['ci_high']:.2f}]" if sh else "no share: its effect is ≈ 0"))
+        parts.append(f"{layer}: {n} latents{used}, animal-mass drop {c['drop_target']:+.4f} "
                      f"vs matched {c['drop_matched']:+.4f} (Δ {d['mean']:+.4f}, 95% CI "
-                     f"[{d['ci_low']:+.4f}, {d['ci_high']:+.4f}])"
-                     + (f"; whole 5x5 branch {c['drop_branch']:+.4f}, the latents' share "
-                        f"{sh['mean']:.2f} [{sh['ci_low']:.2f}, {sh['ci_high']:.2f}]"
-                        if sh else ""))
+                     f"[{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]){branch}")
     verdict = _most_layers(status)
     ev = "; ".join(parts) or "no layers"
     if verdict == "not testable":
