@@ -357,10 +357,11 @@ def test_report_of_a_folder_that_is_no_run_is_refused(tmp_path):
 
 # -- 10. import-sae / export-sae never replace an SAE silently ------------------------------------
 
-def _tiny_sae(seed: int = 0):
+def _tiny_sae(seed: int = 0, decoder: str = "untied"):
     from branchlens.sae import SAEConfig, TopKSAE
 
-    return TopKSAE(SAEConfig(d_in=8, n_latents=16, k=2, layer="mixed4a"), seed=seed)
+    return TopKSAE(SAEConfig(d_in=8, n_latents=16, k=2, layer="mixed4a", decoder=decoder),
+                   seed=seed)
 
 
 def _sae_run(tmp_path: Path) -> tuple[Path, Path]:
@@ -369,7 +370,7 @@ def _sae_run(tmp_path: Path) -> tuple[Path, Path]:
 
     run = tmp_path / "run"
     _tiny_sae(0).save(run / "sae" / "mixed4a", {"train": {"step": 4}})
-    return run, export_paper(_tiny_sae(1), tmp_path / "paper")
+    return run, export_paper(_tiny_sae(1, "tied"), tmp_path / "paper")
 
 
 def test_import_sae_refuses_a_folder_holding_an_sae_unless_forced(tmp_path):
@@ -537,3 +538,362 @@ def test_import_of_a_code_executing_pickle_never_suggests_weights_only_false(tmp
     assert "False" not in r.output and "weights_only" not in r.output.replace(
         "weights_only=True", ""), r.output
     assert not target.exists() and not (tmp_path / "out").exists()
+
+
+# -- 16-21. shared run folders: deletion, hashes, outputs, the source folder ---------------------
+#
+# Tiny real runs (random weights, one layer, a few steps); tests copy a finished one before they
+# change anything in it.
+
+RUN_SETS: dict = {
+    "harvest": {"layers": ["mixed4a"], "sampling": "uniform", "samples_per_image": 20,
+                "batch_size": 4},
+    "sae": {"expansion": 1, "k": 8},
+    "train": {"batch_size": 32, "steps": 4, "warmup_steps": 1, "log_every": 2, "ckpt_every": 2,
+              "progress": False},
+    "analyze": {"n_perm": 20, "curve_reps": 10, "bootstrap": 20, "embed": "pca"},
+}
+ANALYZE_FAST = ["--n-perm", "20", "--curve-reps", "10", "--embed", "pca"]
+
+
+def _sets(block: str | None = None, **kv) -> dict:
+    return RUN_SETS if block is None else {**RUN_SETS, block: {**RUN_SETS[block], **kv}}
+
+
+def _pipeline(out: Path, source: str = "embedded:4", stages: tuple = ("harvest", "train"),
+              overrides: dict | None = None, **kw) -> list[str]:
+    """``branchlens run`` on ``out``; returns its log lines."""
+    from branchlens.pipeline import run
+
+    logs: list[str] = []
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "RANDOM WEIGHTS")
+        run(out, overrides=overrides or RUN_SETS, source=source, weights="random",
+            device="cpu", stages=list(stages), log=logs.append, **kw)
+    return logs
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("trained") / "run"
+    _pipeline(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def analysed_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("analysed") / "run"
+    _pipeline(out, stages=("harvest", "train", "analyze", "report"))
+    return out
+
+
+def _copy(run_dir: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    dst = tmp_path / "run"
+    shutil.copytree(run_dir, dst)
+    return dst
+
+
+def _image_folder(folder: Path, n: int = 6, seed: int = 0) -> Path:
+    """``n`` distinct BMP files (uncompressed: every file has the same size)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(
+            folder / f"img{i}.bmp")
+    return folder
+
+
+def _folder_run(tmp_path: Path, stages: tuple = ("harvest",), n: int = 6) -> tuple[Path, Path]:
+    """(run folder harvested from a folder of image files, that folder)."""
+    folder = _image_folder(tmp_path / "imgs", n)
+    out = tmp_path / "run"
+    _pipeline(out, str(folder), stages)
+    return out, folder
+
+
+# -- 16. a stage deletes only what it wrote --------------------------------------------------
+
+def test_a_stage_folder_records_its_outputs_and_discards_only_those(tmp_path):
+    from branchlens.artifacts import begin_outputs, discard_outputs, finish_outputs
+
+    folder = tmp_path / "report"
+    folder.mkdir()
+    (folder / "NOTES.txt").write_text("mine")  # there before the stage first ran
+    begin_outputs(folder)
+    (folder / "index.html").write_text("page")
+    (folder / "assets").mkdir()
+    (folder / "assets" / "a.js").write_text("js")
+    finish_outputs(folder)
+    (folder / "later.txt").write_text("added after the stage finished")
+    (folder / "nested" / "store").mkdir(parents=True)  # a colleague's run unpacked into it
+    (folder / "nested" / "run.json").write_text("{}")
+    (folder / "nested" / "store" / "manifest.json").write_text("{}")
+    logs: list[str] = []
+    discard_outputs(folder, logs.append, "report settings changed")
+    left = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()
+                  and not p.name.startswith("."))
+    assert left == ["NOTES.txt", "later.txt", "nested/run.json", "nested/store/manifest.json"]
+    assert not (folder / "assets").exists()
+    assert "kept 4 file(s) branchlens has no record of writing" in logs[0], logs
+
+
+def test_a_killed_stage_s_files_are_its_own_and_foreign_ones_stay(tmp_path):
+    from branchlens.artifacts import begin_outputs, discard_outputs
+
+    folder = tmp_path / "analysis"
+    folder.mkdir()
+    (folder / "NOTES.txt").write_text("mine")
+    begin_outputs(folder)
+    (folder / "summary.json").write_text("{}")  # then killed: no finish_outputs
+    begin_outputs(folder)  # the resumed stage: the half-written summary is still its own
+    discard_outputs(folder, lambda m: None, "analyze settings changed")
+    assert [p.name for p in folder.iterdir() if not p.name.startswith(".")] == ["NOTES.txt"]
+
+
+def test_changed_settings_keep_notes_and_a_nested_run_in_analysis_and_report(analysed_run,
+                                                                             tmp_path):
+    out = _copy(analysed_run, tmp_path)
+    mine = {"analysis/NOTES.txt": "my reading of the claims", "report/NOTES.txt": "sent to Ann",
+            "report/colleague/run.json": "{}", "report/colleague/store/manifest.json": "{}"}
+    for rel, text in mine.items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_text(text)
+    logs = _pipeline(out, stages=("harvest", "train", "analyze", "report"),
+                     overrides=_sets("analyze", n_perm=30))
+    assert "[analyze] running" in logs and "[report] running" in logs
+    assert {rel: (out / rel).read_text() for rel in mine} == mine
+    kept = [m for m in logs if m.startswith("[discard]")]
+    assert len(kept) == 2 and "kept 1 file(s)" in kept[0] and "kept 3 file(s)" in kept[1], kept
+    assert (out / "report" / "index.html").is_file()
+    assert (out / "analysis" / "latents.csv").is_file()
+
+
+def test_retraining_keeps_a_foreign_file_in_the_sae_folder(trained_run, tmp_path):
+    out = _copy(trained_run, tmp_path)
+    notes = out / "sae" / "mixed4a" / "NOTES.txt"
+    notes.write_text("lr 4e-4 looked better")
+    logs = _pipeline(out, overrides=_sets("train", lr=0.01))
+    assert "[train] running" in logs and notes.read_text() == "lr 4e-4 looked better"
+    assert any("settings changed (train.lr)" in m and "kept 1 file(s)" in m for m in logs), logs
+    assert _sae_step(out) == 4
+
+
+def _sae_step(out: Path) -> int:
+    from branchlens.sae import load_meta
+
+    return load_meta(out / "sae" / "mixed4a")["train"]["step"]
+
+
+def test_reharvest_refuses_a_store_holding_a_foreign_file_and_deletes_nothing(trained_run,
+                                                                             tmp_path):
+    from branchlens.artifacts import ArtifactError
+
+    out = _copy(trained_run, tmp_path)
+    (out / "store" / "NOTES.txt").write_text("harvested on the lab machine")
+    before = sorted(p.name for p in (out / "store").rglob("*"))
+    with pytest.raises(ArtifactError, match=r"store holds 1 file\(s\) branchlens did not write "
+                                            r"\(NOTES.txt\)"):
+        _pipeline(out, overrides=_sets("harvest", samples_per_image=16))
+    assert sorted(p.name for p in (out / "store").rglob("*")) == before
+
+
+# -- 17. settings that change no artifact stay out of the hash -------------------------------
+
+def test_one_list_of_settings_that_change_no_artifact():
+    from branchlens.config import NON_ARTIFACT
+    from branchlens.pipeline import stage_hash
+    from branchlens.train.config import NON_ARTIFACT_KEYS
+
+    assert NON_ARTIFACT_KEYS == NON_ARTIFACT["train"] and "plot" in NON_ARTIFACT_KEYS
+    base = make_config("demo")
+    for block, key, value in [("report", "cards_per_layer", 3), ("train", "plot", False),
+                              ("train", "progress", False), ("train", "keep_optimizer", True)]:
+        cfg = make_config("demo", overrides={block: {key: value}})
+        assert all(stage_hash(base, s, None) == stage_hash(cfg, s, None)
+                   for s in ("train", "analyze", "report")), (block, key)
+
+
+def test_report_cards_per_layer_rebuilds_and_deletes_nothing(analysed_run, tmp_path):
+    out = _copy(analysed_run, tmp_path)
+    notes = out / "report" / "NOTES.txt"
+    notes.write_text("mine")
+    page = (out / "report" / "index.html").read_bytes()
+    logs = _pipeline(out, stages=("harvest", "train", "analyze", "report"),
+                     overrides={**RUN_SETS, "report": {"cards_per_layer": 99}})
+    assert "[report] up to date, skipped" in logs, logs
+    assert notes.read_text() == "mine" and (out / "report" / "index.html").read_bytes() == page
+
+
+def test_train_plot_does_not_retrain(trained_run, tmp_path):
+    out = _copy(trained_run, tmp_path)
+    logs = _pipeline(out, overrides=_sets("train", plot=False))
+    assert logs == ["[harvest] up to date, skipped", "[train] up to date, skipped"], logs
+
+
+# -- 18. "up to date" means the outputs are still the ones the stage wrote ---------------------
+
+def test_a_swapped_in_sae_of_another_run_is_noticed_and_trained_again(trained_run, tmp_path):
+    import shutil
+
+    other = tmp_path / "other"
+    _pipeline(other, overrides=_sets("sae", k=4))
+    out = _copy(trained_run, tmp_path)
+    mine = _sae_weights(out)
+    for f in (other / "sae" / "mixed4a").iterdir():
+        shutil.copy(f, out / "sae" / "mixed4a" / f.name)
+    assert _sae_weights(out)["W_enc"].shape == mine["W_enc"].shape  # same shape, other weights
+    logs = _pipeline(out)
+    assert "[train] up to date, skipped" not in logs and "[train] running" in logs
+    assert any("sae/mixed4a/weights.safetensors is not what this stage wrote" in m
+               for m in logs), logs
+    assert all(torch.equal(v, mine[k]) for k, v in _sae_weights(out).items())  # its own SAE again
+    assert _pipeline(out)[-1] == "[train] up to date, skipped"
+
+
+def _sae_weights(out: Path) -> dict:
+    from branchlens.artifacts import load_tensors
+
+    tensors = load_tensors(out / "sae" / "mixed4a" / "weights.safetensors")[0]
+    return {k: t.clone() for k, t in tensors.items()}  # not views of a file about to be replaced
+
+
+def test_a_standalone_analyze_is_noticed_and_the_run_s_analysis_restored(analysed_run,
+                                                                        tmp_path):
+    out = _copy(analysed_run, tmp_path)
+    r = _cli("analyze", str(out), "--q", "0.5", *ANALYZE_FAST)
+    assert r.exit_code == 0, r.output
+    assert json.loads(_summary(out))["config"]["q"] == 0.5
+    logs = _pipeline(out, stages=("harvest", "train", "analyze", "report"))
+    assert "[analyze] up to date, skipped" not in logs and "[analyze] running" in logs
+    assert any(m.startswith("[analyze] analysis/") and "and 1 more) is not what this stage "
+               "wrote" in m for m in logs), logs
+    assert any("[report] the analyze outputs it read have changed" in m for m in logs), logs
+    assert json.loads(_summary(out))["config"]["q"] == 0.05
+
+
+def _summary(out: Path) -> str:
+    return (out / "analysis" / "summary.json").read_text()
+
+
+# -- 19. a changed source folder is noticed --------------------------------------------------
+
+def _change(folder: Path, how: str) -> None:
+    if how == "replace":  # same name, same size, other pixels
+        path = folder / "img2.bmp"
+        size, mtime = path.stat().st_size, path.stat().st_mtime_ns
+        Image.new("RGB", (40, 40), (0, 120, 0)).save(path)
+        assert path.stat().st_size == size
+        os.utime(path, ns=(mtime + 5 * 10**9, mtime + 5 * 10**9))  # a later write
+    elif how == "add":
+        Image.new("RGB", (40, 40), (0, 0, 200)).save(folder / "img9.bmp")
+    else:
+        (folder / "img1.bmp").unlink()
+
+
+@pytest.mark.parametrize("how", ["replace", "add", "remove"])
+def test_a_rerun_on_a_changed_source_folder_says_so_and_starts_clean(tmp_path, how):
+    out, folder = _folder_run(tmp_path)
+    _change(folder, how)
+    logs = _pipeline(out, str(folder), ("harvest",))
+    said = [m for m in logs if "the image source changed" in m]
+    assert said and said[0].startswith("[harvest] the image source changed since the harvest")
+    assert any(m.startswith("[discard] the image source changed") for m in logs), logs
+    n = len(list(folder.iterdir()))
+    assert ActivationStore.open(out / "store").manifest["counts"]["images"] == n
+    assert _pipeline(out, str(folder), ("harvest",)) == ["[harvest] up to date, skipped"]
+
+
+@pytest.mark.filterwarnings("ignore:RANDOM WEIGHTS")
+def test_standalone_harvest_refuses_to_reuse_a_store_of_a_replaced_file(tmp_path):
+    out, folder = _folder_run(tmp_path)
+    args = ["harvest", str(folder), "--out", str(out / "store"), "--weights", "random",
+            "--layers", "mixed4a", "--sampling", "uniform", "--samples-per-image", "20",
+            "--aligned", "--no-progress"]
+    assert _cli(*args).exit_code == 0  # the same harvest: the complete store is kept
+    _change(folder, "replace")
+    _one_line_error(_cli(*args), "changed since store", "same 6 file names and sizes",
+                    "rewritten")
+
+
+@pytest.mark.filterwarnings("ignore:RANDOM WEIGHTS")
+def test_reading_images_from_a_changed_source_is_refused_not_mislabelled(tmp_path):
+    from branchlens.run import Latent, ProvenanceError
+
+    out, folder = _folder_run(tmp_path, ("harvest", "train"))
+    run = Run(out)
+    assert len(run.source()[0]) == 6
+    _change(folder, "remove")
+    with pytest.raises(ProvenanceError, match="changed since the store .* was harvested"):
+        Run(out).source()
+    with pytest.raises(ProvenanceError, match="changed since"):
+        Latent(Run(out), "mixed4a", 0, {"top_images": ["imgs/img3.bmp"]}, []).top_images(1)
+    r = _cli("examples", str(out), "--layer", "mixed4a", "--n-top", "2", "--n-strips", "1",
+             "--no-progress")
+    _one_line_error(r, "changed since", "5 files")
+    assert not (out / "viz").exists()
+
+
+# -- 20. identical images under different names ----------------------------------------------
+
+def test_identical_files_are_reported_and_kept_on_one_side_of_the_split(tmp_path, caplog):
+    import logging
+    import shutil
+
+    folder = _image_folder(tmp_path / "imgs", 8)
+    shutil.copy(folder / "img0.bmp", folder / "copy.bmp")
+    with caplog.at_level(logging.WARNING, logger="branchlens.harvest"):
+        _pipeline(tmp_path / "run", str(folder), ("harvest",))
+    store = ActivationStore.open(tmp_path / "run" / "store")
+    assert store.manifest["duplicates"] == {"sets": 1, "images": 2,
+                                            "examples": [["imgs/copy.bmp", "imgs/img0.bmp"]]}
+    assert "2 images are byte-identical" in caplog.text and "imgs/copy.bmp = imgs/img0.bmp" \
+        in caplog.text
+    by_id = {r["id"]: r for r in store.images}
+    assert by_id["imgs/copy.bmp"]["content"] == by_id["imgs/img0.bmp"]["content"]
+    assert len({r["content"] for r in store.images}) == 8
+    a, b = (int(i) for i in np.flatnonzero([r["id"] in ("imgs/copy.bmp", "imgs/img0.bmp")
+                                             for r in store.images]))
+    for seed in range(20):
+        for frac in (0.3, 0.5):
+            train, held = store.split_images(frac, seed)
+            assert (a in held) == (b in held), (seed, frac)
+            assert len(train) + len(held) == 9
+
+
+def test_split_groups_join_views_and_copies():
+    from branchlens.store.reader import split_groups
+
+    images = [{"id": "a.jpg", "content": "1"}, {"id": "a.jpg#flip"},
+              {"id": "b.jpg", "content": "1"}, {"id": "b.jpg#flip"},
+              {"id": "c.jpg", "content": "2"}, {"id": "d.jpg", "skipped": "truncated"},
+              {"id": "e.jpg"}]
+    stored, groups = split_groups(images)
+    assert stored == [0, 1, 2, 3, 4, 6]
+    assert groups == ["a.jpg", "a.jpg", "a.jpg", "a.jpg", "c.jpg", "e.jpg"]
+
+
+# -- 21. a moved copy of the image folder as --source -----------------------------------------
+
+@pytest.mark.filterwarnings("ignore:RANDOM WEIGHTS")
+def test_a_moved_copy_of_the_source_is_accepted_and_another_folder_refused(tmp_path):
+    import shutil
+
+    from branchlens.run import ProvenanceError
+
+    out, folder = _folder_run(tmp_path, ("harvest", "train"))
+    moved = tmp_path / "elsewhere" / "photos"
+    shutil.copytree(folder, moved, copy_function=shutil.copyfile)  # new mtimes
+    src, n = Run(out).source(str(moved))
+    assert len(src) == n == 6
+    r = _cli("examples", str(out), "--layer", "mixed4a", "--n-top", "2", "--n-strips", "1",
+             "--source", str(moved), "--no-progress")
+    assert r.exit_code == 0, r.output
+    (moved / "img4.bmp").unlink()
+    with pytest.raises(ProvenanceError, match="is not the source .* holds other files"):
+        Run(out).source(str(moved))
+    other = _image_folder(tmp_path / "other", 6, seed=1)
+    (other / "img0.bmp").write_bytes(b"x" * 10)  # another size: not a copy
+    r = _cli("examples", str(out), "--layer", "mixed4a", "--source", str(other))
+    _one_line_error(r, "is not the source", "holds other files")

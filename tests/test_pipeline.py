@@ -31,6 +31,20 @@ def test_stages_skip_when_up_to_date_and_rerun_downstream_of_a_change(tmp_path):
     run(out, overrides=TINY, **kw)
     assert logs == ["[harvest] up to date, skipped", "[train] up to date, skipped"]
 
+    # a record an earlier version wrote, whose hashes still counted train.plot: same run
+    from branchlens.pipeline import LEGACY_NON_ARTIFACT
+
+    plotted = {**TINY, "train": {**TINY["train"], "plot": False}}
+    doc = json.loads((out / "run.json").read_text())
+    cfg = {**doc["config"], "train": {**doc["config"]["train"], "plot": False}}
+    for s in ("harvest", "train"):
+        doc["stages"][s]["config_hash"] = stage_hash(cfg, s, "random", LEGACY_NON_ARTIFACT)
+    assert doc["stages"]["train"]["config_hash"] != stage_hash(cfg, "train", "random")
+    (out / "run.json").write_text(json.dumps(doc))
+    logs.clear()
+    run(out, overrides=plotted, **kw)
+    assert logs == ["[harvest] up to date, skipped", "[train] up to date, skipped"]
+
     logs.clear()
     changed = {**TINY, "train": {**TINY["train"], "steps": 6}}
     rec = run(out, overrides=changed, **kw)
@@ -44,7 +58,7 @@ def test_upstream_change_changes_every_downstream_hash():
     b = make_config("demo", overrides={"harvest": {"sampling": "norm"}})
     assert stage_hash(a, "harvest", None) != stage_hash(b, "harvest", None)
     assert stage_hash(a, "report", None) != stage_hash(b, "report", None)
-    c = make_config("demo", overrides={"report": {"cards_per_layer": 3}})
+    c = make_config("demo", overrides={"circuits": {"n_perm": 30}})
     assert stage_hash(a, "analyze", None) == stage_hash(c, "analyze", None)
     assert stage_hash(a, "report", None) != stage_hash(c, "report", None)
 
@@ -72,3 +86,22 @@ def test_every_stage_through_the_report_from_the_cli(e2e_run):
     assert (circ["up"], circ["down"]) == ("mixed4a", "mixed4b") and circ["latents"]
     html = (out / "report" / "index.html").read_text()
     assert '<div class="banner" role="alert">RANDOM WEIGHTS' in html
+
+
+def test_a_finished_run_is_up_to_date_stage_by_stage(e2e_run, tmp_path):
+    """Run again unchanged, every stage is skipped: no stage's outputs are rewritten by a later
+    one (which would make it 'changed' on every run), and run.json holds their digests."""
+    import shutil
+    import warnings
+
+    out = tmp_path / "run"
+    shutil.copytree(e2e_run[0], out)
+    logs: list[str] = []
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "RANDOM WEIGHTS")
+        run(out, overrides=E2E_SETS, source="embedded:6", weights="random", device="cpu",
+            log=logs.append)
+    stages = json.loads((out / "run.json").read_text())["stages"]
+    assert logs == [f"[{s}] up to date, skipped" for s in stages], logs
+    assert all(s["outputs"] for s in stages.values())
+    assert stages["report"]["inputs"]["analyze"] and stages["train"]["inputs"]["harvest"]

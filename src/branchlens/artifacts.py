@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import platform
-import shutil
 import tempfile
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -165,13 +164,146 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def discard_dir(path: Path, log: Callable[[str], None], why: str) -> None:
-    """Remove an artifact folder made under other settings: renamed first (atomic), so a kill
-    midway never leaves a half-deleted folder that looks resumable."""
+# -- what a stage wrote into its folders ----------------------------------------------------------
+#
+# A stage folder (``analysis/``, ``report/`` ...) can hold files branchlens never wrote: a
+# researcher's notes, a colleague's run unpacked into it. A stage therefore deletes only its own
+# outputs: either the names it is known to write (``owned``: the store, an SAE folder), or what the
+# folder's ``OUTPUTS_FILE`` records: the files that were there before the stage first wrote into
+# it ("foreign", with size and mtime) and, once the stage finished, the files it left ("outputs").
+
+OUTPUTS_FILE = ".branchlens-outputs.json"
+_SHOWN = 3  # file names a message lists before "…"
+
+
+def _listing(folder: Path) -> dict[str, list[int]]:
+    """relative path -> [size, mtime_ns] of every file (symlinks unfollowed) below ``folder``."""
+    out: dict[str, list[int]] = {}
+    for root, dirs, files in os.walk(folder):
+        base = Path(root)
+        for name in files + [d for d in dirs if (base / d).is_symlink()]:
+            p = base / name
+            if p == folder / OUTPUTS_FILE:
+                continue
+            st = p.lstat()
+            out[p.relative_to(folder).as_posix()] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
+def _read_outputs(folder: Path) -> dict[str, Any] | None:
+    path = folder / OUTPUTS_FILE
+    if not path.is_file():
+        return None
+    doc = read_json(path)
+    if not isinstance(doc, dict) or not isinstance(doc.get("foreign", {}), dict):
+        raise ArtifactError(f"{path} is not a record of a stage's outputs; delete it (the files "
+                            "of that folder are then kept as not branchlens's)")
+    return doc
+
+
+def _ours(doc: dict[str, Any] | None, listing: dict[str, list[int]]) -> set[str]:
+    """Files of ``listing`` the stage wrote: those it recorded when it finished; while it runs
+    (or after it was killed) everything but the unchanged foreign files."""
+    if doc is None:
+        return set()  # no record: nothing is provably ours
+    if doc.get("outputs") is None:
+        foreign = doc.get("foreign", {})
+        return {p for p, st in listing.items() if foreign.get(p) != st}
+    return set(doc["outputs"]) & set(listing)
+
+
+def begin_outputs(folder: Path) -> None:
+    """Before a stage writes into ``folder``: remember which files in it are not its own."""
+    folder.mkdir(parents=True, exist_ok=True)
+    listing = _listing(folder)
+    ours = _ours(_read_outputs(folder), listing)
+    write_json(folder / OUTPUTS_FILE, {"foreign": {p: st for p, st in listing.items()
+                                                   if p not in ours}, "outputs": None})
+
+
+def finish_outputs(folder: Path) -> None:
+    """After a stage finished: every file it created or rewrote in ``folder`` is an output."""
+    doc = _read_outputs(folder) or {}
+    foreign, listing = doc.get("foreign", {}), _listing(folder)
+    kept = {p: st for p, st in listing.items() if foreign.get(p) == st}
+    write_json(folder / OUTPUTS_FILE, {"foreign": kept,
+                                       "outputs": sorted(p for p in listing if p not in kept)})
+
+
+def _names(paths: list[str]) -> str:
+    return ", ".join(paths[:_SHOWN]) + (", …" if len(paths) > _SHOWN else "")
+
+
+def discard_outputs(path: Path, log: Callable[[str], None], why: str,
+                    owned: tuple[str, ...] | None = None, keep: tuple[str, ...] = (),
+                    refuse_foreign: bool = False) -> None:
+    """Delete what a stage wrote into ``path`` (made under other settings), keeping every file
+    it did not write. ``owned``: patterns (``fnmatch`` on the relative path) of the files the
+    stage writes, deleted in pattern order; ``None``: the folder's record of its outputs.
+    ``keep``: the stage's own files that stay (a lock). ``refuse_foreign``: a folder holding
+    foreign files is refused before anything is deleted (the store will not be re-created
+    beside them)."""
+    import fnmatch
+
     if not path.exists():
         return
-    trash = path.with_name(f".{path.name}.discarded")
-    shutil.rmtree(trash, ignore_errors=True)
-    path.rename(trash)
-    shutil.rmtree(trash, ignore_errors=True)
-    log(f"[discard] {why}: discarded {path} and starting clean")
+    listing = _listing(path)
+    if owned is None:
+        ours = sorted(_ours(_read_outputs(path), listing))
+    else:
+        ours = [p for pat in owned for p in sorted(listing) if fnmatch.fnmatchcase(p, pat)]
+        ours = list(dict.fromkeys(ours))
+    foreign = sorted(p for p in listing if p not in set(ours) and p not in keep)
+    if foreign and refuse_foreign:
+        raise ArtifactError(f"{path} holds {len(foreign)} file(s) branchlens did not write "
+                            f"({_names(foreign)}); {why}: move them out of {path} so that it "
+                            "can start clean")
+    emptied: set[Path] = set()
+    for rel in ours:
+        (path / rel).unlink(missing_ok=True)
+        emptied.update(p for p in (path / rel).parents if path in p.parents)
+    for folder in sorted(emptied, key=lambda p: -len(p.parts)):  # deepest first
+        if not any(folder.iterdir()):
+            folder.rmdir()  # a folder of its outputs only; a foreign file keeps its folder
+    if owned is None and (path / OUTPUTS_FILE).exists():
+        if foreign:
+            write_json(path / OUTPUTS_FILE, {"foreign": {p: listing[p] for p in foreign},
+                                             "outputs": []})
+        else:
+            (path / OUTPUTS_FILE).unlink()
+    if not any(path.iterdir()):
+        path.rmdir()
+    kept = f"; kept {len(foreign)} file(s) branchlens has no record of writing ({_names(foreign)})"
+    log(f"[discard] {why}: discarded {len(ours)} file(s) of {path} and starting clean"
+        f"{kept if foreign else ''}")
+
+
+def content_digest(path: Path) -> str:
+    """What identifies a file's content: the sha256 that :func:`save_tensors` put into a
+    safetensors header (read without the tensors, so a large SAE costs nothing), else the
+    sha256 of its bytes."""
+    if path.suffix == ".safetensors":
+        stored = _header_checksum(path)
+        if stored is not None:
+            return f"st:{stored}"
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+_MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
+
+
+def _header_checksum(path: Path) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n <= _MAX_HEADER:
+                return None
+            meta = json.loads(f.read(n)).get("__metadata__") or {}
+        value = json.loads(meta[CHECKSUM_KEY])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None

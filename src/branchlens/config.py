@@ -26,6 +26,15 @@ TOP_LEVEL: dict[str, Any] = {"source": str | None, "variant": str, "seed": int, 
 # Set by the run itself (seed, device, weights, the run folder), never by a config block.
 RUN_OWNED = ("seed", "device", "weights", "run_dir", "layer", "up", "down", "out", "source",
              "latents", "show_progress")
+# Settings that change no artifact a later stage reads: left out of the stage hashes (pipeline)
+# and of an SAE's resume key (train), so changing one re-runs and deletes nothing. ``train.plot``
+# only draws the training curve (``sae/<layer>/metrics.png``, which no stage reads; turning it on
+# for a finished SAE draws nothing), and ``report.cards_per_layer`` is accepted for old configs
+# but ignored by the report.
+NON_ARTIFACT: dict[str, tuple[str, ...]] = {
+    "train": ("progress", "plot", "device", "keep_optimizer"),
+    "report": ("cards_per_layer",),
+}
 # Counts that must be at least 1 in the blocks whose schema is a function signature.
 POSITIVE_COUNTS = ("batch_size", "steps", "size", "n_latents", "n_top", "n_strips", "n_images",
                    "n_perm", "curve_reps", "cards_per_layer", "top", "top_images", "knn_k",

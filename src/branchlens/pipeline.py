@@ -2,7 +2,11 @@
 
 Each stage reads the previous stage's artifacts in the run directory and resumes on its own when
 killed. ``RUN/run.json`` records the config, versions, seed, and for every stage its status,
-config hash and timing; a stage whose status is ``done`` with the same config hash is skipped.
+config hash, timing, the digest of each of its outputs and of the upstream outputs it read. A
+stage is skipped only when it is ``done`` under the same config hash, its outputs still have the
+recorded digests (no SAE swapped in, no standalone ``analyze`` since), what it read is unchanged,
+and (harvest) the source folder still holds the files it was harvested from. A stage that runs
+again deletes only the files it wrote (:func:`branchlens.artifacts.discard_outputs`).
 """
 
 from __future__ import annotations
@@ -19,12 +23,16 @@ from typing import Any
 
 from branchlens.artifacts import (
     ArtifactError,
-    discard_dir,  # noqa: F401  (re-exported)
+    begin_outputs,
+    content_digest,
+    discard_outputs,
+    finish_outputs,
     provenance,
     read_json,
     write_json,
 )
 from branchlens.config import (
+    NON_ARTIFACT,
     STAGES,
     ConfigError,
     HarvestConfig,
@@ -117,9 +125,9 @@ PRESET_NOTES: dict[str, str] = {
 # block is no stage of its own but shapes the trained weights.
 STAGE_BLOCKS: dict[str, tuple[str, ...]] = {s: (s,) for s in STAGES} | {"train": ("sae", "train")}
 RUN_KEYS = ("source", "variant", "seed", "paper_compat")  # top-level keys every stage depends on
-NON_ARTIFACT = {"train": ("progress", "keep_optimizer")}  # settings that change no artifact
-# Folders a stage rewrites from scratch; removed first when its inputs changed, so no file made
-# under the old settings (a latent, a layer no longer run) survives into the new result.
+# Folders a stage rewrites from scratch; its own files in them are removed first when it runs
+# again after finishing, so no file made under the old settings or from the old inputs (a
+# latent, a layer no longer run) survives into the new result. Files it did not write stay.
 STAGE_DIRS = {"analyze": ("analysis",), "visualize": ("viz/featurevis",),
               "examples": ("viz/examples",), "circuits": ("viz/circuits",),
               "report": ("report",)}
@@ -176,31 +184,42 @@ def make_config(preset: str | None, source: str | None = None, variant: str | No
     return validate_config(cfg)
 
 
-def _artifact_settings(cfg: dict[str, Any], block: str) -> Any:
+# What earlier versions left out of the hashes before NON_ARTIFACT grew: a run recorded under
+# these hashes is the same run, so upgrading never retrains an SAE for a setting that changed
+# nothing (see the loop in :func:`run`).
+LEGACY_NON_ARTIFACT: dict[str, tuple[str, ...]] = {"train": ("progress", "keep_optimizer")}
+
+
+def _artifact_settings(cfg: dict[str, Any], block: str,
+                       non_artifact: dict[str, tuple[str, ...]] = NON_ARTIFACT) -> Any:
+    """A block's settings minus those that change no artifact (:data:`NON_ARTIFACT`)."""
     value = cfg.get(block)
     if isinstance(value, dict):
-        value = {k: v for k, v in value.items() if k not in NON_ARTIFACT.get(block, ())}
+        value = {k: v for k, v in value.items() if k not in non_artifact.get(block, ())}
     return value
 
 
-def stage_hash(cfg: dict[str, Any], stage: str, weights_id: str | None) -> str:
+def stage_hash(cfg: dict[str, Any], stage: str, weights_id: str | None,
+               non_artifact: dict[str, tuple[str, ...]] = NON_ARTIFACT) -> str:
     """What a stage's output depends on: its own blocks and every upstream stage's."""
     upstream = STAGES[: STAGES.index(stage) + 1]
-    key = {b: _artifact_settings(cfg, b) for s in upstream for b in STAGE_BLOCKS[s]}
+    key = {b: _artifact_settings(cfg, b, non_artifact) for s in upstream
+           for b in STAGE_BLOCKS[s]}
     key |= {k: cfg.get(k) for k in RUN_KEYS}
     key["weights"] = weights_id
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def stage_outputs(ctx: RunContext, stage: str) -> list[Path]:
-    """Files a finished stage must have left; one missing means the stage runs again."""
+    """Files (or folders) a finished stage must have left; one missing means the stage runs
+    again, one whose digest changed too (:func:`outputs_digest`)."""
     run, layers = Run(ctx.out), ctx.layers
     if stage == "harvest":
         return [run.store_dir / "manifest.json"]
     if stage == "train":
         return [run.sae_dir(layer) / "weights.safetensors" for layer in layers]
     if stage == "analyze":
-        return [run.summary_path]
+        return [run.summary_path, run.latent_table_path]
     if stage == "visualize":
         return [run.featurevis_dir(layer) for layer in layers]
     if stage == "examples":
@@ -210,11 +229,53 @@ def stage_outputs(ctx: RunContext, stage: str) -> list[Path]:
     return [run.report_index]
 
 
+def outputs_digest(ctx: RunContext, stage: str) -> dict[str, str]:
+    """Run-relative path -> content digest of each output of ``stage`` that exists; a folder's
+    covers every file in it but hidden ones (temp files, records)."""
+    out = {}
+    for p in stage_outputs(ctx, stage):
+        rel = p.relative_to(ctx.out).as_posix()
+        if p.is_file():
+            out[rel] = content_digest(p)
+        elif p.is_dir():
+            h = hashlib.sha256()
+            for f in sorted(p.rglob("*")):
+                parts = f.relative_to(p).parts
+                if f.is_file() and not any(x.startswith(".") for x in parts):
+                    h.update(json.dumps(["/".join(parts), content_digest(f)]).encode())
+            out[rel] = h.hexdigest()
+    return out
+
+
+def _combined(digests: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class _Outputs:
+    """Each stage's :func:`outputs_digest`, read from disk once per ``run`` (and again after
+    the stage ran)."""
+
+    def __init__(self, ctx: RunContext):
+        self.ctx, self._seen = ctx, {}
+
+    def of(self, stage: str) -> dict[str, str]:
+        if stage not in self._seen:
+            self._seen[stage] = outputs_digest(self.ctx, stage)
+        return self._seen[stage]
+
+    def forget(self, stage: str) -> None:
+        self._seen.pop(stage, None)
+
+    def inputs(self, stage: str) -> dict[str, str]:
+        """What ``stage`` reads: the outputs of every stage before it, one digest each."""
+        return {u: _combined(self.of(u)) for u in STAGES[:STAGES.index(stage)]}
+
+
 # -- stages ---------------------------------------------------------------------------------------
 
 def _harvest(ctx: RunContext) -> dict:
     from branchlens.harvest import harvest
-    from branchlens.store import StoreConfigMismatch
+    from branchlens.store import STORE_FILES, SourceChanged, StoreConfigMismatch
 
     h = ctx.harvest
 
@@ -228,24 +289,33 @@ def _harvest(ctx: RunContext) -> dict:
                        show_progress=False)
     try:
         res = go()
-    except StoreConfigMismatch:  # harvested under other settings: never mixed into the new one
-        discard_dir(Run(ctx.out).store_dir, ctx.log, "harvest settings changed")
+    except StoreConfigMismatch as e:  # other settings or other files: never mixed into the new
+        why = (f"the image source changed ({e.change})" if isinstance(e, SourceChanged)
+               else "harvest settings changed")
+        discard_outputs(Run(ctx.out).store_dir, ctx.log, why, owned=STORE_FILES,
+                        keep=(".lock",), refuse_foreign=True)
         res = go()
-    c = (res.manifest or {}).get("counts")
+    manifest = res.manifest or {}
+    c = manifest.get("counts")
+    dup = {"duplicates": manifest["duplicates"]["images"]} if manifest.get("duplicates") else {}
     if c is None or res.world_size == 1:
-        return {"images": res.images, "vectors": res.vectors, "skipped": res.skips.total}
+        return {"images": res.images, "vectors": res.vectors, "skipped": res.skips.total, **dup}
     return {"images": c["images"], "vectors": sum(c["vectors"].values()),  # all ranks
-            "skipped": c["images_skipped"], "world_size": res.world_size}
+            "skipped": c["images_skipped"], "world_size": res.world_size, **dup}
 
 
 def _train(ctx: RunContext) -> dict:
     from branchlens.train import TrainConfig, train_layers
+    from branchlens.train.checkpoint import TRAIN_OUTPUTS
 
     s = SAEOptions(**ctx.config.get("sae", {}))
     tcfg = TrainConfig(**ctx.config.get("train", {}), seed=ctx.config["seed"], device=ctx.device)
-    if ctx.force:  # --force: train again from scratch, not "resume" a finished SAE
-        for layer in ctx.layers:
-            discard_dir(Run(ctx.out).sae_dir(layer), ctx.log, "--force")
+    changed = ctx.state.get("changed", ())
+    for layer in ctx.layers:  # --force, or an SAE other than the one trained here: from scratch
+        weights = Run(ctx.out).sae_dir(layer) / "weights.safetensors"
+        if ctx.force or weights.relative_to(ctx.out).as_posix() in changed:
+            discard_outputs(weights.parent, ctx.log, "--force" if ctx.force else
+                            f"{layer}'s SAE is not the one this run trained", owned=TRAIN_OUTPUTS)
     saes = train_layers(ctx.out, ctx.layers, s.sae_kwargs(), tcfg, expansion=s.expansion,
                         restart=True, log=ctx.log)
     return {"layers": sorted(saes)}
@@ -368,14 +438,16 @@ def _run_follower(out: Path, cfg: dict[str, Any], weights: str | None, device: s
     record = _read_record(out / "run.json")
     record.setdefault("stages", {})
     ctx = RunContext(out, cfg, weights, device, lambda m: None)
+    outputs = _Outputs(ctx)
     stages = stages if stages is not None else cfg.get("stages")
     for stage in DISTRIBUTED_STAGES:
         if stages is not None and stage not in stages:
             continue
         prev = record.get("stages", {}).get(stage)
         if force or not _up_to_date(ctx, prev if isinstance(prev, dict) else {}, stage,
-                                    stage_hash(cfg, stage, weights_id)):
+                                    stage_hash(cfg, stage, weights_id), outputs):
             STAGE_FUNCS[stage](ctx)
+            outputs.forget(stage)
     return record
 
 
@@ -388,13 +460,56 @@ def _read_record(path: Path) -> dict[str, Any]:
     return record
 
 
-def _up_to_date(ctx: RunContext, prev: dict[str, Any], stage: str, h: str) -> bool:
+def _up_to_date(ctx: RunContext, prev: dict[str, Any], stage: str, h: str,
+                outputs: _Outputs) -> bool:
+    """Whether ``stage`` can be skipped; says why not when the record alone would claim so.
+    Sets ``ctx.state["changed"]``: outputs that differ from what this stage wrote."""
+    ctx.state["changed"] = []
     if prev.get("status") != "done" or prev.get("config_hash") != h:
         return False
     missing = [p for p in stage_outputs(ctx, stage) if not p.exists()]
     if missing:
         ctx.log(f"[{stage}] recorded as done but {missing[0]} is missing: running again")
-    return not missing
+        return False
+    now, then = outputs.of(stage), prev.get("outputs")
+    if then is None:
+        return True  # recorded by an older branchlens: checksummed from now on (see the caller)
+    changed = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
+    if changed:
+        ctx.state["changed"] = changed
+        more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+        ctx.log(f"[{stage}] {changed[0]}{more} is not what this stage wrote (replaced, or "
+                "written by another command since): running again")
+        return False
+    read, was = outputs.inputs(stage), prev.get("inputs")
+    if was is not None and was != read:
+        up = next(u for u in read if read[u] != was.get(u))
+        ctx.log(f"[{stage}] the {up} outputs it read have changed since: running again")
+        return False
+    if stage == "harvest":
+        return _same_source(ctx)
+    return True
+
+
+def _same_source(ctx: RunContext) -> bool:
+    """Whether the source folder still holds the files the store was harvested from."""
+    from branchlens.harvest.fingerprint import describe_change, spec_fingerprint
+
+    then = (Run(ctx.out).store_manifest().get("source") or {}).get("fingerprint")
+    if not then:
+        return True  # nothing recorded (embedded, hf:, wds:, an older store)
+    change = describe_change(then, spec_fingerprint(ctx.config["source"], ctx.config["variant"]))
+    if change:
+        ctx.log(f"[harvest] the image source changed since the harvest ({change}): "
+                "harvesting again into a clean store")
+    return change is None
+
+
+def _restarts(prev: dict[str, Any], h: str, inputs: dict[str, str]) -> bool:
+    """Whether a stage about to run must first delete its own earlier files: it finished
+    before (so what made them changed), or ran under other settings or inputs (not a resume)."""
+    return bool(prev) and (prev.get("status") == "done" or prev.get("config_hash") != h
+                           or prev.get("inputs", inputs) != inputs)
 
 
 def _run_locked(out: Path, cfg: dict[str, Any], weights: str | None, device: str,
@@ -406,6 +521,7 @@ def _run_locked(out: Path, cfg: dict[str, Any], weights: str | None, device: str
     record.update(provenance(config=cfg, weights=weights_id, device=device))
     record.setdefault("stages", {})
     ctx = RunContext(out, cfg, weights, device, log, force=force)
+    outputs = _Outputs(ctx)
     stages = stages if stages is not None else cfg.get("stages")
     wanted = [s for s in STAGES if s in STAGE_FUNCS and (stages is None or s in stages)]
 
@@ -413,17 +529,28 @@ def _run_locked(out: Path, cfg: dict[str, Any], weights: str | None, device: str
         h = stage_hash(cfg, stage, weights_id)
         prev = record["stages"].get(stage)
         prev = prev if isinstance(prev, dict) else {}
-        if not force and _up_to_date(ctx, prev, stage, h):
+        if prev.get("config_hash") not in (None, h) and prev["config_hash"] == stage_hash(
+                cfg, stage, weights_id, LEGACY_NON_ARTIFACT):
+            prev["config_hash"] = h  # recorded by an older branchlens under the same settings
+        inputs = outputs.inputs(stage)
+        if not force and _up_to_date(ctx, prev, stage, h, outputs):
+            if "outputs" not in prev:  # an older branchlens's record: checksummed from now on
+                prev.update(outputs=outputs.of(stage), inputs=inputs)
+                write_json(record_path, record)
             log(f"[{stage}] up to date, skipped")
             continue
-        if force or prev.get("config_hash") not in (None, h):
+        if force or _restarts(prev, h, inputs):
+            why = ("--force" if force else f"{stage} settings changed"
+                   if prev.get("config_hash") != h else f"{stage} runs again")
             for sub in STAGE_DIRS.get(stage, ()):
-                discard_dir(out / sub, log, f"{stage} settings changed" if not force
-                            else "--force")
+                discard_outputs(out / sub, log, why)
+        for sub in STAGE_DIRS.get(stage, ()):
+            begin_outputs(out / sub)
         log(f"[{stage}] running")
         record["stages"][stage] = {"status": "running", "config_hash": h,
                                    "settings": {b: cfg.get(b) for b in STAGE_BLOCKS[stage]},
-                                   "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                                   "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                   "inputs": inputs}
         write_json(record_path, record)
         t0 = time.perf_counter()
         try:
@@ -433,8 +560,11 @@ def _run_locked(out: Path, cfg: dict[str, Any], weights: str | None, device: str
                                            seconds=round(time.perf_counter() - t0, 2))
             write_json(record_path, record)
             raise
+        for sub in STAGE_DIRS.get(stage, ()):
+            finish_outputs(out / sub)
+        outputs.forget(stage)
         record["stages"][stage].update(status="done", seconds=round(time.perf_counter() - t0, 2),
-                                       info=info)
+                                       info=info, outputs=outputs.of(stage))
         write_json(record_path, record)
         log(f"[{stage}] done in {record['stages'][stage]['seconds']:.1f}s")
     return record

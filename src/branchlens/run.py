@@ -352,7 +352,9 @@ class Run:
         """The image source of the store (or ``spec``), and how many images the store used.
 
         The store's source is reopened exactly (``+flip`` views included); a ``spec`` that is
-        not the store's is refused, since image indices would point at other pictures."""
+        not the store's is refused, since image indices would point at other pictures, unless
+        it is a moved or copied folder with the same files (names and sizes). A source folder
+        whose files changed since the harvest is refused too."""
         from branchlens.data import open_source
 
         doc = self.store_manifest()
@@ -361,8 +363,9 @@ class Run:
         if spec is not None:
             src = open_source(spec, variant)
             if desc and src.description != desc.removesuffix(FLIP_SUFFIX):
-                raise ProvenanceError(f"--source {spec} ({src.description}) is not the source "
-                                      f"the store of {self.path} was harvested from ({desc})")
+                self._check_copy(spec, src, info)
+            else:
+                self._check_unchanged(src, info)
             if desc and desc.endswith(FLIP_SUFFIX):
                 src = open_source(spec, variant, flip=True)
             return src, None if not desc else info.get("n_images")
@@ -386,7 +389,32 @@ class Run:
         if src.description != desc:
             raise ProvenanceError(f"cannot reopen the store's source {desc} (got "
                                   f"{src.description})")
+        self._check_unchanged(src, info)
         return src, info.get("n_images")
+
+    def _check_unchanged(self, src: ImageSource, info: dict[str, Any]) -> None:
+        """Refuse a source folder whose files changed since the harvest (a removed image
+        shifts every later index: one image would be shown with another's numbers)."""
+        from branchlens.harvest.fingerprint import describe_change, source_fingerprint
+
+        change = describe_change(info.get("fingerprint"), source_fingerprint(src))
+        if change:
+            raise ProvenanceError(f"the image source {info.get('description')} changed since "
+                                  f"the store of {self.path} was harvested ({change}); restore "
+                                  "it, or harvest again (`branchlens run` starts a clean store)")
+
+    def _check_copy(self, spec: str, src: ImageSource, info: dict[str, Any]) -> None:
+        """Accept another path only as a moved or copied folder holding the same files."""
+        from branchlens.harvest.fingerprint import describe_change, same_files, source_fingerprint
+
+        then, now = info.get("fingerprint"), source_fingerprint(src)
+        if same_files(then, now):
+            return
+        why = (f"and holds other files ({describe_change(then, now)})" if then and now else
+               "and the store records no file list to recognise a copy by")
+        raise ProvenanceError(f"--source {spec} ({src.description}) is not the source the "
+                              f"store of {self.path} was harvested from ({info.get('description')})"
+                              f" {why}")
 
     def encode_images(self, images: Sequence[str | Path | Image.Image], layer: str,
                       batch_size: int = 16) -> Tensor:

@@ -23,8 +23,15 @@ from typing import Any
 
 import torch
 
+from branchlens.artifacts import read_json
 from branchlens.data import SkipStats, iter_batches, open_source, split_for_rank
 from branchlens.distributed import Dist
+from branchlens.harvest.fingerprint import (
+    describe_change,
+    local_files,
+    record_digest,
+    source_fingerprint,
+)
 from branchlens.harvest.sampling import (
     SAMPLING_METHODS,
     cap_samples,
@@ -36,6 +43,7 @@ from branchlens.progress import progress
 from branchlens.store import (
     STORAGE_DTYPES,
     ShardWriter,
+    SourceChanged,
     StoreError,
     StoreLock,
     done_images,
@@ -89,6 +97,7 @@ class HarvestResult:
     images: int = 0  # processed by this rank in this run (stored + skipped)
     vectors: int = 0  # written by this rank in this run, all layers
     skips: SkipStats = field(default_factory=SkipStats)
+    contents: dict[int, str] = field(default_factory=dict)  # image -> digest of its file
 
 
 class _OrderedSkips(SkipStats):
@@ -183,8 +192,10 @@ def harvest(
         if n == 0:
             raise StoreError(f"image source {source!r} has no images "
                              f"({getattr(src, 'description', source)}); nothing to harvest")
+        fingerprint = source_fingerprint(src) if comm.rank == 0 else None
         config = _store_config(v.name, layers, shapes, src.description, n, limit, sampling,
-                               samples_per_image, aligned, seed, dtype, paper_compat, wdict)
+                               samples_per_image, aligned, seed, dtype, paper_compat, wdict,
+                               fingerprint)
         setup: tuple[str, str] | list[int] | None = None
         if comm.rank == 0:
             try:
@@ -216,13 +227,17 @@ def harvest(
             raise failure
         if any(errors):
             raise StoreError("harvest failed on another rank: " + "; ".join(filter(None, errors)))
+        contents = {i: d for part in comm.gather(result.contents) for i, d in part.items()}
         final: tuple[str, str] | None = None
         if comm.rank == 0:
             try:
                 extra = {"weights": wdict,
                          "harvest": {"world_size": comm.world, "batch_size": batch_size,
                                      "shard_size": shard_size, "device": str(dev)}}
-                result.manifest = finalize_store(out, n, extra)
+                content_of = (None if local_files(src) is None else
+                              lambda i: contents[i] if i in contents else record_digest(src, i))
+                result.manifest = finalize_store(out, n, extra, content_of)
+                _warn_duplicates(result.manifest)
             except StoreError as e:
                 final = (type(e).__name__, str(e))
                 if comm.world == 1:
@@ -237,10 +252,21 @@ def harvest(
         comm.close()
 
 
+def _warn_duplicates(manifest: dict[str, Any]) -> None:
+    dup = manifest.get("duplicates") or {}
+    if dup.get("sets"):
+        eg = "; ".join(" = ".join(ids) for ids in dup["examples"])
+        log.warning("harvest: %d images are byte-identical copies of another under other names "
+                    "(%d sets, e.g. %s); each set is kept on one side of the train/held-out "
+                    "split", dup["images"], dup["sets"], eg)
+
+
 def _store_config(variant: str, layers: list[str], shapes: dict, source: str, n: int,
                   limit: int | None, sampling: str, samples_per_image: int, aligned: bool,
-                  seed: int, dtype: str, paper_compat: bool, weights: dict) -> dict[str, Any]:
-    """Everything that determines the stored data; a resumed run must match it exactly."""
+                  seed: int, dtype: str, paper_compat: bool, weights: dict,
+                  fingerprint: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything that determines the stored data; a resumed run must match it exactly (the
+    source's ``fingerprint`` too: other files under the same name are other data)."""
     return {
         "variant": variant,
         "layers": layers,
@@ -253,7 +279,8 @@ def _store_config(variant: str, layers: list[str], shapes: dict, source: str, n:
         "dtype": dtype,
         "source": {"description": source, "n_images": n, "limit": limit,
                    "paper_compat": paper_compat,
-                   "input_size": get_variant(variant).preprocessing.crop},
+                   "input_size": get_variant(variant).preprocessing.crop,
+                   "fingerprint": fingerprint},
         "weights": {k: weights.get(k) for k in ("variant", "source", "sha256", "seed")},
     }
 
@@ -264,6 +291,7 @@ def _open_for_writing(out: str | Path, config: dict, n: int) -> tuple[StoreLock,
     try:
         if lock.replaced_stale:
             log.info("took over the stale lock of a dead writer %s", lock.replaced_stale)
+        _check_source(Path(out), config["source"])
         prepare_store(out, config)
         done = done_images(out)
         todo = [i for i in range(n) if i not in done]
@@ -276,6 +304,19 @@ def _open_for_writing(out: str | Path, config: dict, n: int) -> tuple[StoreLock,
         raise
 
 
+def _check_source(out: Path, source: dict[str, Any]) -> None:
+    """Refuse to resume or reuse a store whose source folder holds other files now."""
+    cfg_file = out / "config.json"
+    if not cfg_file.is_file():
+        return
+    then = (read_json(cfg_file).get("source") or {}).get("fingerprint")
+    change = describe_change(then, source.get("fingerprint"))
+    if change:
+        raise SourceChanged(f"the image source {source['description']} changed since store "
+                            f"{out} was harvested ({change}); delete the store or use a new "
+                            "--out to harvest it again", change)
+
+
 def _loop(model: InceptionV1, src, mine: list[int], writer: ShardWriter, result: HarvestResult,
           *, layers: list[str], shapes: dict, sampling: str, n_samples: int, aligned: bool,
           seed: int, dtype: str, batch_size: int, workers: int, paper_compat: bool,
@@ -283,6 +324,7 @@ def _loop(model: InceptionV1, src, mine: list[int], writer: ShardWriter, result:
     """Decode (worker processes) -> forward once -> sample -> buffer; shards flush as they fill."""
     skips = _OrderedSkips()
     result.skips = skips
+    hashed = local_files(src) is not None  # files just decoded: hashed from the page cache
     groups = sampling_groups(layers, shapes, aligned)
     torch_dtype = torch.float16 if dtype == "fp16" else torch.float32
     batches = iter_batches(src, model.variant, batch_size, workers, indices=mine,
@@ -305,6 +347,9 @@ def _loop(model: InceptionV1, src, mine: list[int], writer: ShardWriter, result:
                         continue
                     writer.add(idx, b.image_ids[i], b.labels[i],
                                {k: vecs[k][i] for k in layers}, {k: provs[k][i] for k in layers})
+                    digest = record_digest(src, idx) if hashed else None
+                    if digest is not None:
+                        result.contents[idx] = digest
                     result.vectors += sum(len(vecs[k][i]) for k in layers)
             bar.update(len(b.indices) + len(b.skipped), vectors=result.vectors,
                        skipped=skips.total, shards=writer.written_shards)

@@ -5,11 +5,13 @@ resume, finalize), ``reader`` (``ActivationStore``, arrays, shuffled batches), `
 
 Layout of a store folder::
 
-    config.json     what determines the content (variant, layers, sampling, source, weights);
-                    written first, compared on every resume so a store never mixes configs
+    config.json     what determines the content (variant, layers, sampling, source with the
+                    fingerprint of its files, weights); written first, compared on every
+                    resume so a store never mixes configs or the files of a changed folder
     shards/         r<rank>-<seq>-<sha256>.safetensors, each holding whole images for every
                     layer: vectors, provenance (image, y, x, sample) and streaming stat sums
-    images.json     index -> {"id", "label", "shard"} (or "skipped": reason)   [on finalize]
+    images.json     index -> {"id", "label", "shard", "content"} (or "skipped": reason);
+                    "content": digest of the image file (duplicates share a split side)
     stats.json      per-layer mean/std per channel and norm distribution        [on finalize]
     manifest.json   everything above summarised + per-shard checksums; written last, so its
                     presence means the store is complete
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 from branchlens.store.errors import (
     CorruptShardError,
+    SourceChanged,
     StoreConfigMismatch,
     StoreError,
     StoreIncompleteError,
@@ -45,6 +48,7 @@ from branchlens.store.shard import (
     write_shard,
 )
 from branchlens.store.writer import (
+    STORE_FILES,
     ShardWriter,
     done_images,
     finalize_store,
@@ -54,8 +58,8 @@ from branchlens.store.writer import (
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "NORM_BINS", "NORM_LOG10_RANGE", "SHARD_DIR", "STORAGE_DTYPES",
-    "ActivationStore", "CorruptShardError", "RunLock", "ShardFile", "ShardWriter",
-    "ShardedArray", "StoreConfigMismatch", "StoreError", "StoreIncompleteError", "StoreLock",
-    "StoreLockedError", "done_images", "finalize_store", "list_shards", "next_seq",
+    "STORE_FILES", "ActivationStore", "CorruptShardError", "RunLock", "ShardFile", "ShardWriter",
+    "ShardedArray", "SourceChanged", "StoreConfigMismatch", "StoreError", "StoreIncompleteError",
+    "StoreLock", "StoreLockedError", "done_images", "finalize_store", "list_shards", "next_seq",
     "prepare_store", "write_shard",
 ]

@@ -19,6 +19,15 @@ class StoreConfigMismatch(StoreError):
     pass
 
 
+class SourceChanged(StoreConfigMismatch):
+    """The image source holds other files than the store was harvested from; ``change`` says
+    how in a few words."""
+
+    def __init__(self, message: str, change: str):
+        super().__init__(message)
+        self.change = change
+
+
 class StoreIncompleteError(StoreError):
     pass
 

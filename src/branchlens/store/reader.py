@@ -97,6 +97,34 @@ class ShardedArray:
             yield from np.asarray(self._parts[s](), self.dtype)
 
 
+def split_groups(images: list[dict]) -> tuple[list[int], list[str]]:
+    """Stored image indices of ``images.json`` and the split group of each: its view group,
+    merged with the groups of byte-identical images (named by the first group name, so a store
+    without duplicates splits exactly as by view group alone)."""
+    from branchlens.data import view_group
+
+    stored = [i for i, r in enumerate(images) if "skipped" not in r]
+    own = {i: view_group(str(images[i].get("id", i))) for i in stored}
+    parent: dict[str, str] = {}
+
+    def root(g: str) -> str:
+        while parent.get(g, g) != g:
+            g = parent[g]
+        return g
+
+    by_content: dict[str, list[str]] = {}
+    for i in stored:
+        content = images[i].get("content")
+        if content:
+            by_content.setdefault(content, []).append(own[i])
+    for gs in by_content.values():
+        roots = {root(g) for g in gs}
+        first = min(roots)
+        for r in roots:
+            parent[r] = first
+    return stored, [root(own[i]) for i in stored]
+
+
 class ActivationStore:
     """Read-only view of a complete store (see the module docstring for the layout)."""
 
@@ -192,21 +220,19 @@ class ActivationStore:
         """Stored image indices split at random into (train, held-out), each sorted.
 
         The split is by underlying image (:func:`branchlens.data.view_group`): a mirror or crop
-        of a training image never lands among the held-out images.
+        of a training image never lands among the held-out images, nor does a byte-identical
+        copy of it under another name (the ``content`` the harvest recorded).
         """
-        from branchlens.data import view_group
-
         if not 0 <= heldout_fraction < 1:
             raise ValueError("heldout_fraction must be in [0, 1)")
-        stored = [i for i, r in enumerate(self.images) if "skipped" not in r]
-        groups = sorted({view_group(str(self.images[i].get("id", i))) for i in stored})
+        stored, group = split_groups(self.images)
+        groups = sorted(set(group))
         perm = np.random.default_rng(seed).permutation(len(groups))
         k = int(round(len(groups) * heldout_fraction))
         held_groups = {groups[j] for j in perm[:k]}
-        held = np.array([i for i in stored
-                         if view_group(str(self.images[i].get("id", i))) in held_groups], np.int64)
-        train = np.array([i for i in stored
-                          if view_group(str(self.images[i].get("id", i))) not in held_groups],
+        held = np.array([i for i, g in zip(stored, group, strict=True) if g in held_groups],
+                        np.int64)
+        train = np.array([i for i, g in zip(stored, group, strict=True) if g not in held_groups],
                          np.int64)
         return train, held
 

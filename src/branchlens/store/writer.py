@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,13 @@ from branchlens.store.shard import (
 )
 
 CHECKED_FILES = ("images.json", "stats.json")  # sha256 in the manifest's "files"
+# The files a harvest writes, in the order a discarded store loses them: the manifest first (the
+# store stops being complete), config.json last (a kill midway still refuses other settings).
+# The .lock stays: another writer may hold it.
+STORE_FILES = ("manifest.json", "images.json", "stats.json", f"{SHARD_DIR}/*.safetensors",
+               f"{SHARD_DIR}/.*.tmp", ".*.tmp", "config.json")
+FINGERPRINT_KEY = "fingerprint"  # in config["source"]: what the source folder held (harvest)
+DUPLICATE_EXAMPLES = 3  # sets of byte-identical images the manifest names
 
 
 def file_sha256(path: Path) -> str:
@@ -54,6 +62,8 @@ def prepare_store(path: str | Path, config: dict[str, Any]) -> None:
         (path / SHARD_DIR).mkdir(parents=True, exist_ok=True)
         if cfg_file.exists():
             old = read_json(cfg_file)
+            if FINGERPRINT_KEY not in (old.get("source") or {}):  # an older branchlens's store
+                (config.get("source") or {}).pop(FINGERPRINT_KEY, None)
             if old != config:
                 diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
                 detail = "; ".join(f"{k}: store has {old.get(k)!r}, this run {config.get(k)!r}"
@@ -208,8 +218,13 @@ def _partial_stats(x: np.ndarray, chunk: int = 8192) -> dict[str, np.ndarray]:
     }
 
 
-def finalize_store(path: str | Path, n_images: int, extra: dict[str, Any]) -> dict[str, Any]:
-    """Check that shards cover every image exactly once, merge stats, write the manifest last."""
+def finalize_store(path: str | Path, n_images: int, extra: dict[str, Any],
+                   content_of: Callable[[int], str | None] | None = None) -> dict[str, Any]:
+    """Check that shards cover every image exactly once, merge stats, write the manifest last.
+
+    ``content_of(index)``: the digest of a stored image's file, recorded in ``images.json`` as
+    ``content``; images sharing one are listed under the manifest's ``duplicates`` (and share a
+    side of the train/held-out split)."""
     path = Path(path)
     config = read_json(path / "config.json")
     layers = config["layers"]
@@ -256,6 +271,7 @@ def finalize_store(path: str | Path, n_images: int, extra: dict[str, Any]) -> di
             f"store {path}: no usable image: {n_images} given, {n_skipped} skipped "
             f"({skip_counts or 'none'}; e.g. {skip_examples or '-'}); harvest other images "
             "into a new folder")
+    duplicates = _record_contents(images, content_of) if content_of is not None else None
     stats = {layer: _final_stats(sums[layer]) for layer in layers}
     counts = {layer: sum(r["vectors"][layer] for r in shard_rows) for layer in layers}
     manifest = {
@@ -264,6 +280,7 @@ def finalize_store(path: str | Path, n_images: int, extra: dict[str, Any]) -> di
         "counts": {"images": n_images, "images_stored": n_images - n_skipped,
                    "images_skipped": n_skipped, "vectors": counts},
         "skips": {"counts": skip_counts, "examples": skip_examples},
+        **({} if duplicates is None else {"duplicates": duplicates}),
         "shards": shard_rows,
         **extra,
         "provenance": provenance(),
@@ -277,6 +294,23 @@ def finalize_store(path: str | Path, n_images: int, extra: dict[str, Any]) -> di
     except OSError as e:
         raise _write_error(e, path) from e
     return manifest
+
+
+def _record_contents(images: list[dict], content_of: Callable[[int], str | None]
+                     ) -> dict[str, Any]:
+    """Put each stored image's content digest into its record; the sets of byte-identical
+    images (2 or more ids with one digest) summarised: how many images, and a few examples."""
+    by_content: dict[str, list[str]] = {}
+    for i, rec in enumerate(images):
+        if "skipped" in rec:
+            continue
+        digest = content_of(i)
+        if digest is not None:
+            rec["content"] = digest
+            by_content.setdefault(digest, []).append(rec["id"])
+    sets = [ids for ids in by_content.values() if len(ids) > 1]
+    return {"sets": len(sets), "images": sum(len(ids) for ids in sets),
+            "examples": [ids[:DUPLICATE_EXAMPLES] for ids in sets[:DUPLICATE_EXAMPLES]]}
 
 
 def _claim(owner: dict[int, int], idx: int, k: int, n: int, sh: ShardFile) -> None:

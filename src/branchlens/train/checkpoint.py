@@ -12,9 +12,14 @@ from typing import Any
 
 import torch
 
-from branchlens.artifacts import ArtifactError, load_tensors, save_tensors
+from branchlens.artifacts import ArtifactError, discard_outputs, load_tensors, save_tensors
 from branchlens.sae import SAEConfig, TopKSAE, load_meta
 from branchlens.train.config import NON_ARTIFACT_KEYS, NonFiniteLossError, TrainConfig
+
+# The files training writes into an SAE folder, deleted in this order when it starts clean (the
+# weights first: without them the folder no longer looks trained); any other file stays.
+TRAIN_OUTPUTS = ("weights.safetensors", "cfg.json", "optim-step*.safetensors", "metrics.jsonl",
+                 "metrics.png", ".*.tmp")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,7 +127,5 @@ def _open_resume(out: Path, key: str, sae_cfg: SAEConfig, cfg: TrainConfig,
     if not restart:
         raise ValueError(f"{out} holds an SAE trained with other settings ({why}); pass "
                          "--restart to discard it, or use another output folder")
-    from branchlens.artifacts import discard_dir
-
-    discard_dir(out, log, f"settings changed ({why})")
+    discard_outputs(out, log, f"settings changed ({why})", owned=TRAIN_OUTPUTS)
     return False

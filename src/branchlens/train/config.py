@@ -5,11 +5,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from branchlens.config import check_seed
+from branchlens.config import NON_ARTIFACT, check_seed
 
 DECAYS = ("none", "linear", "cosine")
-# Settings that change no trained weight: excluded from the resume key (and the stage hash).
-NON_ARTIFACT_KEYS = ("progress", "plot", "device", "keep_optimizer")
+NON_ARTIFACT_KEYS = NON_ARTIFACT["train"]  # out of the resume key (and of the stage hash)
 
 
 class NonFiniteLossError(RuntimeError):
