@@ -222,7 +222,8 @@ def effects(run_dir: str | Path, layers: list[str] | None = None, *, scope: str 
             write_effects_table(run.effects_table_path(layer), rows)
         write_json(run.effects_path(layer), {**res, **provenance(sae_sha256=_sae_sha(run, layer))})
         c = res["causal"]
-        log(f"{layer}: ablated {res['latents_ablated']} latents on ≤ {n_top} top images each; "
+        log(f"{layer}: " + (f"ablated {res['latents_ablated']} latents on ≤ {n_top} top images "
+                            "each; " if scope != "none" else "")
             + (f"animal-mass drop {TARGET_BRANCH} {c['drop_target']:+.4f} vs matched "
                f"{c['drop_matched']:+.4f} (Δ 95% CI [{c['difference']['ci_low']:+.4f}, "
                f"{c['difference']['ci_high']:+.4f}])" if c["testable"] else
