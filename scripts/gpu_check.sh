@@ -49,3 +49,6 @@ for s, v in r["stages"].items():
     print(s, v.get("status"), v.get("seconds"), v.get("error", ""))
 PY
 ls -la "$RUN/report" 2>/dev/null
+# Interventions on CUDA: steer (α = 1 must change nothing) and the effects stage with timing.
+python3 -m branchlens steer "$RUN" --layer mixed4c --latents 0,1 --scale 1 --device cuda --json 2>&1 | tail -1
+time python3 -m branchlens effects "$RUN" --scope all --device cuda --no-progress 2>&1 | tail -4

@@ -82,11 +82,17 @@ def latent_delta(sae, h: Tensor, latents: Tensor, alphas: Tensor,
 
 def tail(model: nn.Module, layer: str):
     """``h → logits`` from ``layer``'s output when ``layer`` is a block output (one prefix
-    reused for many edits), else None."""
+    reused for many edits), else None. The SAE and cached activations may stay on the CPU
+    while the network runs on a GPU."""
     blocks = {b.name for b in model.variant.blocks}
     if layer not in blocks:
         return None
-    return lambda h: model.forward_between(h, layer, "logits")
+    dev = next(model.parameters()).device
+
+    def go(h: Tensor) -> Tensor:  # on the model's device; logits where ``h`` lives
+        return model.forward_between(h.to(dev), layer, "logits").to(h.device)
+
+    return go
 
 
 @dataclass
