@@ -387,7 +387,7 @@ def analyze(
     """Branch specialization statistics of every trained layer into RUN/analysis/."""
     from branchlens.analysis import AnalysisConfig, format_table
     from branchlens.analysis import analyze as run_analyze
-    from branchlens.config import check_block
+    from branchlens.schema import check_block
 
     settings = dict(q=q, n_perm=n_perm, max_perm=max_perm, curve_reps=curve_reps,
                     min_images=min_images, match_threshold=match_threshold, embed=embed)
@@ -686,7 +686,7 @@ def train(
 
     import numpy as np
 
-    from branchlens.config import SAEOptions
+    from branchlens.schema import SAEOptions
     from branchlens.train import ArrayBatches, TrainConfig, train_layers, train_sae
 
     sae_kw = {"k": k, "decoder": decoder, "aux": aux, "k_aux": k_aux, "dead_after": dead_after,
@@ -783,8 +783,8 @@ def report(
     as_json: bool = JsonOpt,
 ) -> None:
     """One self-contained HTML report of a run (works on partial runs)."""
-    from branchlens.config import check_block
     from branchlens.report import build_report
+    from branchlens.schema import check_block
 
     check_block("report", {"cards_per_layer": cards_per_layer})
     with _run_lock(run_dir):

@@ -1,9 +1,9 @@
-"""One validated run configuration: the stage dataclasses and signatures are its schema.
+"""The ground floor of the run configuration: names, errors and checks every stage shares.
 
-Presets, ``--set`` overrides and ``--config`` files (TOML, JSON, or a run's ``run.json``) all
-go through :func:`validate_config`, which refuses unknown blocks, unknown keys, wrong types and
-out-of-range values up front, naming the valid choices, so a typo can never be accepted and
-silently ignored.
+It imports nothing of branchlens, so any library or stage can use it. The schema itself (each
+block's keys, read from the stage dataclasses and signatures) is :mod:`branchlens.schema`,
+which sits above the stages it reads; presets, ``--set`` overrides and ``--config`` files all go
+through :func:`branchlens.schema.validate_config`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ import inspect
 import math
 import types
 import typing
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,66 +43,8 @@ class ConfigError(ValueError):
     """A run configuration value is unknown, mistyped or out of range."""
 
 
-@dataclass
-class HarvestConfig:
-    """What ``branchlens run`` harvests (the store's own config is derived from it)."""
-
-    layers: list[str] = field(default_factory=lambda: [
-        "mixed4a", "mixed4b", "mixed4c", "mixed4d", "mixed4e"])
-    sampling: str = "norm"
-    samples_per_image: int = 10
-    aligned: bool = False
-    dtype: str = "fp16"
-    batch_size: int = 32
-    flip: bool = False
-    shard_size: int = 1000
-    limit: int | None = None
-
-    def __post_init__(self) -> None:
-        from branchlens.harvest import SAMPLING_METHODS, parse_layers
-        from branchlens.store import STORAGE_DTYPES
-
-        parse_layers(self.layers)
-        _check(self.sampling in SAMPLING_METHODS,
-               f"harvest.sampling must be one of {SAMPLING_METHODS}, got {self.sampling!r}")
-        _check(self.dtype in STORAGE_DTYPES,
-               f"harvest.dtype must be one of {sorted(STORAGE_DTYPES)}, got {self.dtype!r}")
-        for name in ("samples_per_image", "batch_size", "shard_size"):
-            _check(getattr(self, name) >= 1, f"harvest.{name} must be >= 1")
-        _check(self.limit is None or self.limit >= 1, "harvest.limit must be >= 1")
-
-
-@dataclass
-class SAEOptions:
-    """The ``sae`` block: architecture choices (widths come from the layer). Feeds ``train``."""
-
-    expansion: int = 16
-    k: int = 32
-    decoder: str = "untied"
-    aux: bool | None = None
-    k_aux: int = 512
-    aux_coef: float = 1 / 32
-    dead_after: int | None = None
-    loss: str = "fvu"
-    b_pre_init: str = "median"
-
-    def __post_init__(self) -> None:
-        from branchlens.sae import SAEConfig
-
-        _check(self.expansion >= 1, f"sae.expansion must be >= 1, got {self.expansion}")
-        _check(self.k >= 1, f"sae.k must be >= 1, got {self.k}")
-        kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        kw.pop("expansion")
-        SAEConfig(d_in=self.k, n_latents=self.k * self.expansion, **kw)  # its own range checks
-
-    def sae_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of :meth:`SAEConfig.for_layer` besides the expansion."""
-        kw = dataclasses.asdict(self)
-        kw.pop("expansion")
-        return kw
-
-
-def _check(ok: bool, message: str) -> None:
+def require(ok: bool, message: str) -> None:
+    """Raise :class:`ConfigError` with ``message`` unless ``ok``."""
     if not ok:
         raise ConfigError(message)
 
@@ -114,54 +54,9 @@ SEED_LIMIT = 2**32  # numpy's RandomState (UMAP's random_state) takes no larger 
 
 def check_seed(seed: int, name: str = "seed") -> int:
     """Refuse a seed some RNG of a later stage would reject, before any stage has run."""
-    _check(0 <= seed < SEED_LIMIT, f"{name} must be in 0..{SEED_LIMIT - 1} "
-           f"(0 <= seed < 2**32), got {seed}")
+    require(0 <= seed < SEED_LIMIT, f"{name} must be in 0..{SEED_LIMIT - 1} "
+            f"(0 <= seed < 2**32), got {seed}")
     return seed
-
-
-def _train_cls() -> type:
-    from branchlens.train import TrainConfig
-
-    return TrainConfig
-
-
-def _analyze_cls() -> type:
-    from branchlens.analysis.driver import AnalysisConfig
-
-    return AnalysisConfig
-
-
-def _stage_fn(name: str) -> Callable[[], Callable]:
-    def get() -> Callable:
-        from branchlens.viz import stages
-
-        return getattr(stages, name)
-    return get
-
-
-def _report_fn() -> Callable:
-    from branchlens.report import build_report
-
-    return build_report
-
-
-SCHEMA: dict[str, Callable[[], Any]] = {
-    "harvest": lambda: HarvestConfig, "sae": lambda: SAEOptions, "train": _train_cls,
-    "analyze": _analyze_cls, "visualize": _stage_fn("visualize_stage"),
-    "examples": _stage_fn("examples_stage"), "circuits": _stage_fn("circuits_stage"),
-    "report": _report_fn,
-}
-
-
-def block_fields(block: str) -> dict[str, Any]:
-    """Settable key -> type hint of one block, read from its dataclass or function."""
-    target = SCHEMA[block]()
-    hints = typing.get_type_hints(target)
-    if dataclasses.is_dataclass(target):
-        names = [f.name for f in dataclasses.fields(target)]
-    else:
-        names = [p for p in inspect.signature(target).parameters]
-    return {n: hints.get(n, Any) for n in names if n not in RUN_OWNED}
 
 
 def conforms(value: Any, hint: Any) -> bool:
@@ -194,64 +89,36 @@ def conforms(value: Any, hint: Any) -> bool:
     return not isinstance(hint, type) or isinstance(value, hint)
 
 
-def _type_name(hint: Any) -> str:
+def type_name(hint: Any) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
-def check_block(block: str, values: Any) -> None:
-    """Refuse unknown keys, wrong types and out-of-range values of one block."""
-    _check(isinstance(values, dict), f"{block} must be a mapping of settings, got {values!r}")
-    schema = block_fields(block)
-    for key, value in values.items():
-        _check(key in schema, f"unknown setting {block}.{key}; valid: {', '.join(schema)}")
-        _check(conforms(value, schema[key]), f"{block}.{key} must be {_type_name(schema[key])}, "
-               f"got {value!r} ({type(value).__name__})")
-        if key in POSITIVE_COUNTS and isinstance(value, int) and not isinstance(value, bool):
-            _check(value >= 1, f"{block}.{key} must be >= 1, got {value}")
-    target = SCHEMA[block]()
+def fields_of(target: Any) -> dict[str, Any]:
+    """Settable key -> type hint of a dataclass or a stage function (run-owned keys left out)."""
+    hints = typing.get_type_hints(target)
     if dataclasses.is_dataclass(target):
-        try:
-            target(**values)  # the dataclass's own range checks
-        except ConfigError:
-            raise
-        except (ValueError, TypeError) as e:
-            raise ConfigError(f"{block}: {e}") from e
+        names = [f.name for f in dataclasses.fields(target)]
+    else:
+        names = [p for p in inspect.signature(target).parameters]
+    return {n: hints.get(n, Any) for n in names if n not in RUN_OWNED}
 
 
-def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Check a whole run configuration; returns it unchanged or raises :class:`ConfigError`."""
-    from branchlens.variants import VARIANTS
-
-    for key, value in cfg.items():
-        if key in BLOCKS:
-            check_block(key, value)
-            continue
-        _check(key in TOP_LEVEL, f"unknown config key {key!r}; valid blocks: "
-               f"{', '.join(BLOCKS)}; valid top-level keys: {', '.join(TOP_LEVEL)}")
-        _check(conforms(value, TOP_LEVEL[key]),
-               f"{key} must be {_type_name(TOP_LEVEL[key])}, got {value!r}")
-    if "seed" in cfg:
-        check_seed(cfg["seed"])
-    _check(cfg.get("variant") in VARIANTS,
-           f"unknown variant {cfg.get('variant')!r}; choose from {sorted(VARIANTS)}")
-    _check_layers(cfg["variant"], HarvestConfig(**cfg.get("harvest", {})).layers)
-    check_stages(cfg.get("stages"))
-    return cfg
-
-
-def _check_layers(variant: str, layers: list[str]) -> None:
-    from branchlens.model import layer_names
-
-    valid = layer_names(variant)
-    bad = [x for x in layers if x not in valid]
-    _check(not bad, f"unknown layer(s) {bad} for {variant}; e.g. {', '.join(valid[-12:])}")
+def check_values(block: str, values: Any, schema: dict[str, Any]) -> None:
+    """Refuse unknown keys, wrong types and counts below 1 of one block, given its schema."""
+    require(isinstance(values, dict), f"{block} must be a mapping of settings, got {values!r}")
+    for key, value in values.items():
+        require(key in schema, f"unknown setting {block}.{key}; valid: {', '.join(schema)}")
+        require(conforms(value, schema[key]), f"{block}.{key} must be "
+                f"{type_name(schema[key])}, got {value!r} ({type(value).__name__})")
+        if key in POSITIVE_COUNTS and isinstance(value, int) and not isinstance(value, bool):
+            require(value >= 1, f"{block}.{key} must be >= 1, got {value}")
 
 
 def check_stages(stages: list[str] | None) -> None:
     """Refuse unknown stage names (a typo would otherwise run nothing and say 'finished')."""
     bad = [s for s in stages or [] if s not in STAGES]
-    _check(not bad, f"unknown stage(s) {bad}; valid: {', '.join(STAGES)}")
-    _check(stages is None or len(stages) > 0, f"no stages given; valid: {', '.join(STAGES)}")
+    require(not bad, f"unknown stage(s) {bad}; valid: {', '.join(STAGES)}")
+    require(stages is None or len(stages) > 0, f"no stages given; valid: {', '.join(STAGES)}")
 
 
 def parse_set(item: str) -> tuple[str, str, Any]:
@@ -260,10 +127,10 @@ def parse_set(item: str) -> tuple[str, str, Any]:
 
     key, eq, raw = item.partition("=")
     block, dot, name = key.partition(".")
-    _check(bool(eq and dot and block and name),
-           f"--set wants STAGE.KEY=VALUE, got {item!r}; blocks: {', '.join(BLOCKS)}")
-    _check(block in BLOCKS, f"unknown block {block!r} in --set {item!r}; valid: "
-           f"{', '.join(BLOCKS)}")
+    require(bool(eq and dot and block and name),
+            f"--set wants STAGE.KEY=VALUE, got {item!r}; blocks: {', '.join(BLOCKS)}")
+    require(block in BLOCKS, f"unknown block {block!r} in --set {item!r}; valid: "
+            f"{', '.join(BLOCKS)}")
     try:
         value = json.loads(raw)
     except json.JSONDecodeError:
@@ -300,7 +167,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if isinstance(doc, dict) and isinstance(doc.get("stages"), dict) and \
             isinstance(doc.get("config"), dict):
         doc = doc["config"]  # a run record: repeat that run
-    _check(isinstance(doc, dict), f"{p} must hold a table/object shaped like a preset")
+    require(isinstance(doc, dict), f"{p} must hold a table/object shaped like a preset")
     return doc
 
 
@@ -321,3 +188,17 @@ def to_toml(cfg: dict[str, Any]) -> str:
         if isinstance(v, dict):
             out += ["", f"[{k}]", *lines(v)]
     return "\n".join(out) + "\n"
+
+
+# Moved to branchlens.schema (they read the stages, which import this module); kept for one
+# release: `from branchlens.config import check_block` still works.
+_MOVED = ("HarvestConfig", "SAEOptions", "SCHEMA", "block_fields", "check_block",
+          "validate_config")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        from branchlens import schema
+
+        return getattr(schema, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -31,16 +31,9 @@ from branchlens.artifacts import (
     read_json,
     write_json,
 )
-from branchlens.config import (
-    NON_ARTIFACT,
-    STAGES,
-    ConfigError,
-    HarvestConfig,
-    SAEOptions,
-    check_stages,
-    validate_config,
-)
+from branchlens.config import NON_ARTIFACT, STAGES, ConfigError, check_stages
 from branchlens.run import Run
+from branchlens.schema import HarvestConfig, SAEOptions, validate_config
 
 MIXED4 = ["mixed4a", "mixed4b", "mixed4c", "mixed4d", "mixed4e"]
 
@@ -157,7 +150,7 @@ def make_config(preset: str | None, source: str | None = None, variant: str | No
                 paper_compat: bool = False, seed: int | None = None) -> dict[str, Any]:
     """The preset (``None``: the overrides' ``preset`` key, else ``demo``), then ``overrides``
     (blocks merge key by key; a config file or ``--set``), then the explicit arguments;
-    validated as a whole (:func:`branchlens.config.validate_config`).
+    validated as a whole (:func:`branchlens.schema.validate_config`).
     """
     overrides = dict(overrides or {})
     named = overrides.pop("preset", None)  # a config file's preset; an explicit one wins

@@ -25,7 +25,7 @@ In a notebook::
     run = branchlens.Run("runs/demo")
     lat = run.latent("mixed4c", 123)
     lat.ratios, lat.q_values, lat.dominant
-    lat.top_images(9)                       # PIL crops with the receptive field
+    lat.top_images(9)                       # PIL crops with the receptive field (notebook.py)
     run.encode_images(["my.jpg"], "mixed4c")
     run.intervene(["my.jpg"], "mixed4c", [123], scale=0).summary()   # ablate, see the classes
 """
@@ -419,23 +419,10 @@ class Run:
     def encode_images(self, images: Sequence[str | Path | Image.Image], layer: str,
                       batch_size: int = 16) -> Tensor:
         """Images (paths or PIL) → SAE codes of every position, ``[N, n_latents, H, W]``,
-        preprocessed exactly as the harvest did for this run's network."""
-        import torch
+        preprocessed exactly as the harvest did (:func:`branchlens.notebook.encode_images`)."""
+        from branchlens.notebook import encode_images  # API here, code there
 
-        from branchlens.data import decode_image, preprocess
-        from branchlens.viz.examples import latent_maps_of
-
-        model, sae = self.model(), self.sae(layer)
-        dev = next(model.parameters()).device
-        sae = sae.to(dev)
-        out = []
-        for s in range(0, len(images), batch_size):
-            x = torch.stack([preprocess(decode_image(im), model.variant)
-                             for im in images[s:s + batch_size]])
-            out.append(latent_maps_of(model, sae, layer, x.to(dev)).cpu())
-        if not out:
-            raise ValueError("encode_images needs at least one image")
-        return torch.cat(out)
+        return encode_images(self, images, layer, batch_size)
 
     def intervene(self, images: Sequence[str | Path | Image.Image] | None, layer: str,
                   latents: Sequence[int], scale: float | Sequence[float] = 0.0,
@@ -595,61 +582,24 @@ class Latent:
         """The unit decoder direction in activation units [d_in]."""
         return self.run.sae(self.layer).decoder_directions()[self.index].detach().cpu()
 
-    def top_images(self, n: int = 9, tile: int = 128) -> list[Image.Image]:
-        """Receptive-field crops of the top images, the latent's map overlaid in red.
-
-        The images are the analysis' (held-out, ranked by the stored maximum); each is run
-        through the network once to find where in it the latent fires most."""
-        import torch
-
-        from branchlens.data import iter_batches
-        from branchlens.viz.examples import crop_with_overlay, latent_maps_of, unit_image
-        from branchlens.viz.receptive import receptive_field
-
-        ids = self.top_image_ids[:n]
-        if not ids:
-            return []
-        run, store = self.run, self.run.store()
-        where = {str(r.get("id", i)): i for i, r in enumerate(store.images)}
+    def store_indices(self, ids: Sequence[str]) -> dict[str, int]:
+        """Image id -> position in the run's store, for the analysis' top images ``ids``."""
+        where = {str(r.get("id", i)): i for i, r in enumerate(self.run.store().images)}
         missing = [i for i in ids if i not in where]
         if missing:
             raise ProvenanceError(f"top images {missing[:3]} of {self.layer} #{self.index} are "
                                   "not in the run's store; re-run `branchlens analyze`")
-        src, _ = run.source()
-        model, sae = run.model(), run.sae(self.layer)
-        dev = next(model.parameters()).device
-        sae = sae.to(dev)
-        maps: dict[int, torch.Tensor] = {}
-        for batch in iter_batches(src, model.variant, 16, indices=[where[i] for i in ids]):
-            m = latent_maps_of(model, sae, self.layer, batch.images.to(dev))[:, self.index]
-            maps.update(zip(batch.indices, m.cpu(), strict=True))
-        rf = receptive_field(model.variant, self.layer)
-        vmax = max((float(m.max()) for m in maps.values()), default=0.0)
-        crops = []
-        for image_id in ids:
-            i = where[image_id]
-            if i not in maps:  # unreadable now (moved file): counted out, not fatal
-                continue
-            m = maps[i]
-            y, x = divmod(int(m.argmax()), m.shape[1])
-            crops.append(crop_with_overlay(unit_image(src, i, model.variant), rf, y, x, m,
-                                           vmax, tile))
-        return crops
+        return where
+
+    def top_images(self, n: int = 9, tile: int = 128) -> list[Image.Image]:
+        """Receptive-field crops of the top images, the latent's map overlaid in red
+        (:func:`branchlens.notebook.top_images`)."""
+        from branchlens.notebook import top_images  # API here, code there
+
+        return top_images(self, n, tile)
 
     def visualize(self, steps: int = 256, size: int = 224, seed: int = 0) -> Image.Image:
-        """The feature picture: the visualize stage's PNG when it rendered this latent, else
-        rendered now (``steps`` of Adam on a decorrelated FFT image, not saved)."""
-        from PIL import Image
+        """The feature picture, cached or rendered now (:func:`branchlens.notebook.visualize`)."""
+        from branchlens.notebook import visualize  # API here, code there
 
-        cached = self.run.featurevis_file(self.layer, self.index)
-        if cached is not None:
-            return Image.open(cached).convert("RGB")
-        from branchlens.viz.featurevis import to_pil, visualize_latents
-        from branchlens.viz.render import RenderConfig
-
-        model, sae = self.run.model(), self.run.sae(self.layer)
-        sae = sae.to(next(model.parameters()).device)
-        vis = visualize_latents(model, sae, self.layer, [self.index],
-                                cfg=RenderConfig(size=size, steps=steps, seed=seed),
-                                batch_size=1, show_progress=False)
-        return to_pil(vis.images[0])
+        return visualize(self, steps, size, seed)

@@ -31,7 +31,14 @@ from typing import Any
 
 import torch
 
-from branchlens.data import IMAGE_SUFFIXES, BadImage, ImageSource, RawRecord
+from branchlens.decode import (
+    IMAGE_SUFFIXES,
+    BadImage,
+    ImageSource,
+    RawRecord,
+    decode_one,
+    flipped,
+)
 from branchlens.variants import Variant, label_wnids
 
 log = logging.getLogger("branchlens.data")
@@ -686,11 +693,9 @@ class FlipStream(StreamSource):
         return sizes
 
     def unit_records(self, u: int) -> Iterator[RawRecord]:
-        from branchlens.data import _flipped
-
         size, pos = self.unit_sizes[u], 0
         for rec in self.source.unit_records(u):
-            for view in (rec, _flipped(rec)):
+            for view in (rec, flipped(rec)):
                 if pos >= size:
                     return
                 pos += 1
@@ -716,8 +721,6 @@ class StreamedDecode(torch.utils.data.IterableDataset):
         return len(self.units)
 
     def __iter__(self) -> Iterator[tuple]:
-        from branchlens.data import _decode_one
-
         for u in unit_share(self.units):
             want = self.by_unit[u]
             wanted, seen, reason = set(want), set(), "missing"
@@ -728,7 +731,7 @@ class StreamedDecode(torch.utils.data.IterableDataset):
                         break
                     if g in wanted:
                         seen.add(g)
-                        yield _decode_one(g, rec, self.variant, self.paper_compat,
+                        yield decode_one(g, rec, self.variant, self.paper_compat,
                                           self.max_pixels)
             except Exception as e:  # a broken or unreachable shard: its rest is skipped
                 reason = "unit_error"

@@ -52,7 +52,8 @@ def widths(slices: dict[str, slice]) -> np.ndarray:
     return np.array([s.stop - s.start for s in slices.values()], dtype=np.int64)
 
 
-def _as_np(x) -> np.ndarray:
+def as_np(x) -> np.ndarray:
+    """A tensor or array as a numpy array on the CPU (the analysis runs in numpy)."""
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
     return np.asarray(x, dtype=np.float64)
@@ -60,7 +61,7 @@ def _as_np(x) -> np.ndarray:
 
 def energy(decoder, positive: bool = False) -> np.ndarray:
     """Per-channel squared values ``v_j²`` (or ``relu(v_j)²``), float64 [n, d]."""
-    v = _as_np(decoder)
+    v = as_np(decoder)
     if positive:
         v = np.maximum(v, 0.0)
     return v * v
@@ -84,9 +85,9 @@ def std_normalise(decoder, std) -> np.ndarray:
     Scale control: a branch whose channels are simply louder has larger decoder entries in
     activation units; dividing by the std removes that before comparing branches.
     """
-    s = _as_np(std)
+    s = as_np(std)
     s = np.where(s > 0, s, np.median(s[s > 0]) if np.any(s > 0) else 1.0)
-    return _as_np(decoder) / s[None, :]
+    return as_np(decoder) / s[None, :]
 
 
 def isotropic_pvalues(shares: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -134,7 +135,7 @@ def scale_strata(std, n_strata: int = 16) -> np.ndarray:
     Permuting values only *within* a stratum keeps every value in a channel of the same
     loudness: the null of "a branch's mass is what its channels' activation scale gives it".
     """
-    s = _as_np(std)
+    s = as_np(std)
     d = s.size
     # Ties broken at random (fixed seed), not by channel index: with equal stds a stable sort
     # would make each stratum a run of adjacent channels, i.e. of one branch, and blind the rule.
@@ -300,7 +301,7 @@ def dictionary_normalise(decoder, include: np.ndarray | None = None) -> np.ndarr
     and a branch the dictionary uses little is "enriched" for ordinary directions. It answers
     "more concentrated than the average latent", not "specialised".
     """
-    v = _as_np(decoder)
+    v = as_np(decoder)
     ref = v if include is None else v[np.asarray(include, bool)]
     rms = np.sqrt(np.mean(ref * ref, axis=0)) if ref.size else np.ones(v.shape[1])
     pos = rms[rms > 0]
@@ -389,7 +390,7 @@ def analyze_branches(decoder, slices: dict[str, slice], *, std=None,
     Latents are not independent (they share images and directions); BH's guarantee assumes
     independence or positive dependence, so read counts as approximate.
     """
-    raw = _as_np(decoder)
+    raw = as_np(decoder)
     n = raw.shape[0]
     tested = np.ones(n, bool) if include is None else np.asarray(include, bool).copy()
     tested &= np.square(raw).sum(1) > 0
@@ -455,7 +456,7 @@ def null_controls(decoder, slices: dict[str, slice], *, std=None,
     - ``raw_rule_scaled_gaussian`` (a reference, not a control): the same directions through
       the raw rule: how much pure channel scale the raw rule calls specialised.
     """
-    raw = _as_np(decoder)
+    raw = as_np(decoder)
     keep = np.ones(raw.shape[0], bool) if include is None else np.asarray(include, bool)
     raw = raw[keep]
     rng = np.random.default_rng(seed)
@@ -487,7 +488,7 @@ def null_controls(decoder, slices: dict[str, slice], *, std=None,
             cols = np.flatnonzero(strata == st)
             drawn[:, cols] = rng.permuted(raw[:, cols], axis=1)
         run("scale_rule_null_draws", drawn, strata, k=2)
-        s = _as_np(std)
+        s = as_np(std)
         gauss = rng.standard_normal((n, d)) * s[None, :]
         run("scale_rule_scaled_gaussian", gauss, strata, k=3)
         run("raw_rule_scaled_gaussian", gauss, k=4)

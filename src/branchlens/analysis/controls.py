@@ -26,7 +26,7 @@ from scipy import stats as sps
 
 from branchlens.analysis.branches import (
     CONTROL_PERM_FACTOR,
-    _as_np,
+    as_np,
     bh_threshold,
     branch_labels,
     label_bank,
@@ -55,7 +55,7 @@ def relabelling_null(decoder, slices: dict[str, slice], *, std=None,
     so the comparison is exact whatever the resolution. One-sided p = (1 + #{null ≥ obs}) /
     (1 + replicates): with 20 replicates the smallest is 0.048.
     """
-    raw = _as_np(decoder)
+    raw = as_np(decoder)
     d = raw.shape[1]
     labels = branch_labels(slices, d)
     strata = scale_strata(std, n_strata) if std is not None else None
@@ -95,7 +95,7 @@ def relabelling_null(decoder, slices: dict[str, slice], *, std=None,
 def strata_occupancy(std, slices: dict[str, slice], n_strata: int = 16) -> dict:
     """Per branch: channels per std stratum, the strata it holds alone (≥ 90 %), and the share
     of its channels in strata it shares — the only ones within-stratum permutations can move."""
-    s = _as_np(std)
+    s = as_np(std)
     strata = scale_strata(s, n_strata)
     labels = branch_labels(slices, s.size)
     ids = np.unique(strata)
@@ -177,7 +177,7 @@ def scale_power(std, slices: dict[str, slice], *, cutoffs: np.ndarray, q: float,
     by the stratified null's moment-matched Beta (``tail: beta``). The branch is testable for
     scale when the power at ``decide_at`` reaches :data:`MIN_POWER`.
     """
-    s = _as_np(std)
+    s = as_np(std)
     d = s.size
     strata = scale_strata(s, n_strata)
     labels = branch_labels(slices, d)

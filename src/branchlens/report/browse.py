@@ -217,7 +217,7 @@ def gallery_examples(ctx: ReportContext, layer: str) -> dict | None:
         doc, t = load_gallery(d)
         g = _checked_gallery(doc, {k: v.numpy() for k, v in t.items()})
     except Exception as e:  # noqa: BLE001 - the page goes on without crops and says why
-        from branchlens.report.sections import shell_command
+        from branchlens.report.builder import shell_command
 
         again = shell_command("branchlens", "examples", ctx.run_dir, "--layer", layer)
         ctx.notes.append(f"{layer}: the examples gallery is unreadable ({type(e).__name__}: "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,12 @@ from branchlens.report.columns import LayerColumns, read_columns
 
 BRANCH_ORDER = ("1x1", "3x3", "5x5", "pool")
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".svg")
+
+
+def shell_command(*parts: Any) -> str:
+    """A command line to paste into a POSIX shell: every part quoted where needed, so a run
+    path with spaces or quotes stays one argument."""
+    return " ".join(shlex.quote(str(p)) for p in parts)
 
 
 @dataclass
@@ -331,8 +338,6 @@ def gather(run_dir: str | Path) -> ReportContext:
             have = ctx.columns.get(layer) if ctx.columns else None
             n = s.get("latents") if isinstance(s, dict) else None
             if isinstance(n, int) and (have is None or have.rows != n):
-                from branchlens.report.sections import shell_command
-
                 ctx.notes.append(f"latents.csv holds {have.rows if have else 0} of {n} latents "
                                  f"of {layer} (truncated or edited): the browser shows only "
                                  f"those; re-run {shell_command('branchlens', 'analyze', run)}")

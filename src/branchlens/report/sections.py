@@ -11,11 +11,11 @@ import html
 import json
 import math
 import re
-import shlex
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from branchlens.report.builder import ReportContext, find_key
+# shell_command moved to report.builder (it sits below the sections); still importable from here
+from branchlens.report.builder import ReportContext, find_key, shell_command
 from branchlens.report.images import figure_src, image_src, sparkline
 
 BRANCH_COLORS = {"1x1": "#1f77b4", "3x3": "#2ca02c", "5x5": "#d62728", "pool": "#9467bd",
@@ -40,12 +40,6 @@ def visible_bidi(text: str) -> str:
 def name_html(x: Any) -> str:
     """A user-supplied name (file, image id) as an isolated, escaped span of text."""
     return f"<bdi>{esc(visible_bidi(str(x)))}</bdi>"
-
-
-def shell_command(*parts: Any) -> str:
-    """A command line to paste into a POSIX shell: every part quoted where needed, so a run
-    path with spaces or quotes stays one argument."""
-    return " ".join(shlex.quote(str(p)) for p in parts)
 
 
 def fmt(x: Any, digits: int = 3) -> str:

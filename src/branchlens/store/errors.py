@@ -38,7 +38,8 @@ class CorruptShardError(StoreError):
 
 # -- shard files --------------------------------------------------------------------------------
 
-def _write_error(e: OSError, where: Path) -> StoreError:
+def write_error(e: OSError, where: Path) -> StoreError:
+    """A failed write as a one-line StoreError naming the cause (full disk, permissions)."""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         why = "the disk is full"
     elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):

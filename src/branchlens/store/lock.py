@@ -9,7 +9,7 @@ import os
 import socket
 from pathlib import Path
 
-from branchlens.store.errors import StoreLockedError, _write_error
+from branchlens.store.errors import StoreLockedError, write_error
 
 
 class StoreLock:
@@ -32,7 +32,7 @@ class StoreLock:
             self.file.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise _write_error(e, self.file) from e
+            raise write_error(e, self.file) from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -23,7 +23,7 @@ from branchlens.store.shard import (
     ShardFile,
     list_shards,
 )
-from branchlens.store.writer import CHECKED_FILES, _all_skipped, file_sha256
+from branchlens.store.writer import CHECKED_FILES, all_skipped, file_sha256
 
 
 def _all_finite(values: Any) -> bool:
@@ -147,7 +147,7 @@ class ActivationStore:
         mf = path / "manifest.json"
         if not mf.is_file():
             if (path / "config.json").is_file():
-                if _all_skipped(path):
+                if all_skipped(path):
                     raise StoreError(f"store {path} holds no usable image: every image of its "
                                      "source was skipped; harvest other images")
                 raise StoreIncompleteError(

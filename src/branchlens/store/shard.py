@@ -18,7 +18,7 @@ from branchlens.store.errors import CorruptShardError
 FORMAT = "branchlens.activation_store"
 FORMAT_VERSION = 1
 SHARD_DIR = "shards"
-_SHARD_RE = re.compile(r"^r(\d+)-(\d+)-([0-9a-f]{64})\.safetensors$")
+SHARD_RE = re.compile(r"^r(\d+)-(\d+)-([0-9a-f]{64})\.safetensors$")
 # Fixed log10 bins for vector norms, so per-shard histograms add up across shards and ranks.
 NORM_LOG10_RANGE = (-4.0, 6.0)
 NORM_BINS = 500
@@ -95,7 +95,7 @@ class ShardFile:
             raise CorruptShardError(f"shard {self.path} has an unreadable header: {e}") from e
         self.data_start = 8 + n
         self.tensors: dict[str, dict] = header
-        m = _SHARD_RE.match(self.path.name)
+        m = SHARD_RE.match(self.path.name)
         self.file_sha256 = m.group(3) if m else None
 
     def get(self, name: str) -> np.ndarray:
@@ -134,7 +134,7 @@ def list_shards(path: str | Path) -> list[Path]:
     folder = Path(path) / SHARD_DIR
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if _SHARD_RE.match(p.name))
+    return sorted(p for p in folder.iterdir() if SHARD_RE.match(p.name))
 
 
 # -- lock ---------------------------------------------------------------------------------------

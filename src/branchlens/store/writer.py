@@ -17,15 +17,15 @@ from branchlens.store.errors import (
     StoreConfigMismatch,
     StoreError,
     StoreIncompleteError,
-    _write_error,
+    write_error,
 )
 from branchlens.store.shard import (
-    _SHARD_RE,
     FORMAT,
     FORMAT_VERSION,
     NORM_BINS,
     NORM_LOG10_RANGE,
     SHARD_DIR,
+    SHARD_RE,
     STORAGE_DTYPES,
     ShardFile,
     list_shards,
@@ -79,7 +79,7 @@ def prepare_store(path: str | Path, config: dict[str, Any]) -> None:
             if p.name.startswith(".") and p.name.endswith(".tmp"):
                 p.unlink()
     except OSError as e:
-        raise _write_error(e, path) from e
+        raise write_error(e, path) from e
 
 
 def done_images(path: str | Path) -> set[int]:
@@ -92,7 +92,7 @@ def done_images(path: str | Path) -> set[int]:
     return done
 
 
-def _all_skipped(path: Path) -> bool:
+def all_skipped(path: Path) -> bool:
     """Whether a harvest covered every image of its source and kept none (so re-running the
     same harvest can never finish the store)."""
     n = read_json(path / "config.json").get("source", {}).get("n_images")
@@ -106,7 +106,7 @@ def _all_skipped(path: Path) -> bool:
 
 def next_seq(path: str | Path, rank: int) -> int:
     seqs = [int(m.group(2)) for p in list_shards(path)
-            if (m := _SHARD_RE.match(p.name)) and int(m.group(1)) == rank]
+            if (m := SHARD_RE.match(p.name)) and int(m.group(1)) == rank]
     return max(seqs, default=-1) + 1
 
 
@@ -180,7 +180,7 @@ class ShardWriter:
             out = write_shard(self.path / SHARD_DIR, f"r{self.rank:03d}-{self.seq:06d}",
                               tensors, meta)
         except OSError as e:
-            raise _write_error(e, self.path / SHARD_DIR) from e
+            raise write_error(e, self.path / SHARD_DIR) from e
         self.seq += 1
         self.written_shards += 1
         self.written_vectors += sum(counts.values())
@@ -292,7 +292,7 @@ def finalize_store(path: str | Path, n_images: int, extra: dict[str, Any],
         manifest["files"] = {name: file_sha256(path / name) for name in CHECKED_FILES}
         write_json(path / "manifest.json", manifest)
     except OSError as e:
-        raise _write_error(e, path) from e
+        raise write_error(e, path) from e
     return manifest
 
 

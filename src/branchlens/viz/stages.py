@@ -31,10 +31,10 @@ def run_source(run_dir: str | Path, source: str | None = None) -> tuple[ImageSou
 
 def _validate(block: str, values: dict) -> None:
     """The run schema's checks (types, counts >= 1) for a direct call or CLI command too."""
-    from branchlens.config import block_fields, check_block
+    from branchlens.config import check_values, fields_of
 
-    fields = block_fields(block)
-    check_block(block, {k: v for k, v in values.items() if k in fields})
+    fields = fields_of(globals()[f"{block}_stage"])  # the stage's own signature is the schema
+    check_values(block, {k: v for k, v in values.items() if k in fields}, fields)
 
 
 def store_provenance(run_dir: str | Path) -> dict | None:
