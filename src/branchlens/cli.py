@@ -439,6 +439,10 @@ def stability(
     _out(format_stability(res))
 
 
+RunWeightsOpt = typer.Option(None, "--weights", help="the weights the store was harvested "
+                             "with (default: as the run recorded)")
+
+
 @app.command()
 def effects(
     run: str = typer.Argument(..., help="an analysed run folder"),
@@ -446,12 +450,12 @@ def effects(
                                       help="comma-separated; default: every analysed layer"),
     scope: str = typer.Option("robust", "--scope", help="which latents get a promotes/"
                               "suppresses label: robust (every robustly branch-labelled latent, "
-                              "the ones the claims rest on) | all (every alive latent)"),
+                              "the ones the claims rest on) | all (every alive latent) | none "
+                              "(only the causal test)"),
     top_images: int = typer.Option(4, "--top-images", help="held-out top images per latent "
                                    "on which it is ablated"),
     n_boot: int = typer.Option(2000, "--n-boot", help="bootstrap resamples of image groups"),
-    weights: str | None = typer.Option(None, "--weights", help="the weights the store was "
-                                       "harvested with (default: as the run recorded)"),
+    weights: str | None = RunWeightsOpt,
     device: str = typer.Option("cpu", "--device", help="cpu | cuda[:N]"),
     show_progress: bool = typer.Option(True, "--progress/--no-progress"),
     as_json: bool = JsonOpt,
@@ -487,8 +491,7 @@ def steer(
     n_images: int = typer.Option(8, "--n-images", help="held-out images when --images is not "
                                  "given"),
     top: int = typer.Option(5, "--top", help="classes shown before/after"),
-    weights: str | None = typer.Option(None, "--weights", help="the weights the store was "
-                                       "harvested with (default: as the run recorded)"),
+    weights: str | None = RunWeightsOpt,
     device: str = typer.Option("cpu", "--device", help="cpu | cuda[:N]"),
     as_json: bool = JsonOpt,
 ) -> None:
