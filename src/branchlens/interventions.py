@@ -233,9 +233,9 @@ def named_classes(dp: Tensor, names: Sequence[str], k: int = 3,
     for row in dp:
         lo = row.argsort()[:k].tolist()
         hi = row.argsort(descending=True)[:k].tolist()
-        promotes.append("; ".join(f"{names[c]} ({-float(row[c]):+.3f})" for c in lo
+        promotes.append("; ".join(f"{names[c]} ({-float(row[c]):+.2g})" for c in lo
                                   if -row[c] > min_abs))
-        suppresses.append("; ".join(f"{names[c]} ({-float(row[c]):+.3f})" for c in hi
+        suppresses.append("; ".join(f"{names[c]} ({-float(row[c]):+.2g})" for c in hi
                                     if row[c] > min_abs))
     return promotes, suppresses
 
