@@ -204,8 +204,9 @@ def test_cross_layer_and_category_results(run):
 def test_claims_table(run):
     _, summary, _, _ = run
     claims = {c["id"]: c for c in summary["claims"]}
-    assert list(claims) == ["specialise", "five_by_five", "animals", "across_layers",
-                            "paper_curve"]
+    assert list(claims) == ["specialise", "five_by_five", "animals", "animals_causal",
+                            "across_layers", "paper_curve"]
+    assert claims.pop("animals_causal")["verdict"] == "not run"  # the effects stage decides it
     assert claims["specialise"]["verdict"] == "supported"
     assert claims["animals"]["verdict"] in ("supported", "explained by channel scale")
     assert claims["across_layers"]["verdict"] == "supported"

@@ -386,8 +386,8 @@ def analyze(
 ) -> None:
     """Branch specialization statistics of every trained layer into RUN/analysis/."""
     from branchlens.analysis import AnalysisConfig, format_table
-    from branchlens.analysis import analyze as run_analyze
     from branchlens.schema import check_block
+    from branchlens.stages.analyze import analyze as run_analyze
 
     settings = dict(q=q, n_perm=n_perm, max_perm=max_perm, curve_reps=curve_reps,
                     min_images=min_images, match_threshold=match_threshold, embed=embed)
@@ -424,8 +424,8 @@ def stability(
 ) -> None:
     """Train replicate SAEs (other seeds), analyse them, and report which verdicts, labels and
     latents survive (RUN/analysis/stability.json; a `stability` entry on every claim)."""
-    from branchlens.replicates import format_stability
-    from branchlens.replicates import stability as run_stability
+    from branchlens.stages.stability import format_stability
+    from branchlens.stages.stability import stability as run_stability
 
     try:
         with _run_lock(run):
@@ -571,7 +571,7 @@ def visualize(
     as_json: bool = JsonOpt,
 ) -> None:
     """Feature visualization of SAE latents or channels (batched) -> RUN/viz/featurevis/<layer>/."""
-    from branchlens.viz.stages import visualize_stage
+    from branchlens.stages.viz import visualize_stage
 
     if channels is not None and latents is not None:
         raise ValueError("give --latents (SAE latents) or --channels (units), not both")
@@ -607,7 +607,7 @@ def examples(
     as_json: bool = JsonOpt,
 ) -> None:
     """Top dataset examples of every latent, RF crops -> RUN/viz/examples/<layer>/."""
-    from branchlens.viz.stages import examples_stage
+    from branchlens.stages.viz import examples_stage
 
     with _run_lock(run):
         idx = examples_stage(run, layer, source, n_top, _int_list(latents), n_strips, maps,
@@ -635,7 +635,7 @@ def circuits(
     as_json: bool = JsonOpt,
 ) -> None:
     """Latent-to-latent attribution, branch flow vs null, branch ablation -> RUN/viz/circuits/."""
-    from branchlens.viz.stages import circuits_stage
+    from branchlens.stages.viz import circuits_stage
 
     with _run_lock(run):
         doc = circuits_stage(run, up, down, _int_list(latents), n_latents, n_images,
@@ -690,7 +690,8 @@ def train(
     import numpy as np
 
     from branchlens.schema import SAEOptions
-    from branchlens.train import ArrayBatches, TrainConfig, train_layers, train_sae
+    from branchlens.stages.train import train_layers
+    from branchlens.train import ArrayBatches, TrainConfig, train_sae
 
     sae_kw = {"k": k, "decoder": decoder, "aux": aux, "k_aux": k_aux, "dead_after": dead_after,
               "loss": loss, "b_pre_init": b_pre_init}
@@ -786,8 +787,8 @@ def report(
     as_json: bool = JsonOpt,
 ) -> None:
     """One self-contained HTML report of a run (works on partial runs)."""
-    from branchlens.report import build_report
     from branchlens.schema import check_block
+    from branchlens.stages.report import build_report
 
     check_block("report", {"cards_per_layer": cards_per_layer})
     with _run_lock(run_dir):

@@ -298,24 +298,19 @@ def _harvest(ctx: RunContext) -> dict:
 
 
 def _train(ctx: RunContext) -> dict:
-    from branchlens.train import TrainConfig, train_layers
-    from branchlens.train.checkpoint import TRAIN_OUTPUTS
+    from branchlens.stages.train import train_run
+    from branchlens.train import TrainConfig
 
     s = SAEOptions(**ctx.config.get("sae", {}))
     tcfg = TrainConfig(**ctx.config.get("train", {}), seed=ctx.config["seed"], device=ctx.device)
-    changed = ctx.state.get("changed", ())
-    for layer in ctx.layers:  # --force, or an SAE other than the one trained here: from scratch
-        weights = Run(ctx.out).sae_dir(layer) / "weights.safetensors"
-        if ctx.force or weights.relative_to(ctx.out).as_posix() in changed:
-            discard_outputs(weights.parent, ctx.log, "--force" if ctx.force else
-                            f"{layer}'s SAE is not the one this run trained", owned=TRAIN_OUTPUTS)
-    saes = train_layers(ctx.out, ctx.layers, s.sae_kwargs(), tcfg, expansion=s.expansion,
-                        restart=True, log=ctx.log)
+    saes = train_run(ctx.out, ctx.layers, s.sae_kwargs(), tcfg, s.expansion, force=ctx.force,
+                     changed=ctx.state.get("changed", ()), log=ctx.log)
     return {"layers": sorted(saes)}
 
 
 def _analyze(ctx: RunContext) -> dict:
-    from branchlens.analysis.driver import AnalysisConfig, analyze
+    from branchlens.analysis.driver import AnalysisConfig
+    from branchlens.stages.analyze import analyze
 
     acfg = AnalysisConfig(**ctx.config["analyze"], seed=ctx.config["seed"],
                           device="auto" if ctx.device == "auto" else ctx.device)
@@ -324,7 +319,7 @@ def _analyze(ctx: RunContext) -> dict:
 
 
 def _visualize(ctx: RunContext) -> dict:
-    from branchlens.viz.stages import visualize_stage
+    from branchlens.stages.viz import visualize_stage
 
     done = {}
     for layer in ctx.layers:
@@ -336,7 +331,7 @@ def _visualize(ctx: RunContext) -> dict:
 
 
 def _examples(ctx: RunContext) -> dict:
-    from branchlens.viz.stages import examples_stage
+    from branchlens.stages.viz import examples_stage
 
     for layer in ctx.layers:
         ctx.log(f"[examples] {layer}")
@@ -346,7 +341,7 @@ def _examples(ctx: RunContext) -> dict:
 
 
 def _circuits(ctx: RunContext) -> dict:
-    from branchlens.viz.stages import circuits_stage
+    from branchlens.stages.viz import circuits_stage
 
     pairs = list(zip(ctx.layers, ctx.layers[1:], strict=False))
     for up, down in pairs:
@@ -357,7 +352,7 @@ def _circuits(ctx: RunContext) -> dict:
 
 
 def _report(ctx: RunContext) -> dict:
-    from branchlens.report import build_report
+    from branchlens.stages.report import build_report
 
     path = build_report(ctx.out, **ctx.config["report"])
     ctx.log(f"[report] {path}")

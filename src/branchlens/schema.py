@@ -102,14 +102,14 @@ def _analyze_cls() -> type:
 
 def _stage_fn(name: str) -> Callable[[], Callable]:
     def get() -> Callable:
-        from branchlens.viz import stages
+        from branchlens.stages import viz as stages
 
         return getattr(stages, name)
     return get
 
 
 def _report_fn() -> Callable:
-    from branchlens.report import build_report
+    from branchlens.stages.report import build_report
 
     return build_report
 

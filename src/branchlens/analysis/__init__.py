@@ -1,8 +1,9 @@
 """Branch specialization analysis of trained SAEs: statistics, null models, reports.
 
 Pure functions over arrays (decoder [n_latents, d], branch slices from
-:func:`branchlens.variants.branch_slices`, activations, provenance) plus the ``analyze(run_dir)``
-driver that writes ``RUN/analysis/``.
+:func:`branchlens.variants.branch_slices`, activations, provenance); the ``analyze(run_dir)``
+stage that writes ``RUN/analysis/`` is :mod:`branchlens.stages.analyze` (``analyze`` here is a
+re-export of it, kept for one release).
 """
 
 from branchlens.analysis.activity import Activity, branch_attribution, latent_activity, top_images
@@ -37,7 +38,7 @@ from branchlens.analysis.crosslayer import (
     mutual_best_matches,
     shifted_rows,
 )
-from branchlens.analysis.driver import AnalysisConfig, analyze, format_table
+from branchlens.analysis.driver import AnalysisConfig, format_table
 from branchlens.analysis.embedding import embed_latents, knn_branch_agreement
 from branchlens.analysis.stats import (
     agreement_permutation_test,
@@ -57,3 +58,11 @@ __all__ = [
     "knn_branch_agreement", "latent_activity", "layer_table", "mann_whitney", "null_controls",
     "permutation_pvalues", "ratio_null", "scale_strata", "std_normalise", "top_images",
 ]
+
+
+def __getattr__(name: str):
+    if name == "analyze":  # lazy: the stage imports this package
+        from branchlens.stages.analyze import analyze  # moved; kept for one release
+
+        return analyze
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
