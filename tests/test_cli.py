@@ -228,6 +228,8 @@ def test_global_options_work_after_the_command_too(tmp_path, monkeypatch):
     r = runner.invoke(app, ["import-sae", str(tmp_path / "nothing"), str(tmp_path / "o"),
                             "--debug"])
     assert r.exit_code == 1 and isinstance(r.exception, ValueError)  # the traceback's error
+    r = runner.invoke(app, ["import-sae", str(tmp_path / "nothing"), str(tmp_path / "o")])
+    assert r.exit_code == 2  # --debug of the call before does not stick
 
 
 def test_classify_json_is_json_lines_as_its_help_says():

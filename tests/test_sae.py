@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from branchlens import sae_kernels
 from branchlens.sae import (
     SAEConfig,
     TopKSAE,
@@ -43,9 +46,11 @@ def _dense_loss(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor) -> torch.Tens
     return loss
 
 
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "torch"])
 @pytest.mark.parametrize("decoder", ["untied", "tied"])
 @pytest.mark.parametrize("loss", ["fvu", "paper"])
-def test_sparse_loss_and_gradients_match_dense_reference(decoder, loss):
+def test_sparse_loss_and_gradients_match_dense_reference(decoder, loss, kernels, monkeypatch):
+    monkeypatch.setattr(sae_kernels, "ENABLED", kernels and sae_kernels.AVAILABLE)
     torch.manual_seed(0)
     cfg = SAEConfig(d_in=12, n_latents=48, k=4, decoder=decoder, loss=loss, aux=True, k_aux=6,
                     dead_after=1)
@@ -67,6 +72,37 @@ def test_sparse_loss_and_gradients_match_dense_reference(decoder, loss):
     assert torch.allclose(got, ref, atol=1e-12)
     for (name, _), a, b in zip(sae.named_parameters(), g_got, g_ref, strict=True):
         assert torch.allclose(a, b, atol=1e-10), name
+    got, _ = sae.loss(x, dead=sae.dead_mask())  # a scaled loss scales every gradient
+    for a, b in zip(torch.autograd.grad(3 * got, params), g_ref, strict=True):
+        assert torch.allclose(a, 3 * b, atol=1e-10)
+
+
+@pytest.mark.skipif(not sae_kernels.AVAILABLE, reason="numba missing")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_topk_kernels_match_torch_topk(dtype):
+    """Same k-sets as torch.topk for wide and narrow rows, ties, k up to n, and rows with NaN
+    (indices stay in range and distinct)."""
+    rng = np.random.default_rng(0)
+    for (n, k), zero_bias in itertools.product(
+            [(8192, 32), (13312, 32), (200, 150), (7, 3), (64, 64), (33, 1)], [False, True]):
+        pre = rng.standard_normal((6, n)).astype(dtype)
+        pre[1] = np.round(pre[1])  # many ties (with the zero bias)
+        pre[2] = 0.0  # all tied
+        bias = np.zeros(n, dtype) if zero_bias else rng.standard_normal(n).astype(dtype)
+        v, i = np.empty((6, k), dtype), np.empty((6, k), np.int64)
+        sae_kernels.topk_rows(0, 6, pre, bias, v, i)
+        full = pre + bias
+        assert np.array_equal(np.take_along_axis(full, i, 1), v)
+        assert np.array_equal(-np.sort(-v, 1), -np.sort(-full, 1)[:, :k])
+        assert all(len(set(row)) == k for row in i)
+        cols = rng.permutation(n)[:max(k, n // 3)]
+        vc, ic = np.empty((6, k), dtype), np.empty((6, k), np.int64)
+        sae_kernels.topk_cols(0, 6, pre, bias, cols, vc, ic)
+        assert np.isin(ic, cols).all() and all(len(set(row)) == k for row in ic)
+        assert np.array_equal(-np.sort(-vc, 1), -np.sort(-full[:, cols], 1)[:, :k])
+    pre[3, ::5] = np.nan
+    sae_kernels.topk_rows(0, 6, pre, bias, v, i)
+    assert ((i >= 0) & (i < pre.shape[1])).all() and all(len(set(row)) == k for row in i)
 
 
 def test_gradcheck_sparse_primitives():
@@ -78,7 +114,7 @@ def test_gradcheck_sparse_primitives():
     idx = (xc @ W.t() + b).topk(k, dim=1).indices.detach()
 
     def enc(xc, W, b):
-        return _TopKGather.apply(xc, W, b, (xc @ W.t() + b).detach(), idx)
+        return _TopKGather.apply(xc, W, b, (xc @ W.t() + b).gather(1, idx).detach(), idx)
 
     assert torch.autograd.gradcheck(enc, (xc, W, b))
     vals = torch.randn(B, k, dtype=torch.float64, requires_grad=True)
@@ -96,6 +132,36 @@ def test_sparse_backward_touches_only_selected_rows():
     assert sae.W_enc.grad[~used].abs().max() == 0
     assert sae.W_dec.grad[~used].abs().max() == 0
     assert sae.W_enc.grad[used].abs().sum(1).min() > 0
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "torch"])
+def test_gradients_accumulate_and_step_buffers_are_reused(kernels, monkeypatch):
+    """Two losses backpropagated in turn add up in .grad (a reused buffer never overwrites a
+    live gradient); step after step, the kernels' weight gradients reuse one buffer."""
+    monkeypatch.setattr(sae_kernels, "ENABLED", kernels and sae_kernels.AVAILABLE)
+    torch.manual_seed(0)
+    x = torch.rand(64, 16)
+    a, b = TopKSAE(SAEConfig(d_in=16, n_latents=64, k=4)), TopKSAE(SAEConfig(16, 64, k=4))
+    a.init_from_sample(x)
+    b.init_from_sample(x)
+    a.loss(x[:32])[0].backward()
+    a.loss(x[32:])[0].backward()
+    g1 = torch.autograd.grad(b.loss(x[:32])[0], list(b.parameters()))
+    g2 = torch.autograd.grad(b.loss(x[32:])[0], list(b.parameters()))
+    for p, u, v in zip(a.parameters(), g1, g2, strict=True):
+        assert torch.allclose(p.grad, u + v, atol=1e-6)
+    opt = torch.optim.Adam(b.parameters(), lr=1e-3)
+    ptrs = set()
+    for _ in range(3):
+        loss, _ = b.loss(x)
+        loss.backward()
+        ptrs.add(b.W_dec.grad.data_ptr())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    if sae_kernels.ENABLED:
+        assert len(ptrs) == 1
+    b.update(b.loss(x)[0], opt)
+    assert all(p.grad is None for p in b.parameters())  # consumed by the step, memory reusable
 
 
 def test_encode_decode_and_directions_in_input_units():

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from _synthetic import planted_dictionary, recovered_fraction
+from branchlens import sae_kernels
 from branchlens.sae import SAEConfig, TopKSAE, load_meta
 from branchlens.train import (
     ArrayBatches,
@@ -26,6 +27,7 @@ from branchlens.train import (
     train_layers,
     train_sae,
 )
+from branchlens.train.loop import train_threads
 from branchlens.variants import branch_slices
 
 QUIET = {"progress": False, "plot": False}
@@ -109,6 +111,97 @@ def test_auxk_trains_only_dead_latents_on_the_residual():
         auxes.append(float(st["aux"]))
         sae.update(loss, opt)
     assert auxes[-1] < 0.5 * auxes[0]
+
+
+def _reference_step(sae: TopKSAE, opt: torch.optim.Optimizer, x: torch.Tensor) -> None:
+    """One training step written out densely with plain autograd: the formulation the sparse
+    step (kernels or torch ops) must reproduce up to float noise."""
+    cfg = sae.cfg
+    dead = sae.since_fired >= cfg.dead_after
+    xs = x * cfg.scale
+    pre = (xs - sae.b_pre) @ sae.W_enc.t() + sae.b_latent
+    idx = pre.topk(cfg.k, dim=1).indices
+    z = torch.zeros_like(pre).scatter(1, idx, pre.gather(1, idx)).relu()
+    xhat = z @ sae.W_dec + sae.b_pre
+    loss = (xhat - xs).pow(2).sum(1).mean() / cfg.var_total
+    if dead.any():
+        aidx = pre.masked_fill(~dead, -float("inf")).topk(min(cfg.k_aux, int(dead.sum())),
+                                                          dim=1).indices
+        za = torch.zeros_like(pre).scatter(1, aidx, pre.gather(1, aidx)).relu()
+        resid = (xs - xhat).detach()
+        loss = loss + cfg.aux_coef * (za @ sae.W_dec - resid).pow(2).sum() / resid.pow(2).sum()
+    opt.zero_grad()
+    loss.backward()
+    with torch.no_grad():
+        w, g = sae.W_dec, sae.W_dec.grad
+        g -= (g * w).sum(1, keepdim=True) * w
+        opt.step()
+        w /= w.norm(dim=1, keepdim=True)
+        sae.since_fired += x.shape[0]
+        sae.since_fired[(z > 0).any(0)] = 0
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "torch"])
+def test_training_steps_match_dense_reference(kernels, monkeypatch):
+    """Same seed, same batches: the sparse step (CPU kernels, or the torch ops they replace)
+    gives the dense reference's weights, latents and FVU after steps that use AuxK."""
+    monkeypatch.setattr(sae_kernels, "ENABLED", kernels and sae_kernels.AVAILABLE)
+    x = _dying_data(8 * 256 + 512)
+    batches, held = x[:-512].split(256), x[-512:]
+    sae = TopKSAE(SAEConfig(d_in=32, n_latents=128, k=4, k_aux=16, dead_after=512), seed=0)
+    sae.init_from_sample(x[:2048])
+    ref = TopKSAE(SAEConfig(**sae.cfg.to_dict()), seed=0)
+    ref.load_state_dict(sae.state_dict())
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-3, foreach=False)
+    dead_steps = 0
+    for xb in batches:
+        dead_steps += bool(sae.dead_mask().any())
+        loss, st = sae.loss(xb, dead=sae.dead_mask())
+        sae.update(loss, opt)
+        sae.count_firing(st, xb.shape[0])
+        _reference_step(ref, ref_opt, xb)
+        assert torch.equal(sae.since_fired, ref.since_fired)
+    assert dead_steps >= 4  # AuxK was on for most steps
+    for (name, a), b in zip(sae.state_dict().items(), ref.state_dict().values(), strict=True):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5), name
+    with torch.no_grad():
+        (xh, info), (xr, rinfo) = sae(held), ref(held)
+    assert torch.equal(info["idx"].sort(1).values, rinfo["idx"].sort(1).values)
+
+    def fvu(xhat):
+        return float((xhat - held).pow(2).sum() / (held - held.mean(0)).pow(2).sum())
+
+    assert fvu(xh) == pytest.approx(fvu(xr), rel=1e-4)
+
+
+def test_training_sets_its_thread_count(tmp_path, monkeypatch):
+    """train.threads, else OMP_NUM_THREADS, else the cores this process may use (split among
+    the node's DDP processes); set while training, the caller's count restored after."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    cores = len(os.sched_getaffinity(0))
+    assert train_threads(TrainConfig()) == cores
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(2 * cores))
+    assert train_threads(TrainConfig()) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert train_threads(TrainConfig()) == 3 and train_threads(TrainConfig(threads=5)) == 5
+    with pytest.raises(ValueError, match="threads"):
+        TrainConfig(threads=0)
+    seen = []
+    x = _dying_data(1024)
+
+    def batches(epoch):
+        seen.append(torch.get_num_threads())
+        return x.split(256)
+
+    before = torch.get_num_threads()
+    want = 2 if before == 1 else 1
+    train_sae(batches, SAEConfig(d_in=32, n_latents=64, k=4),
+              TrainConfig(batch_size=256, steps=4, warmup_steps=1, threads=want, init_sample=512,
+                          **QUIET),
+              tmp_path / "sae")
+    assert seen and set(seen) == {want} and torch.get_num_threads() == before
 
 
 def test_metrics_plot_and_cfg(tmp_path):

@@ -58,6 +58,7 @@ app = typer.Typer(cls=_Group, no_args_is_help=True, pretty_exceptions_enable=Fal
                        "also follow the command (branchlens classify -q).")
 USER_ERROR_RC = 2  # what every refused input or failed stage exits with
 DEBUG_ENV = "BRANCHLENS_DEBUG"
+_debug_set_here = False  # DEBUG_ENV came from a --debug of this process (not the user's shell)
 QUIET_ENV = "BRANCHLENS_QUIET"  # read by branchlens.progress: no progress bars
 log = logging.getLogger("branchlens")
 
@@ -97,8 +98,13 @@ def _main(
                                  help="print the version and exit"),
 ) -> None:
     """Global options. Under torchrun only rank 0 prints results (other ranks: warnings)."""
+    global _debug_set_here
     if debug:
         os.environ[DEBUG_ENV] = "1"
+        _debug_set_here = True
+    elif _debug_set_here:  # an earlier call in this process said --debug; this one did not
+        os.environ.pop(DEBUG_ENV, None)
+        _debug_set_here = False
     level = logging.DEBUG if verbose else logging.INFO
     os.environ.pop(QUIET_ENV, None)
     if quiet or rank() != 0:

@@ -30,7 +30,7 @@ RUN_OWNED = ("seed", "device", "weights", "run_dir", "layer", "up", "down", "out
 # for a finished SAE draws nothing), and ``report.cards_per_layer`` is accepted for old configs
 # but ignored by the report.
 NON_ARTIFACT: dict[str, tuple[str, ...]] = {
-    "train": ("progress", "plot", "device", "keep_optimizer"),
+    "train": ("progress", "plot", "device", "keep_optimizer", "threads"),
     "report": ("cards_per_layer",),
 }
 # Counts that must be at least 1 in the blocks whose schema is a function signature.

@@ -2,9 +2,11 @@
 
 ``z = ReLU(TopK_k(W_enc (s·x − b_pre) + b_latent))``, ``x̂ = (W_dec z + b_pre) / s`` with a fixed
 input scale ``s`` (E‖s·x‖² = d). Decoder rows are stored as ``W_dec [n_latents, d_in]`` so that
-decoding is a weighted sum of k rows per vector (``F.embedding_bag``): forward and backward never
-form the dense ``[B, n_latents]`` code. The encoder backward (:class:`_TopKGather`) likewise only
-touches the k selected rows of ``W_enc``.
+decoding is a weighted sum of k rows per vector: forward and backward never form the dense
+``[B, n_latents]`` code, and the encoder backward only touches the k selected rows of ``W_enc``,
+so the encoder's forward GEMM is the only dense work of a training step. On the CPU the sparse
+rest runs in :mod:`branchlens.sae_kernels` (selection, decode, gradients computed with the loss);
+elsewhere in torch ops (``F.embedding_bag``, :class:`_TopKGather`, :class:`_SparseDecode`).
 
 Decoders: ``tied`` (the paper: W_dec ≡ W_enc, one parameter) or ``untied`` (Gao et al.: starts
 as the encoder transpose, rows kept unit-norm, parallel gradient component removed).
@@ -13,8 +15,11 @@ as the encoder transpose, rows kept unit-norm, parallel gradient component remov
 from __future__ import annotations
 
 import math
+import time
 import warnings
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -30,6 +35,7 @@ DEFAULT_DEAD_AFTER = 10_000_000  # Gao et al.: dead after 10 M tokens without fi
 DECODERS = ("untied", "tied")
 LOSSES = ("fvu", "paper")
 B_PRE_INITS = ("median", "zeros")
+WORK_BYTES = 256 * 2**20  # encoder GEMM output held at once: batches beyond it go in row blocks
 
 
 @dataclass
@@ -111,12 +117,84 @@ def scatter_outer(idx: Tensor, w: Tensor, X: Tensor, n: int) -> Tensor:
     return S @ X
 
 
+_parts: dict[str, float] | None = None  # seconds per part of the step, while time_parts runs
+
+
+@contextmanager
+def time_parts() -> Iterator[dict[str, float]]:
+    """Wall seconds spent in each part of the SAE step (GEMM, selection, decode, gradients,
+    Adam, ...) while inside; for the benchmark's breakdown (on the CPU: CUDA runs async)."""
+    global _parts
+    outer, _parts = _parts, {}
+    try:
+        yield _parts
+    finally:
+        _parts = outer
+
+
+@contextmanager
+def _part(name: str) -> Iterator[None]:
+    if _parts is None:
+        yield
+        return
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        _parts[name] = _parts.get(name, 0.0) + time.perf_counter() - t0
+
+
+def _kernels():
+    """:mod:`branchlens.sae_kernels`, imported on first use (it imports numba)."""
+    from branchlens import sae_kernels
+
+    return sae_kernels
+
+
+def _use_kernels(t: Tensor) -> bool:
+    """The numba kernels serve float CPU tensors; anything else takes the torch ops."""
+    return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and \
+        _kernels().ENABLED
+
+
+class _Workspace:
+    """Buffers a training step reuses instead of allocating: a fresh block of tens of MB (the
+    GEMM output, the weight gradients) costs page faults comparable to the sparse work. One
+    step at a time per SAE (the buffers are overwritten by the next call)."""
+
+    def __init__(self) -> None:
+        self.bufs: dict[str, Tensor] = {}
+        self.lent: dict[str, weakref.ref] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """A buffer of ``shape`` (dtype and device of ``like``), kept for the next call."""
+        buf = self.bufs.get(name)
+        if buf is None or buf.shape != shape or buf.dtype != like.dtype or \
+                buf.device != like.device:
+            buf = self.bufs[name] = like.new_empty(shape)
+        return buf
+
+    def lend(self, name: str, like: Tensor, grad: Tensor | None) -> Tensor:
+        """A gradient buffer shaped like ``like`` that autograd may move into ``.grad`` (a new
+        tensor on the kept storage). Reused only when the last one lent is gone and ``grad``
+        (the parameter's current gradient) does not live in it; else a fresh one."""
+        buf, ref = self.bufs.get(name), self.lent.get(name)
+        if buf is None or buf.shape != like.shape or buf.dtype != like.dtype or \
+                buf.device != like.device or (ref is not None and ref() is not None) or \
+                (grad is not None and grad.data_ptr() == buf.data_ptr()):
+            buf = self.bufs[name] = torch.empty_like(like)
+        view = buf.detach()
+        self.lent[name] = weakref.ref(view)
+        return view
+
+
 def _weighted_rows(idx: Tensor, w: Tensor, W: Tensor) -> Tensor:
     return F.embedding_bag(idx, W, per_sample_weights=w, mode="sum")
 
 
 class _TopKGather(torch.autograd.Function):
-    """``pre.gather(1, idx)`` where ``pre = xc @ W.T + b`` was computed without autograd.
+    """The selected pre-activations ``vals = (xc @ W.T + b).gather(1, idx)``, computed without
+    autograd (by :meth:`TopKSAE.select`), given a sparse backward.
 
     Backward touches only the selected entries: the gradient wrt the pre-activations is zero
     outside ``idx``, so grad W is a sum of B·k outer products (:func:`scatter_outer`),
@@ -124,9 +202,9 @@ class _TopKGather(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, xc: Tensor, W: Tensor, b: Tensor, pre: Tensor, idx: Tensor) -> Tensor:
+    def forward(ctx, xc: Tensor, W: Tensor, b: Tensor, vals: Tensor, idx: Tensor) -> Tensor:
         ctx.save_for_backward(xc, W, idx)
-        return pre.gather(1, idx)
+        return vals.clone()
 
     @staticmethod
     def backward(ctx, g: Tensor):
@@ -140,6 +218,27 @@ class _TopKGather(torch.autograd.Function):
             gb = torch.zeros(W.shape[0], dtype=g.dtype, device=g.device)
             gb.index_add_(0, idx.reshape(-1), g.reshape(-1))
         return gx, gw, gb, None, None
+
+
+class _Precomputed(torch.autograd.Function):
+    """A loss whose gradients wrt ``params`` were computed with it (the CPU kernels): backward
+    hands them over, scaled by the incoming gradient, and keeps no reference (so autograd can
+    move them into ``.grad`` without a copy)."""
+
+    @staticmethod
+    def forward(ctx, grads: list, value: Tensor, *params: Tensor) -> Tensor:
+        ctx.grads = grads
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError("the SAE loss's gradients were handed over already: build the "
+                               "loss again for a second backward")
+        if float(g) != 1.0:
+            grads = [gr * g for gr in grads]
+        return None, None, *grads
 
 
 class _SparseDecode(torch.autograd.Function):
@@ -201,6 +300,19 @@ class TopKSAE(nn.Module):
         # Vectors seen since each latent last fired; a latent is dead past cfg.dead_after.
         self.register_buffer("since_fired", torch.zeros(cfg.n_latents, dtype=torch.int64))
 
+    @property
+    def workspace(self) -> _Workspace:
+        """The step's reusable buffers (not state: never saved, rebuilt on demand)."""
+        ws = self.__dict__.get("_ws")
+        if ws is None:
+            ws = self.__dict__["_ws"] = _Workspace()
+        return ws
+
+    def release_workspace(self) -> None:
+        """Drop the step's buffers (the GEMM output, gradient buffers: up to a few hundred MB);
+        the next step or encode allocates them again."""
+        self.__dict__.pop("_ws", None)
+
     # -- parameters ---------------------------------------------------------------------------
     @property
     def W_dec_rows(self) -> Tensor:
@@ -236,13 +348,58 @@ class TopKSAE(nn.Module):
         """Pre-activations [B, n] (before TopK/ReLU), dense."""
         return F.linear(self.center(x), self.W_enc, self.b_latent)
 
+    @torch.no_grad()
+    def select(self, xc: Tensor, dead_idx: Tensor | None = None, k_aux: int = 0
+               ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """TopK of the pre-activations of the centred input ``xc``, without autograd:
+        (values [B, k] before the ReLU, indices [B, k]) and, given ``dead_idx``, the same for
+        the ``k_aux`` largest among those latents (AuxK; else None, None).
+
+        The GEMM runs bare into a buffer kept between calls (in row blocks of at most
+        :data:`WORK_BYTES`); on the CPU one pass of :func:`sae_kernels.topk_rows` adds the bias
+        and selects."""
+        kern = _kernels()
+        W, b, k = self.W_enc, self.b_latent, self.cfg.k
+        B, n = xc.shape[0], W.shape[0]
+        vals = xc.new_empty(B, k)
+        idx = torch.empty(B, k, dtype=torch.int64, device=xc.device)
+        aux = dead_idx is not None and k_aux > 0
+        avals = xc.new_empty(B, k_aux) if aux else None
+        aidx = torch.empty(B, k_aux, dtype=torch.int64, device=xc.device) if aux else None
+        rows = max(1, min(B, WORK_BYTES // (n * xc.element_size())))
+        work = self.workspace.get("pre", (rows * n,), xc)
+        fast = _use_kernels(xc)
+        for lo in range(0, B, rows):
+            hi = min(B, lo + rows)
+            pre = work[:(hi - lo) * n].view(hi - lo, n)
+            if fast:
+                with _part("encoder GEMM"):
+                    torch.mm(xc[lo:hi], W.t(), out=pre)
+                with _part("top-k"):
+                    kern.parallel(kern.topk_rows, hi - lo, kern.as_np(pre), kern.as_np(b),
+                                  vals[lo:hi].numpy(), idx[lo:hi].numpy())
+                if aux:
+                    with _part("AuxK top-k"):
+                        kern.parallel(kern.topk_cols, hi - lo, kern.as_np(pre), kern.as_np(b),
+                                      kern.as_np(dead_idx), avals[lo:hi].numpy(),
+                                      aidx[lo:hi].numpy())
+                continue
+            with _part("encoder GEMM"):
+                torch.addmm(b, xc[lo:hi], W.t(), out=pre)
+            with _part("top-k"):
+                vals[lo:hi], idx[lo:hi] = pre.topk(k, dim=1, sorted=False)
+            if aux:
+                with _part("AuxK top-k"):
+                    sub = pre.index_select(1, dead_idx).topk(k_aux, dim=1, sorted=False)
+                    avals[lo:hi], aidx[lo:hi] = sub.values, dead_idx[sub.indices]
+        return vals, idx, avals, aidx
+
     def encode_sparse(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(values [B, k] ≥ 0, indices [B, k]); differentiable wrt the parameters, sparsely."""
         xc = self.center(x)
-        with torch.no_grad():
-            pre = torch.addmm(self.b_latent, xc, self.W_enc.t())
-            idx = pre.topk(self.cfg.k, dim=1, sorted=False).indices
-        vals = _TopKGather.apply(xc, self.W_enc, self.b_latent, pre, idx)
+        vals, idx, _, _ = self.select(xc)
+        if torch.is_grad_enabled():
+            vals = _TopKGather.apply(xc, self.W_enc, self.b_latent, vals, idx)
         return F.relu(vals), idx
 
     def encode(self, x: Tensor, channel_dim: int = -1) -> Tensor:
@@ -278,36 +435,37 @@ class TopKSAE(nn.Module):
 
         Dividing by the global batch (not the local one) and summing gradients over processes
         makes data-parallel training equal to one process on the whole batch. ``allreduce``
-        (sum over processes) is only needed for the AuxK normaliser.
+        (sum over processes) is only needed for the AuxK normaliser. On the CPU the gradients
+        are computed here, with the loss (:meth:`_loss_kernels`); ``backward`` hands them over.
         """
         cfg = self.cfg
         nb = global_batch or x.shape[0]
+        dead_idx = None
+        if cfg.aux and dead is not None and bool(dead.any()):
+            dead_idx = dead.nonzero().squeeze(1)
+        k_aux = min(cfg.k_aux, dead_idx.numel()) if dead_idx is not None else 0
+        if _use_kernels(x) and x.dtype == self.W_enc.dtype and not x.requires_grad:
+            return self._loss_kernels(x.contiguous(), nb, dead_idx, k_aux, allreduce)
         xs = x * cfg.scale
         xc = xs - self.b_pre
-        with torch.no_grad():
-            pre = torch.addmm(self.b_latent, xc, self.W_enc.t())
-            idx = pre.topk(cfg.k, dim=1, sorted=False).indices
-        vals = F.relu(_TopKGather.apply(xc, self.W_enc, self.b_latent, pre, idx))
+        p, idx, ap, aidx = self.select(xc.detach(), dead_idx, k_aux)
+        vals = F.relu(_TopKGather.apply(xc, self.W_enc, self.b_latent, p, idx))
         W = self.W_dec_rows
         xhat = sparse_decode(vals, idx, W) + self.b_pre
         err = (xhat - xs).pow(2).sum(1)  # per-sample squared error, scaled units
+        xsq = xs.pow(2).sum(1).clamp_min(1e-12)
         if cfg.loss == "paper":
-            recon = (err / xs.pow(2).sum(1).clamp_min(1e-12)).sum() / nb
+            recon = (err / xsq).sum() / nb
         else:
             recon = err.sum() / (nb * (cfg.var_total or cfg.d_in))
-        stats = {"sse": err.detach().sum(), "nmse_sum": (err / xs.pow(2).sum(1).clamp_min(1e-12))
-                 .detach().sum(), "l0_sum": (vals > 0).sum().to(err.dtype), "idx": idx,
+        stats = {"sse": err.detach().sum(), "nmse_sum": (err / xsq).detach().sum(),
+                 "l0_sum": (vals > 0).sum().to(err.dtype), "idx": idx,
                  "l0_mask": vals.detach() > 0, "aux": torch.zeros((), dtype=err.dtype)}
         loss = recon
-        if cfg.aux and dead is not None and bool(dead.any()):
-            dead_idx = dead.nonzero().squeeze(1)
-            k_aux = min(cfg.k_aux, dead_idx.numel())
-            with torch.no_grad():
-                sub = pre.index_select(1, dead_idx).topk(k_aux, dim=1, sorted=False).indices
-                aux_idx = dead_idx[sub]
-            aux_vals = F.relu(_TopKGather.apply(xc, self.W_enc, self.b_latent, pre, aux_idx))
+        if ap is not None:
+            aux_vals = F.relu(_TopKGather.apply(xc, self.W_enc, self.b_latent, ap, aidx))
             resid = (xs - xhat).detach()
-            ehat = sparse_decode(aux_vals, aux_idx, W)
+            ehat = sparse_decode(aux_vals, aidx, W)
             denom = resid.pow(2).sum().detach()
             if allreduce is not None:
                 denom = allreduce(denom.clone())
@@ -316,43 +474,144 @@ class TopKSAE(nn.Module):
             stats["aux"] = aux.detach()  # this process's share: sums to the global value
         return loss, stats
 
+    def _loss_kernels(self, x: Tensor, nb: int, dead_idx: Tensor | None, k_aux: int, allreduce
+                      ) -> tuple[Tensor, dict[str, Tensor]]:
+        """:meth:`loss` on the CPU kernels: the same quantities and, when autograd wants them,
+        the gradients of every parameter, computed here rather than in a backward pass.
+
+        With R = x̂ − x (scaled units) the loss is Σ_b coef_b/2 ‖R_b‖²; ``decode_residual``
+        gives R and the gradient wrt each selected pre-activation, ``scatter_rows`` turns
+        those into the weight gradients latent by latent, and b_pre's gradient is
+        Σ_b coef_b R_b − (grad b_latent) @ W_enc (b_pre enters x̂ and, negated, the encoder).
+        AuxK is the same with R_aux = ê + R and its own coefficient."""
+        kern = _kernels()
+        cfg = self.cfg
+        W_enc, W = self.W_enc, self.W_dec_rows
+        params = list(self.parameters())
+        grad = torch.is_grad_enabled() and any(q.requires_grad for q in params)
+        B, n, k = x.shape[0], W.shape[0], cfg.k
+        ws = self.workspace
+        xc, xsq = ws.get("xc", tuple(x.shape), x), x.new_empty(B)
+        with _part("centre"):
+            kern.parallel(kern.center_rows, B, x.numpy(), cfg.scale, kern.as_np(self.b_pre),
+                          xc.numpy(), xsq.numpy())
+        xsq.clamp_min_(1e-12)
+        p, idx, ap, aidx = self.select(xc, dead_idx, k_aux)
+        if cfg.loss == "paper":
+            coef = 2.0 / (nb * xsq)
+        else:
+            coef = torch.full_like(xsq, 2.0 / (nb * (cfg.var_total or cfg.d_in)))
+        R, sse = ws.get("R", tuple(xc.shape), xc), xc.new_empty(B)
+        gp = xc.new_empty((B if grad else 0, k))
+        with _part("decode + pre-activation grads"):
+            kern.parallel(kern.decode_residual, B, idx.numpy(), p.numpy(), kern.as_np(W),
+                          xc.numpy(), -1.0, coef.numpy(), R.numpy(), gp.numpy(), sse.numpy())
+        loss = (sse * coef).sum() / 2
+        aux_loss = xc.new_zeros(())
+        if ap is not None:
+            denom = sse.sum()
+            if allreduce is not None:
+                denom = allreduce(denom.clone())
+            denom = denom.clamp_min(1e-12)
+            acoef = torch.full_like(sse, 2.0 * cfg.aux_coef / float(denom))
+            Ra, asse = ws.get("R_aux", tuple(xc.shape), xc), xc.new_empty(B)
+            agp = xc.new_empty((B if grad else 0, aidx.shape[1]))
+            with _part("AuxK decode"):
+                kern.parallel(kern.decode_residual, B, aidx.numpy(), ap.numpy(), kern.as_np(W),
+                              R.numpy(), 1.0, acoef.numpy(), Ra.numpy(), agp.numpy(),
+                              asse.numpy())
+            aux_loss = asse.sum() / denom
+            loss = loss + cfg.aux_coef * aux_loss
+        l0_mask = torch.from_numpy(p.numpy() > 0)  # numpy: one thread for [B, k] is plenty
+        stats = {"sse": sse.sum(), "nmse_sum": (sse / xsq).sum(),
+                 "l0_sum": torch.tensor(float(np.count_nonzero(l0_mask.numpy())), dtype=sse.dtype),
+                 "idx": idx, "l0_mask": l0_mask, "aux": aux_loss}
+        if not grad:
+            return loss, stats
+        tied = cfg.decoder == "tied"
+        gw = ws.lend("W_enc", W_enc, W_enc.grad)
+        gwd = gw if tied else ws.lend("W_dec", W, W.grad)
+        gb = torch.empty_like(self.b_latent)
+        stats["fired"] = fired = torch.empty(n, dtype=torch.int64)
+        parts = [(idx, gp, p, coef, R)]
+        if ap is not None:
+            parts.append((aidx, agp, ap, acoef, Ra))
+        with _part("weight grads (scatter)"):
+            for i, (ii, gg, pp, cc, rr) in enumerate(parts):
+                crow, order = kern.csr_by_latent(ii.numpy(), n)
+                kern.parallel(kern.weight_grads, n, crow, order, ii.shape[1], gg.numpy(),
+                              pp.numpy(), xc.numpy(), rr.numpy(), cc.numpy(), gw.numpy(),
+                              gwd.numpy(), gb.numpy(), fired.numpy(), i > 0, tied)
+        with _part("b_pre grad"):
+            gpre = coef @ R - gb @ W_enc.detach()
+        grads = {"W_enc": gw, "b_latent": gb, "b_pre": gpre, "W_dec": gwd}
+        names = [name for name, _ in self.named_parameters()]
+        loss = _Precomputed.apply([grads[nm] for nm in names], loss, *params)
+        return loss, stats
+
     @torch.no_grad()
     def update(self, loss: Tensor, opt: torch.optim.Optimizer,
                sync_grads: Callable[[], None] | None = None) -> None:
         """One training update: backward → (sum gradients over ranks) → drop each decoder
         row's parallel gradient → optimizer step → rows back to unit norm. Every training loop
         goes through here: forgetting one of these calls silently breaks the unit-norm decoder.
+
+        Gradients are set to None first so that backward moves its results in without a zero
+        fill and an add; a parameter left without one gets zeros, because Adam skips a missing
+        gradient but still moves a parameter whose gradient is zero (its momentum). They are
+        dropped again after the step, so the next loss may reuse their memory.
         """
-        opt.zero_grad(set_to_none=False)
-        loss.backward()
+        opt.zero_grad(set_to_none=True)
+        with _part("backward"):
+            loss.backward()
+        for q in self.parameters():
+            if q.grad is None:
+                q.grad = torch.zeros_like(q)
         if sync_grads is not None:
             sync_grads()
-        self.remove_parallel_grad()
-        opt.step()
-        self.normalize_decoder()
+        with _part("parallel-grad removal"):
+            self.remove_parallel_grad()
+        with _part("Adam"):
+            opt.step()
+        with _part("decoder normalisation"):
+            self.normalize_decoder()
+        opt.zero_grad(set_to_none=True)
 
     @torch.no_grad()
     def count_firing(self, info: dict[str, Tensor], n_vectors: int,
                      allreduce: Callable[[Tensor], Tensor] | None = None) -> None:
         """Update the dead-latent counters after a batch of ``n_vectors`` (all ranks): a latent
         that fired anywhere resets to 0, every other one ages by the batch."""
-        fired = torch.bincount(info["idx"][info["l0_mask"]], minlength=self.cfg.n_latents)
-        if allreduce is not None:
-            fired = allreduce(fired)
-        self.since_fired += n_vectors
-        self.since_fired[fired > 0] = 0
+        with _part("dead-latent counters"):
+            fired = info.get("fired")  # the kernels count while they scatter the gradients
+            if fired is None:
+                fired = torch.bincount(info["idx"][info["l0_mask"]],
+                                       minlength=self.cfg.n_latents)
+            if allreduce is not None:
+                fired = allreduce(fired)
+            self.since_fired += n_vectors
+            self.since_fired.masked_fill_(fired > 0, 0)
 
     def remove_parallel_grad(self) -> None:
         """Drop the gradient component along each unit-norm decoder row (untied only)."""
+        kern = _kernels()
         if self.cfg.decoder == "untied" and self.W_dec.grad is not None:
-            w, g = self.W_dec, self.W_dec.grad
-            g.sub_((g * w).sum(1, keepdim=True) * w)
+            w, g = self.W_dec.detach(), self.W_dec.grad
+            if _use_kernels(g) and g.is_contiguous() and g.dtype == w.dtype:
+                kern.parallel(kern.project_rows, g.shape[0], g.numpy(), w.numpy())
+            else:
+                g.sub_(torch.linalg.vecdot(g, w).unsqueeze(1) * w)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
         """Project decoder rows back to unit norm (untied only; tied follows the paper)."""
+        kern = _kernels()
         if self.cfg.decoder == "untied":
-            self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+            w = self.W_dec
+            if _use_kernels(w) and w.is_contiguous():
+                kern.parallel(kern.normalize_rows, w.shape[0], w.detach().numpy())
+            else:
+                w.div_(w.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
     # -- persistence --------------------------------------------------------------------------
     def save(self, out_dir: str | Path, meta: dict[str, Any] | None = None) -> None:

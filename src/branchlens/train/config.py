@@ -41,6 +41,7 @@ class TrainConfig:
     progress: bool = True
     device: str = "cpu"  # "auto" | "cpu" | "cuda[:N]": where the SAE and its batches live
     keep_optimizer: bool = False  # keep Adam's state (2× the weights) once training finished
+    threads: int | None = None  # torch threads; None: OMP_NUM_THREADS, else the usable cores
 
     def __post_init__(self) -> None:
         """Refuse values that would divide by zero, never train, or train on NaN."""
@@ -65,3 +66,5 @@ class TrainConfig:
                  f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
         _require(self.eval_max_vectors >= 1,
                  f"eval_max_vectors must be >= 1, got {self.eval_max_vectors}")
+        _require(self.threads is None or self.threads >= 1,
+                 f"threads must be >= 1 (or None: the usable cores), got {self.threads}")

@@ -48,6 +48,22 @@ def make_adam(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim
         return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 
+def train_threads(cfg: TrainConfig) -> int:
+    """Torch threads for training: ``train.threads``, else ``OMP_NUM_THREADS``, else the cores
+    this process may run on (``os.sched_getaffinity``, not the machine's count) shared among
+    the DDP processes of this node, so that training never runs more threads than cores."""
+    if cfg.threads:
+        return cfg.threads
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity API (macOS, Windows)
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     """Linear warmup, constant, then (optionally) decay to 0 over the last ``decay_frac``."""
     lr = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
@@ -67,7 +83,8 @@ def train_sae(data: Any, sae_cfg: SAEConfig, cfg: TrainConfig, out_dir: str | Pa
     ``data``: :class:`Batches`, an array, or ``fn(epoch) -> batches``. ``heldout``: vectors of
     held-out images (a :class:`Batches` or an iterable factory) for the final FVU. A checkpoint
     made under other settings is discarded when ``restart`` and refused otherwise. One process
-    at a time may write ``out_dir`` (``.<name>.lock`` next to it; rank 0 holds it).
+    at a time may write ``out_dir`` (``.<name>.lock`` next to it; rank 0 holds it). Runs on
+    :func:`train_threads` torch threads (the caller's count is restored after).
     """
     from branchlens.store import RunLock
 
@@ -75,9 +92,14 @@ def train_sae(data: Any, sae_cfg: SAEConfig, cfg: TrainConfig, out_dir: str | Pa
     lock = None
     if int(os.environ.get("RANK", "0")) == 0:
         lock = RunLock(out.parent, "SAE folder", f".{out.name}.lock").acquire()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(train_threads(cfg))
     try:
-        return _train_sae(data, sae_cfg, cfg, out, heldout, meta, restart, log)
+        sae = _train_sae(data, sae_cfg, cfg, out, heldout, meta, restart, log)
+        sae.release_workspace()  # callers keep trained SAEs (one per layer), not their buffers
+        return sae
     finally:
+        torch.set_num_threads(threads)
         if lock is not None:
             lock.release()
 
