@@ -252,27 +252,28 @@ def set_ablation_drops(go, sae, h: Tensor, sets: dict[str, Sequence[int]],
                        batch_size: int = 16) -> dict[str, np.ndarray]:
     """Per image, the drop in animal mass when each latent set is ablated together (α = 0,
     every position), and when the channels of ``branch`` are zeroed (the whole branch)."""
-    drops: dict[str, list[Tensor]] = {k: [] for k in sets}
-    tv: dict[str, list[Tensor]] = {k: [] for k in sets}
+    def ablate(ids: Tensor):
+        return lambda hs: hs + latent_delta(sae, hs, ids, torch.zeros(len(ids)))
+
+    def zero_branch(hs: Tensor) -> Tensor:
+        edited = hs.clone()
+        edited[:, branch[1]] = 0
+        return edited
+
+    edits = {name: ablate(torch.tensor([int(i) for i in ids])) for name, ids in sets.items()}
     if branch:
-        drops[f"branch_{branch[0]}"], tv[f"branch_{branch[0]}"] = [], []
+        edits[f"branch_{branch[0]}"] = zero_branch
+    drops: dict[str, list[Tensor]] = {k: [] for k in edits}
+    tv: dict[str, list[Tensor]] = {k: [] for k in edits}
     with torch.no_grad():
         for s in range(0, h.shape[0], batch_size):
             hs = h[s:s + batch_size]
             clean = go(hs)
             m0, p0 = animal_mass(clean), clean.softmax(-1)
-            for name, ids in sets.items():
-                ids_t = torch.tensor([int(i) for i in ids])
-                edited = hs + latent_delta(sae, hs, ids_t, torch.zeros(len(ids_t)))
-                after = go(edited)
+            for name, edit in edits.items():
+                after = go(edit(hs))
                 drops[name].append(m0 - animal_mass(after))
                 tv[name].append(0.5 * (after.softmax(-1) - p0).abs().sum(1))
-            if branch:
-                edited = hs.clone()
-                edited[:, branch[1]] = 0
-                after = go(edited)
-                drops[f"branch_{branch[0]}"].append(m0 - animal_mass(after))
-                tv[f"branch_{branch[0]}"].append(0.5 * (after.softmax(-1) - p0).abs().sum(1))
     out = {k: torch.cat(v).cpu().numpy() for k, v in drops.items()}
     out.update({f"tv_{k}": torch.cat(v).cpu().numpy() for k, v in tv.items()})
     return out
