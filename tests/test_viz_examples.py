@@ -225,3 +225,37 @@ def test_real_gallery_pass_maps_agree_with_the_top_table(tmp_path):
             assert float(m[y, x]) == pytest.approx(v, rel=2e-3)  # float16 storage
             assert float(m.max()) == pytest.approx(v, rel=2e-3)
             assert (tmp_path / f"images/{i:06d}.jpg").is_file()
+
+
+def test_one_forward_per_image_gives_the_same_tables_gallery_and_maps(tmp_path):
+    """The examples stage's three passes share one code cache: each image goes through the
+    network once, and every table, gallery map and strip map equals the uncached passes'."""
+    from branchlens.viz.examples import CodeCache
+
+    K.need_shared()
+    model, sae, src = K.model(), K.trained_sae("mixed4a"), K.source()
+    idx = K.image_indices()[:10]
+    plain = top_examples(model, sae, "mixed4a", src, n_top=4, batch_size=3, indices=idx,
+                         show_progress=False)
+    codes = CodeCache(model, sae, "mixed4a", src, batch_size=3)
+    cached = top_examples(model, sae, "mixed4a", src, n_top=4, batch_size=3, indices=idx,
+                          show_progress=False, codes=codes)
+    assert codes.forwards == len(idx)
+    for name in ("values", "images", "ys", "xs"):
+        assert torch.equal(getattr(plain, name), getattr(cached, name)), name
+    assert plain.image_ids == cached.image_ids and plain.grid == cached.grid
+    latents = [j for j in range(plain.values.shape[0]) if plain.values[j, 0] > 0][:5]
+    a = example_maps(model, sae, plain, latents, src, batch_size=3)
+    b = example_maps(model, sae, cached, latents, src, batch_size=3, codes=codes)
+    assert all(torch.equal(a[j], b[j]) for j in latents)
+    save_gallery(model, sae, plain, src, tmp_path / "a", model.variant, size=2, batch_size=3,
+                 show_progress=False)
+    save_gallery(model, sae, cached, src, tmp_path / "b", model.variant, size=2, batch_size=3,
+                 show_progress=False, codes=codes)
+    (_, ta), (_, tb) = load_gallery(tmp_path / "a"), load_gallery(tmp_path / "b")
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert codes.forwards == len(idx)  # the later passes ran no network
+    tiny = CodeCache(model, sae, "mixed4a", src, batch_size=3, max_bytes=1)  # over budget:
+    list(tiny.batches(idx[:4]))
+    list(tiny.batches(idx[:4]))  # encoded again, nothing lost
+    assert tiny.forwards == 4 + 3 and len([e for e in tiny.entries.values() if e]) == 1

@@ -39,44 +39,74 @@ class Activity:
             return np.where(self.fire_count > 0, self.act_sum / self.fire_count, 0.0)
 
 
-def latent_activity(encode: Callable[[torch.Tensor], torch.Tensor], array: np.ndarray,
-                    image_index: np.ndarray, n_latents: int, *, top: int = 64,
-                    batch_size: int = 4096, n_images: int | None = None,
+def latent_activity(encode: Callable[[torch.Tensor], torch.Tensor | tuple[torch.Tensor, ...]],
+                    array: np.ndarray, image_index: np.ndarray, n_latents: int, *,
+                    top: int = 64, batch_size: int = 4096, n_images: int | None = None,
                     progress: Callable[[int], None] | None = None,
                     device: str = "cpu") -> Activity:
-    """Run ``encode`` (dense z [B, n]) over ``array`` [N, d] in row order.
+    """Run ``encode`` over ``array`` [N, d] in row order.
 
+    ``encode`` gives a dense code z [B, n] or a sparse one (values [B, k], indices [B, k], as
+    ``TopKSAE.encode_sparse``); the sparse one is cheaper: only the B·k firings are counted and
+    ranked (a running top ``top`` per latent kept as (latent, value, row) triples) instead of
+    n·(top + B) dense candidates per batch.
     ``image_index`` [N] gives each row's image, for the distinct-firing-image counts that the
     cross-layer matching needs (a latent firing on few images correlates by accident).
     """
     n_rows = int(array.shape[0])
     n_img = int(n_images if n_images is not None else (image_index.max() + 1 if n_rows else 0))
     fired = np.zeros((n_img, n_latents), dtype=bool)
-    fire_count = torch.zeros(n_latents, dtype=torch.int64, device=device)
-    act_sum = torch.zeros(n_latents, dtype=torch.float64, device=device)
-    top_val = torch.zeros(n_latents, top, device=device)
-    top_row = torch.full((n_latents, top), -1, dtype=torch.int64, device=device)
+    fire_count = np.zeros(n_latents, np.int64)
+    act_sum = np.zeros(n_latents, np.float64)
+    best = (np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int64))
+    floor = np.zeros(n_latents, np.float32)  # top-th largest value so far (0: not full yet)
     with torch.no_grad():
         for s in range(0, n_rows, batch_size):
             e = min(n_rows, s + batch_size)
             x = torch.from_numpy(np.ascontiguousarray(array[s:e], dtype=np.float32))
-            z = encode(x.to(device)).float()
-            active = z > 0
-            fire_count += active.sum(0)
-            act_sum += z.sum(0, dtype=torch.float64)
-            r, c = active.nonzero(as_tuple=True)
-            fired[image_index[s + r.cpu().numpy()], c.cpu().numpy()] = True
-            cand_v = torch.cat([top_val, z.T], 1)
-            rows = torch.arange(s, e, device=device).expand(n_latents, -1)
-            cand_r = torch.cat([top_row, rows], 1)
-            v, i = cand_v.topk(top, dim=1)
-            top_val, top_row = v, cand_r.gather(1, i)
+            lat, val, row = _firings(encode(x.to(device)), s)
+            fire_count += np.bincount(lat, minlength=n_latents)
+            act_sum += np.bincount(lat, weights=val, minlength=n_latents)
+            fired[image_index[row], lat] = True
+            # a firing at or below a full latent's current top-th value can never enter it
+            # (ties go to the earlier row), so most of each batch is dropped before the sort
+            new = val > floor[lat]
+            best = _keep_top(*(np.concatenate(p) for p in zip(
+                best, (lat[new], val[new], row[new]), strict=True)), top)
+            full = np.bincount(best[0], minlength=n_latents) == top
+            floor[:] = 0.0
+            last = np.searchsorted(best[0], np.flatnonzero(full), side="right") - 1
+            floor[full] = best[1][last]
             if progress is not None:
                 progress(e - s)
-    top_row = torch.where(top_val > 0, top_row, torch.full_like(top_row, -1))
-    return Activity(n_vectors=n_rows, fire_count=fire_count.cpu().numpy(),
-                    act_sum=act_sum.cpu().numpy(), top_val=top_val.cpu().numpy(),
-                    top_row=top_row.cpu().numpy(), n_images_fired=fired.sum(0))
+    lat, val, row = best
+    top_val = np.zeros((n_latents, top), np.float32)
+    top_row = np.full((n_latents, top), -1, np.int64)
+    rank = np.arange(lat.size) - np.searchsorted(lat, lat)  # lat is sorted by _keep_top
+    top_val[lat, rank], top_row[lat, rank] = val, row
+    return Activity(n_vectors=n_rows, fire_count=fire_count, act_sum=act_sum, top_val=top_val,
+                    top_row=top_row, n_images_fired=fired.sum(0))
+
+
+def _firings(code, first_row: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(latent, value, store row) of every z > 0 of a dense or (values, indices) code."""
+    if isinstance(code, tuple):
+        vals = code[0].detach().float().cpu().numpy()
+        idx = code[1].detach().cpu().numpy()
+        r, c = np.nonzero(vals > 0)
+        return idx[r, c].astype(np.int64), vals[r, c], first_row + r.astype(np.int64)
+    z = code.detach().float().cpu().numpy()
+    r, c = np.nonzero(z > 0)
+    return c.astype(np.int64), z[r, c], first_row + r.astype(np.int64)
+
+
+def _keep_top(lat: np.ndarray, val: np.ndarray, row: np.ndarray, top: int):
+    """The ``top`` largest values of each latent (ties: earlier row first), sorted by latent,
+    then by value descending."""
+    order = np.lexsort((row, -val, lat))
+    lat, val, row = lat[order], val[order], row[order]
+    keep = np.arange(lat.size) - np.searchsorted(lat, lat) < top
+    return lat[keep], val[keep], row[keep]
 
 
 def top_images(top_row: np.ndarray, image_index: np.ndarray, max_images: int = 16,

@@ -29,11 +29,13 @@ import numpy as np
 import torch
 from scipy import stats as sps
 
+from branchlens.analysis.permute import count_at_least, one_hot_rows, shuffled_labels
 from branchlens.analysis.stats import bh_reject, calibration
 
 NONE = -1  # dominant-branch code for "no significant branch"
 CONTROL_PERM_FACTOR = 4  # refinement cap of control families: ⌈4·m/q⌉ (see null_controls)
 PAPER_MAX_PERM = 32_000  # refinement cap of the paper-ratio (reference) test; see analyze_branches
+LATENT_CHUNK, PERM_CHUNK = 2048, 512  # latents × permutations per product (~16 MB of shares)
 
 
 def branch_labels(slices: dict[str, slice], d: int) -> np.ndarray:
@@ -148,15 +150,8 @@ def scale_strata(std, n_strata: int = 16) -> np.ndarray:
 def label_bank(labels: np.ndarray, n_perm: int, rng: np.random.Generator,
                strata: np.ndarray | None = None) -> np.ndarray:
     """[n_perm, d] int8 branch labels under independent random channel permutations
-    (within each stratum when ``strata`` is given)."""
-    lab = np.asarray(labels, np.int8)
-    if strata is None:
-        return rng.permuted(np.tile(lab, (n_perm, 1)), axis=1)
-    bank = np.empty((n_perm, lab.size), np.int8)
-    for st in np.unique(strata):
-        cols = np.flatnonzero(strata == st)
-        bank[:, cols] = rng.permuted(np.tile(lab[cols], (n_perm, 1)), axis=1)
-    return bank
+    (within each stratum when ``strata`` is given); see :mod:`branchlens.analysis.permute`."""
+    return shuffled_labels(labels, n_perm, rng, strata)
 
 
 def permutation_bank(slices: dict[str, slice], n_perm: int, seed: int = 0) -> np.ndarray:
@@ -175,21 +170,30 @@ class PermutationResult:
     threshold: np.ndarray  # [B] final BH threshold on p (0: nothing rejected)
 
 
-def _indicator(labels: torch.Tensor, n_branches: int) -> torch.Tensor:
+def branch_indicator(labels: torch.Tensor, n_branches: int) -> torch.Tensor:
     """[d, P·B] float from permuted labels [P, d]: channel j counts toward branch b in perm p."""
+    if labels.device.type == "cpu":
+        return torch.from_numpy(one_hot_rows(labels.numpy(), n_branches)).T
     p, d = labels.shape
     ar = torch.arange(n_branches, dtype=labels.dtype, device=labels.device)
     return (labels.T[:, :, None] == ar).reshape(d, p * n_branches).float()
 
 
-def _count_exceed(a: torch.Tensor, obs: torch.Tensor, bank: torch.Tensor, n_branches: int,
-                  perm_chunk: int) -> torch.Tensor:
+def count_exceedances(a: torch.Tensor, obs: torch.Tensor, ind: torch.Tensor, n_branches: int,
+                      perm_chunk: int) -> torch.Tensor:
+    """[L, B] counts of permutations whose share reaches the observed one, for the indicator
+    ``ind`` [d, P·B] of P permutations (made once per bank, shared by every latent chunk)."""
     counts = torch.zeros(a.shape[0], n_branches, dtype=torch.int64, device=a.device)
     tol = 1e-5  # float32 sums: ties (e.g. one-hot directions) must count as exceedances
-    for s in range(0, bank.shape[0], perm_chunk):
-        m = _indicator(bank[s:s + perm_chunk], n_branches)
-        t = (a @ m).view(a.shape[0], -1, n_branches)
-        counts += (t >= obs[:, None, :] - tol).sum(1)
+    threshold = obs - tol
+    width = perm_chunk * n_branches
+    cpu = a.device.type == "cpu"
+    for s in range(0, ind.shape[1], width):
+        t = a @ ind[:, s:s + width]
+        if cpu:
+            count_at_least(t.numpy(), threshold.numpy(), counts.numpy())
+        else:
+            counts += (t.view(a.shape[0], -1, n_branches) >= threshold[:, None, :]).sum(1)
     return counts
 
 
@@ -224,8 +228,8 @@ def _undecided(ex: np.ndarray, used: np.ndarray, t: np.ndarray, min_exceed: int)
 def permutation_pvalues(decoder, slices: dict[str, slice], positive: bool = False, *,
                         strata: np.ndarray | None = None, include: np.ndarray | None = None,
                         q: float = 0.05, n_perm: int = 1000, max_perm: int | None = None,
-                        min_exceed: int = 10, seed: int = 0, latent_chunk: int = 2048,
-                        perm_chunk: int = 512, bank_block: int = 16384,
+                        min_exceed: int = 10, seed: int = 0, latent_chunk: int = LATENT_CHUNK,
+                        perm_chunk: int = PERM_CHUNK, bank_block: int = 16384,
                         labels: np.ndarray | None = None,
                         device: str = "cpu") -> PermutationResult:
     """Channel-permutation p-values for every latent and branch, refined until BH can decide.
@@ -262,11 +266,11 @@ def permutation_pvalues(decoder, slices: dict[str, slice], positive: bool = Fals
         # All latents of a round share the same fresh permutations, made block by block.
         for s in range(0, add, bank_block):
             bank = torch.from_numpy(label_bank(labels, min(bank_block, add - s), rng, strata))
-            bank = bank.to(device)
+            ind = branch_indicator(bank.to(device), nb)
             for c in range(0, todo.size, latent_chunk):
                 idx = todo[c:c + latent_chunk]
                 it = torch.from_numpy(idx).to(device)
-                ex[idx] += _count_exceed(a_all[it], obs_all[it], bank, nb,
+                ex[idx] += count_exceedances(a_all[it], obs_all[it], ind, nb,
                                          perm_chunk).cpu().numpy()
         used[todo] += add
         with np.errstate(invalid="ignore"):
@@ -521,7 +525,7 @@ def ratio_null(decoder, slices: dict[str, slice], *, positive: bool = True,
     rng = np.random.default_rng(seed)
     a = torch.from_numpy(e / e.sum(1, keepdims=True)).float().to(device)
     lb = torch.from_numpy(label_bank(labels, bank, rng)).to(device)
-    shares = (a @ _indicator(lb, nb)).view(n, bank, nb).cpu().numpy()  # [n, bank, B]
+    shares = (a @ branch_indicator(lb, nb)).view(n, bank, nb).cpu().numpy()  # [n, bank, B]
     curves = np.empty((n_rep, nb, n), np.float32)
     med = np.empty((n_rep, nb))
     above = {t: np.empty((n_rep, nb)) for t in thresholds}

@@ -29,6 +29,7 @@ from branchlens.analysis.stats import bh_reject
 from branchlens.analysis.table import write_latent_table
 from branchlens.artifacts import provenance, write_json
 from branchlens.run import Run, RunError, layer_order
+from branchlens.threads import heavy_stage
 from branchlens.train.sampling import heldout_images
 
 
@@ -69,6 +70,7 @@ def load_layer_sae(run_dir: Path, layer: str, store, device: str = "cpu"):
     return sae
 
 
+@heavy_stage("analyze")
 def analyze(run_dir: str | Path, *, layers: list[str] | None = None, store=None,
             config: AnalysisConfig | None = None,
             log: Callable[[str], None] | None = None) -> dict:

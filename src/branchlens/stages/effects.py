@@ -41,6 +41,7 @@ from branchlens.interventions import (
 )
 from branchlens.progress import progress
 from branchlens.run import Run
+from branchlens.threads import heavy_stage
 from branchlens.train.sampling import heldout_images
 from branchlens.variants import branch_slices, class_names
 from branchlens.weights import sha256_file
@@ -195,6 +196,7 @@ def write_effects_table(path: Path, rows: list[dict]) -> None:
         Path(tmp).write_text(buf.getvalue(), encoding="utf-8")
 
 
+@heavy_stage("effects")
 def effects(run_dir: str | Path, layers: list[str] | None = None, *, scope: str = "robust",
             n_top: int = 4, n_boot: int = 2000, seed: int = 0, device: str = "cpu",
             weights: str | None = None, log: Callable[[str], None] = print,

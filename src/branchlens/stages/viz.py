@@ -17,6 +17,7 @@ import torch
 from branchlens.artifacts import provenance, write_json
 from branchlens.data import ImageSource
 from branchlens.run import ProvenanceError, Run
+from branchlens.threads import heavy_stage
 
 __all__ = ["ProvenanceError", "circuits_stage", "examples_stage", "run_source",
            "visualize_stage"]
@@ -74,6 +75,7 @@ def pick_latents(sae, n: int, seed: int = 0) -> list[int]:
     return sorted(pool[torch.randperm(pool.numel(), generator=gen)[:n]].tolist())
 
 
+@heavy_stage("visualize")
 def visualize_stage(
     run_dir: str | Path, layer: str, latents: Sequence[int] | None = None, n_latents: int = 16,
     objective: str = "latent", branch: str | None = None, size: int = 224, steps: int = 512,
@@ -178,6 +180,7 @@ def _save_evidence(run_dir, layer: str, plan: dict, views: dict, objective: str,
     return index or {"layer": layer, "objective": objective, "latents": []}
 
 
+@heavy_stage("examples")
 def examples_stage(
     run_dir: str | Path, layer: str, source: str | None = None, n_top: int = 16,
     latents: Sequence[int] | None = None, n_strips: int = 32, maps: bool = True,
@@ -199,7 +202,13 @@ def examples_stage(
     What a killed earlier call left in the folder (temp files, an unfinished gallery) is
     removed first.
     """
-    from branchlens.viz.examples import example_maps, save_examples, save_top_table, top_examples
+    from branchlens.viz.examples import (
+        CodeCache,
+        example_maps,
+        save_examples,
+        save_top_table,
+        top_examples,
+    )
     from branchlens.viz.sprites import heldout_indices, save_gallery, sweep_leftovers
 
     _validate("examples", locals())
@@ -221,21 +230,25 @@ def examples_stage(
     sweep_leftovers(out)
     # twice the gallery's views: an image and its mirror fill one gallery slot
     n_cand = max(n_top, 2 * gallery_size) if gallery else n_top
+    # one forward per image for the three passes below (top lists, gallery, strips)
+    codes = CodeCache(model, sae, layer, src, batch_size) if hasattr(sae, "encode_sparse") \
+        else None
     cand = top_examples(model, sae, layer, src, n_top=n_cand, batch_size=batch_size,
-                        indices=pool, show_progress=show_progress)
+                        indices=pool, show_progress=show_progress, codes=codes)
     top = cand.head(n_top)
     save_top_table(top, out / "top.safetensors")
     meta = {"variant": model.variant.name, "weights": winfo.to_dict(),
             "source": getattr(src, "description", ""), "images": note}
     if gallery:
         save_gallery(model, sae, cand, src, out, model.variant, size=gallery_size,
-                     batch_size=batch_size, meta=meta, show_progress=show_progress)
+                     batch_size=batch_size, meta=meta, show_progress=show_progress,
+                     codes=codes)
     first = _evidence(run_dir, layer, per_cell, pairs, n_strips)["latents"] \
         if select == "evidence" and not latents else []
     fill = [j for j in pick_latents(sae, 10 * n_strips, seed) if top.values[j, 0] > 0]
     lats = list(latents) if latents else list(dict.fromkeys(
         [j for j in first if top.values[j, 0] > 0] + fill))[:max(n_strips, len(first))]
-    m = example_maps(model, sae, top, lats, src, batch_size) if maps else None
+    m = example_maps(model, sae, top, lats, src, batch_size, codes) if maps else None
     return save_examples(top, lats, src, out, model.variant, m, meta=meta)
 
 
@@ -244,6 +257,7 @@ def dominant_for(run_dir: str | Path, layer: str) -> tuple[np.ndarray, list[str]
     return Run(run_dir).dominant(layer)
 
 
+@heavy_stage("circuits")
 def circuits_stage(
     run_dir: str | Path, up: str, down: str, latents: Sequence[int] | None = None,
     n_latents: int = 8, n_images: int = 8, flow_latents: int = 64, n_perm: int = 1000,

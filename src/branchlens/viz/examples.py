@@ -101,6 +101,65 @@ def latent_maps_of(model: nn.Module, sae: SAELike, layer: str, images: Tensor) -
         return z.reshape(b, h, w, -1).permute(0, 3, 1, 2)
 
 
+CACHE_BYTES = 1 << 30  # sparse codes kept per examples stage (~75 KB per 14×14 image, k = 32)
+
+
+class CodeCache:
+    """The sparse SAE codes of every image one examples stage reads, so that its three passes
+    (top lists, gallery, strips) run the network once per image instead of three times; the
+    maps they get are the same tensors ``latent_maps_of`` gives. Beyond ``max_bytes`` images
+    are encoded again when asked for (nothing is dropped)."""
+
+    def __init__(self, model: nn.Module, sae: SAELike, layer: str, source: ImageSource,
+                 batch_size: int = 16, max_bytes: int = CACHE_BYTES):
+        self.model, self.sae, self.layer, self.source = model, sae, layer, source
+        self.batch_size, self.max_bytes, self.bytes = batch_size, max_bytes, 0
+        self.n_latents = sae.decoder_directions().shape[0]
+        self.entries: dict[int, tuple | None] = {}  # index -> (id, label, vals, idx); None: skipped
+        self.grid: tuple[int, int] | None = None
+        self.forwards = 0  # images run through the network (for the tests and the log)
+
+    def _encode(self, batch) -> dict[int, tuple]:
+        device = next(self.model.parameters()).device
+        with torch.no_grad():
+            a = self.model(batch.images.to(device), layers=[self.layer])[self.layer]
+            b, c, h, w = a.shape
+            vals, idx = self.sae.encode_sparse(a.permute(0, 2, 3, 1).reshape(-1, c))
+        self.grid, self.forwards = (h, w), self.forwards + b
+        vals, idx = vals.cpu().view(b, h * w, -1), idx.cpu().view(b, h * w, -1)
+        return {i: (batch.image_ids[k], batch.labels[k], vals[k], idx[k])
+                for k, i in enumerate(batch.indices)}
+
+    def batches(self, indices: Sequence[int]):
+        """(indices, image ids, labels, maps [B, n_latents, H, W]) over ``indices`` in order,
+        ``batch_size`` at a time; undecodable images are left out, as ``iter_batches`` does."""
+        order = list(indices)
+        for s in range(0, len(order), self.batch_size):
+            chunk = order[s:s + self.batch_size]
+            fresh: dict[int, tuple] = {}
+            missing = [i for i in chunk if i not in self.entries]
+            for batch in (iter_batches(self.source, self.model.variant, self.batch_size, 0,
+                                       indices=missing) if missing else ()):
+                fresh |= self._encode(batch)
+            for i in missing:
+                e = fresh.get(i)
+                if e is None or self.bytes < self.max_bytes:
+                    self.entries[i] = e
+                    self.bytes += 0 if e is None else e[2].nbytes + e[3].nbytes
+            got = [(i, self.entries[i] if i in self.entries else fresh[i]) for i in chunk]
+            got = [(i, e) for i, e in got if e is not None]
+            if not got:
+                continue
+            vals = torch.stack([e[2] for _, e in got])
+            idx = torch.stack([e[3] for _, e in got])
+            b, hw, k = vals.shape
+            z = torch.zeros(b * hw, self.n_latents, dtype=vals.dtype).scatter(
+                1, idx.view(-1, k), vals.view(-1, k))
+            h, w = self.grid
+            yield ([i for i, _ in got], [e[0] for _, e in got], [e[1] for _, e in got],
+                   z.view(b, h, w, -1).permute(0, 3, 1, 2))
+
+
 def top_examples(
     model: nn.Module,
     sae: SAELike,
@@ -112,13 +171,22 @@ def top_examples(
     indices: Sequence[int] | None = None,
     workers: int = 0,
     show_progress: bool = True,
+    codes: CodeCache | None = None,
 ) -> TopExamples:
-    """One streaming pass over ``source`` keeping the top ``n_top`` images of every latent."""
+    """One streaming pass over ``source`` keeping the top ``n_top`` images of every latent
+    (through ``codes`` when given, which then holds every image's codes for later passes)."""
     device = next(model.parameters()).device
     n_latents = sae.decoder_directions().shape[0]
     top = TopExamples.empty(layer, n_latents, n_top)
     total = len(source) if indices is None else len(indices)
     with progress(total, f"examples {layer}", "img", disable=not show_progress) as bar:
+        if codes is not None:
+            for ids, names, _, maps in codes.batches(range(total) if indices is None
+                                                    else indices):
+                top.update(maps, ids)
+                top.image_ids.update(zip(ids, names, strict=True))
+                bar.update(len(ids))
+            return top
         for batch in iter_batches(source, model.variant, batch_size, workers, indices=indices):
             maps = latent_maps_of(model, sae, layer, batch.images.to(device)).cpu()
             top.update(maps, batch.indices)
@@ -138,14 +206,18 @@ def unit_image(source: ImageSource, index: int, variant) -> Tensor:
 
 def example_maps(
     model: nn.Module, sae: SAELike, top: TopExamples, latents: Sequence[int],
-    source: ImageSource, batch_size: int = 16,
+    source: ImageSource, batch_size: int = 16, codes: CodeCache | None = None,
 ) -> dict[int, Tensor]:
     """Recompute the full latent maps [H, W] on the top images: {latent: [n_top, H, W]}."""
     wanted = sorted({i for j in latents for i in top.images[j].tolist() if i >= 0})
     device = next(model.parameters()).device
     lat = torch.as_tensor(list(latents), dtype=torch.long)
     per_image: dict[int, Tensor] = {}
-    for batch in iter_batches(source, model.variant, batch_size, 0, indices=wanted):
+    if codes is not None:
+        for ids, _, _, maps in codes.batches(wanted):
+            per_image.update(zip(ids, maps[:, lat], strict=True))
+    for batch in (iter_batches(source, model.variant, batch_size, 0, indices=wanted)
+                  if codes is None else ()):
         maps = latent_maps_of(model, sae, top.layer, batch.images.to(device))[:, lat].cpu()
         per_image.update(zip(batch.indices, maps, strict=True))
     h, w = top.grid

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from branchlens.artifacts import atomic_path, provenance, save_tensors, write_json
 from branchlens.data import VIEW_SEP, ImageSource, iter_batches
 from branchlens.progress import progress
-from branchlens.viz.examples import TopExamples, latent_maps_of, unit_image
+from branchlens.viz.examples import CodeCache, TopExamples, latent_maps_of, unit_image
 from branchlens.viz.latents import SAELike
 from branchlens.viz.receptive import ReceptiveField, receptive_field
 
@@ -189,10 +189,10 @@ class GalleryWriter:
 def save_gallery(
     model: nn.Module, sae: SAELike, top: TopExamples, source: ImageSource, out_dir: str | Path,
     variant, *, size: int = GALLERY_SIZE, batch_size: int = 16, meta: dict | None = None,
-    show_progress: bool = True,
+    show_progress: bool = True, codes: CodeCache | None = None,
 ) -> dict:
     """The gallery of every latent of ``top`` (see the module doc): one pass over the images
-    its top lists name, every latent map computed once per image."""
+    its top lists name, every latent map computed once per image (or taken from ``codes``)."""
     from branchlens.variants import get_variant
 
     gallery = choose_gallery(top, size)
@@ -201,6 +201,12 @@ def save_gallery(
     device = next(model.parameters()).device
     wanted = writer.wanted
     with progress(len(wanted), f"gallery {top.layer}", "img", disable=not show_progress) as bar:
+        if codes is not None:
+            for ids, names, labels, maps in codes.batches(wanted):
+                for b, i in enumerate(ids):
+                    writer.add(i, unit_image(source, i, variant), names[b], labels[b], maps[b])
+                bar.update(len(ids))
+            return writer.finish(top.n_images, meta)
         for batch in iter_batches(source, model.variant, batch_size, 0, indices=wanted):
             maps = latent_maps_of(model, sae, top.layer, batch.images.to(device)).cpu()
             for b, i in enumerate(batch.indices):
