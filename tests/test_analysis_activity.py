@@ -48,6 +48,9 @@ def test_dense_and_sparse_codes_give_the_brute_force_activity():
         assert (a.top_row == top_row).all(), name
         assert (a.n_images_fired == n_img).all(), name
         assert a.n_vectors == dense.shape[0]
+        kept = latent_activity(encode, np.arange(dense.shape[0], dtype=np.float32)[:, None],
+                               image, dense.shape[1], top=7, batch_size=64, keep_codes=True)
+        assert np.array_equal(kept.codes.toarray(), dense), name  # every row's code, in order
 
 
 def _rows(x: torch.Tensor) -> np.ndarray:

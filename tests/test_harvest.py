@@ -20,11 +20,11 @@ from branchlens.data import decode_image, open_source, preprocess
 from branchlens.harvest import (
     FP16_OVERFLOW,
     NON_FINITE,
-    harvest,
     sample_batch,
     sampling_groups,
 )
 from branchlens.model import InceptionV1
+from branchlens.stages.harvest import harvest
 from branchlens.store import (
     ActivationStore,
     StoreConfigMismatch,
@@ -300,6 +300,33 @@ def test_fp16_option(tmp_path, random_model):
     size = {dt: sum(p.stat().st_size for p in st.list_shards(tmp_path / dt))
             for dt in ("fp16", "fp32")}
     assert size["fp16"] < 0.6 * size["fp32"]
+
+
+def test_collect_is_the_library_under_the_stage(tmp_path, random_model):
+    """The stage opens the source and places the network; ``collect``, handed both, writes the
+    same store. The old name ``branchlens.harvest.harvest`` is the stage (kept one release)."""
+    import branchlens
+    import branchlens.harvest as library
+    from branchlens.distributed import Dist
+
+    assert library.harvest is harvest and branchlens.harvest_activations is harvest
+    kw = dict(sampling="uniform", samples_per_image=3, batch_size=2, **FAST)
+    harvest("embedded:4", tmp_path / "stage", "mixed3a,mixed3b", model=random_model, **kw)
+    comm = Dist()
+    try:
+        res = library.collect(random_model.eval(), open_source("embedded:4", "bvlc_googlenet"),
+                              tmp_path / "lib", ["mixed3a", "mixed3b"], comm=comm,
+                              weights={"variant": "bvlc_googlenet", "source": "in-memory",
+                                       "path": None, "sha256": None, "seed": None,
+                                       "random": False},
+                              device=torch.device("cpu"), **kw)
+    finally:
+        comm.close()
+    assert res.manifest["counts"]["images"] == 4
+    assert_same_records(records(tmp_path / "stage"), records(tmp_path / "lib"), rtol=0)
+    with pytest.raises(ValueError, match="--sampling must be one of"):  # the library checks too
+        library.collect(random_model, None, tmp_path / "x", ["mixed3a"], comm=comm, weights={},
+                        device=torch.device("cpu"), sampling="best")
 
 
 def test_lock_and_config_mismatch_refused(tmp_path, random_model):

@@ -267,34 +267,11 @@ class _Outputs:
 # -- stages ---------------------------------------------------------------------------------------
 
 def _harvest(ctx: RunContext) -> dict:
-    from branchlens.harvest import harvest
-    from branchlens.store import STORE_FILES, SourceChanged, StoreConfigMismatch
+    from branchlens.stages.harvest import harvest_run
 
-    h = ctx.harvest
-
-    def go() -> Any:
-        return harvest(ctx.config["source"], Run(ctx.out).store_dir, h.layers,
-                       variant=ctx.config["variant"], weights=ctx.weights, device=ctx.device,
-                       sampling=h.sampling, samples_per_image=h.samples_per_image,
-                       aligned=h.aligned, dtype=h.dtype, batch_size=h.batch_size,
+    return harvest_run(ctx.out, ctx.config["source"], ctx.harvest, variant=ctx.config["variant"],
                        seed=ctx.config["seed"], paper_compat=ctx.config["paper_compat"],
-                       flip=h.flip, shard_size=h.shard_size, limit=h.limit,
-                       show_progress=False)
-    try:
-        res = go()
-    except StoreConfigMismatch as e:  # other settings or other files: never mixed into the new
-        why = (f"the image source changed ({e.change})" if isinstance(e, SourceChanged)
-               else "harvest settings changed")
-        discard_outputs(Run(ctx.out).store_dir, ctx.log, why, owned=STORE_FILES,
-                        keep=(".lock",), refuse_foreign=True)
-        res = go()
-    manifest = res.manifest or {}
-    c = manifest.get("counts")
-    dup = {"duplicates": manifest["duplicates"]["images"]} if manifest.get("duplicates") else {}
-    if c is None or res.world_size == 1:
-        return {"images": res.images, "vectors": res.vectors, "skipped": res.skips.total, **dup}
-    return {"images": c["images"], "vectors": sum(c["vectors"].values()),  # all ranks
-            "skipped": c["images_skipped"], "world_size": res.world_size, **dup}
+                       weights=ctx.weights, device=ctx.device, log=ctx.log)
 
 
 def _train(ctx: RunContext) -> dict:

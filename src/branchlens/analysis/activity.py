@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 
@@ -23,6 +24,7 @@ class Activity:
     top_val: np.ndarray  # [n, T] largest activations, descending (0 = fewer than T firings)
     top_row: np.ndarray  # [n, T] their store rows (−1 where top_val is 0)
     n_images_fired: np.ndarray  # [n] distinct images with at least one firing
+    codes: sp.csr_matrix | None = None  # [N, n] every row's code (``keep_codes``)
 
     @property
     def firing_rate(self) -> np.ndarray:
@@ -43,13 +45,15 @@ def latent_activity(encode: Callable[[torch.Tensor], torch.Tensor | tuple[torch.
                     array: np.ndarray, image_index: np.ndarray, n_latents: int, *,
                     top: int = 64, batch_size: int = 4096, n_images: int | None = None,
                     progress: Callable[[int], None] | None = None,
-                    device: str = "cpu") -> Activity:
+                    device: str = "cpu", keep_codes: bool = False) -> Activity:
     """Run ``encode`` over ``array`` [N, d] in row order.
 
     ``encode`` gives a dense code z [B, n] or a sparse one (values [B, k], indices [B, k], as
     ``TopKSAE.encode_sparse``); the sparse one is cheaper: only the B·k firings are counted and
     ranked (a running top ``top`` per latent kept as (latent, value, row) triples) instead of
     n·(top + B) dense candidates per batch.
+    ``keep_codes``: also return every row's code (sparse, [N, n]) for later passes (the
+    cross-layer matching) so they need not encode the rows again.
     ``image_index`` [N] gives each row's image, for the distinct-firing-image counts that the
     cross-layer matching needs (a latent firing on few images correlates by accident).
     """
@@ -59,6 +63,7 @@ def latent_activity(encode: Callable[[torch.Tensor], torch.Tensor | tuple[torch.
     fire_count = np.zeros(n_latents, np.int64)
     act_sum = np.zeros(n_latents, np.float64)
     best = (np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int64))
+    kept: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     floor = np.zeros(n_latents, np.float32)  # top-th largest value so far (0: not full yet)
     with torch.no_grad():
         for s in range(0, n_rows, batch_size):
@@ -68,6 +73,8 @@ def latent_activity(encode: Callable[[torch.Tensor], torch.Tensor | tuple[torch.
             fire_count += np.bincount(lat, minlength=n_latents)
             act_sum += np.bincount(lat, weights=val, minlength=n_latents)
             fired[image_index[row], lat] = True
+            if keep_codes:
+                kept.append((lat, val, row))
             # a firing at or below a full latent's current top-th value can never enter it
             # (ties go to the earlier row), so most of each batch is dropped before the sort
             new = val > floor[lat]
@@ -84,8 +91,13 @@ def latent_activity(encode: Callable[[torch.Tensor], torch.Tensor | tuple[torch.
     top_row = np.full((n_latents, top), -1, np.int64)
     rank = np.arange(lat.size) - np.searchsorted(lat, lat)  # lat is sorted by _keep_top
     top_val[lat, rank], top_row[lat, rank] = val, row
+    codes = None
+    if keep_codes:
+        c_lat, c_val, c_row = (np.concatenate(p) for p in zip(
+            *kept, strict=True)) if kept else (np.zeros(0, np.int64),) * 3
+        codes = sp.csr_matrix((c_val, (c_row, c_lat)), shape=(n_rows, n_latents))
     return Activity(n_vectors=n_rows, fire_count=fire_count, act_sum=act_sum, top_val=top_val,
-                    top_row=top_row, n_images_fired=fired.sum(0))
+                    top_row=top_row, n_images_fired=fired.sum(0), codes=codes)
 
 
 def _firings(code, first_row: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

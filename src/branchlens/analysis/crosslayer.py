@@ -7,14 +7,23 @@ needs equal grid sizes). Rare latents correlate by accident, so only latents fir
 codes whose images are shifted (A on image i against B on another image), which calibrates the
 correlation threshold. For matched pairs the dominant branches are compared: contingency table,
 agreement rate against a null that shuffles the matching, Cohen's kappa.
+
+:func:`cross_layer` runs all of it for two analysed layers of one store (the analyze stage
+calls it per layer pair, after :func:`branchlens.analysis.driver.analyze_layer`); the functions
+above it are the parts, on arrays.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 import scipy.sparse as sp
+import torch
 
 from branchlens.analysis.branches import NONE
+from branchlens.analysis.config import AnalysisConfig
 from branchlens.analysis.stats import agreement_permutation_test, cohen_kappa, contingency
 
 
@@ -69,18 +78,22 @@ def mutual_best_matches(za: sp.csr_matrix, zb: sp.csr_matrix,
     corr_b = np.full(nb, -np.inf)
     zbt = zb.T.tocsr()
     cols_all = np.flatnonzero(ea)
+    # r = cross/(m·sd_a·sd_b) − (mu_a/sd_a)(mu_b/sd_b), in two in-place passes over each block
+    inv_b = torch.from_numpy(np.where(eb, 1 / np.where(sd_b > 0, sd_b, 1.0), 0.0))
+    off_b = torch.from_numpy(np.where(eb, mu_b / np.where(sd_b > 0, sd_b, 1.0), 0.0))
+    never = torch.from_numpy(~eb)
     if cols_all.size and eb.any():
         for s in range(0, cols_all.size, chunk):
             cols = cols_all[s:s + chunk]
-            cross = (zbt @ za[:, cols]).toarray().T  # [c, nB] = Σ_rows za·zb
-            r = (cross / m - mu_a[cols, None] * mu_b[None, :]) / (
-                sd_a[cols, None] * np.where(sd_b > 0, sd_b, 1.0)[None, :])
-            r[:, ~eb] = -np.inf
-            j = np.argmax(r, 1)
-            best_b[cols], corr_a[cols] = j, r[np.arange(cols.size), j]
-            i = np.argmax(r, 0)
-            better = r[i, np.arange(nb)] > corr_b
-            best_a[better], corr_b[better] = cols[i[better]], r[i[better], np.arange(nb)[better]]
+            r = torch.from_numpy((zbt @ za[:, cols]).toarray().T)  # [c, nB] = Σ_rows za·zb
+            r.mul_(torch.from_numpy(1 / (m * sd_a[cols]))[:, None]).mul_(inv_b[None, :])
+            r.addr_(torch.from_numpy(mu_a[cols] / sd_a[cols]), off_b, alpha=-1)
+            r.masked_fill_(never[None, :], -np.inf)
+            v, j = r.max(1)
+            best_b[cols], corr_a[cols] = j.numpy(), v.numpy()
+            v, i = r.max(0)
+            better = v.numpy() > corr_b
+            best_a[better], corr_b[better] = cols[i.numpy()[better]], v.numpy()[better]
     ia = np.flatnonzero((best_b >= 0) & np.isfinite(corr_a))
     ia = ia[best_a[best_b[ia]] == ia]
     ib, corr = best_b[ia], corr_a[ia]
@@ -157,3 +170,119 @@ def consistency(dom_a: np.ndarray, dom_b: np.ndarray, ia: np.ndarray, ib: np.nda
             b: (float(np.mean(lb[both][la[both] == i] == i)) if np.any(la[both] == i) else None)
             for i, b in enumerate(branches)},
     }
+
+
+# -- two analysed layers of one store ------------------------------------------------------------
+
+def sparse_codes(sae, arr, rows: np.ndarray, batch: int) -> sp.csr_matrix:
+    """SAE codes of the rows ``rows`` of a store array, [len(rows), n_latents] (sparse)."""
+    parts = []
+    dev = next(sae.parameters()).device
+    with torch.no_grad():
+        for s in range(0, rows.size, batch):
+            x = torch.from_numpy(np.ascontiguousarray(arr[rows[s:s + batch]], np.float32))
+            vals, idx = sae.encode_sparse(x.to(dev))
+            r = np.repeat(np.arange(x.shape[0]), idx.shape[1])
+            parts.append(sp.csr_matrix((vals.cpu().numpy().ravel(),
+                                        (r, idx.cpu().numpy().ravel())),
+                                       shape=(x.shape[0], sae.cfg.n_latents)))
+    return sp.vstack(parts).tocsr() if parts else sp.csr_matrix((0, sae.cfg.n_latents))
+
+
+def layer_grid(store, layer: str, variant: str) -> tuple[int, int] | None:
+    """(H, W) of ``layer``'s positions: the store's record, else the network's, else the
+    largest stored position."""
+    grid = store.manifest.get("widths", {}).get(layer, {}).get("grid")
+    if grid:
+        return tuple(int(g) for g in grid)
+    try:
+        from branchlens.model import output_shape
+
+        return tuple(output_shape(variant, layer)[1:])
+    except Exception:
+        prov = np.asarray(store.provenance(layer))
+        return (int(prov[:, 1].max()) + 1, int(prov[:, 2].max()) + 1) if prov.size else None
+
+
+def cross_layer(a: str, b: str, res: dict, saes: dict, store, cfg: AnalysisConfig,
+                groups: np.ndarray, log: Callable[[str], None]) -> dict:
+    """One-to-one matching of latents of layers a and b on held-out samples, its shifted-image
+    null, and the dominant-branch agreement of the matched pairs against both nulls."""
+    variant = saes[a].cfg.variant or store.manifest.get("variant")
+    ga, gb = layer_grid(store, a, variant), layer_grid(store, b, variant)
+    out: dict[str, Any] = {"layers": [a, b], "grid": [ga, gb]}
+    if ga != gb:
+        return {**out, "skipped": "different spatial grids; positions cannot be aligned"}
+    pa, pb = np.asarray(store.provenance(a)), np.asarray(store.provenance(b))
+    ha, hb = res[a]["held_rows"], res[b]["held_rows"]
+    la, lb = align_rows(pa[ha], pb[hb])  # positions among each layer's held-out rows
+    ia, ib = ha[la], hb[lb]
+    out["aligned_samples"] = int(ia.size)
+    if ia.size == 0:
+        return {**out, "skipped": "no shared held-out (image, y, x) samples in the store"}
+    log(f"cross-layer {a} ↔ {b}: {ia.size} aligned held-out samples")
+    # the activity pass kept every held-out row's code; else encode the aligned rows again
+    za = (res[a]["codes"][la] if res[a].get("codes") is not None
+          else sparse_codes(saes[a], store.array(a), ia, cfg.batch_size))
+    zb = (res[b]["codes"][lb] if res[b].get("codes") is not None
+          else sparse_codes(saes[b], store.array(b), ib, cfg.batch_size))
+    ea = res[a]["n_images_fired"] >= cfg.min_images
+    eb = res[b]["n_images_fired"] >= cfg.min_images
+    ma, mb, corr = mutual_best_matches(za, zb, ea, eb)
+    null_pairs = []
+    pos_a = {int(r): k for k, r in enumerate(ia)}
+    pos_b = {int(r): k for k, r in enumerate(ib)}
+    for s in range(1, cfg.match_shifts + 1):
+        sa, sb = shifted_rows(pa, pb, ia, ib, groups, s)
+        if sa.size == 0:
+            continue
+        # both are aligned held-out rows already encoded: re-index the codes
+        zs_a = za[[pos_a[int(r)] for r in sa]]
+        zs_b = zb[[pos_b[int(r)] for r in sb]]
+        null_pairs.append(mutual_best_matches(zs_a, zs_b, ea, eb))
+    null_corr = [c for _, _, c in null_pairs]
+    nc = np.concatenate(null_corr) if null_corr else np.zeros(0)
+    q99 = float(np.quantile(nc, 0.99)) if nc.size else None
+    threshold = max(cfg.match_threshold, q99 if q99 is not None else cfg.match_threshold)
+    keep = corr >= threshold
+    null_per_shift = [int(np.sum(c >= threshold)) for c in null_corr]
+    n_keep = int(keep.sum())
+    out |= {
+        "min_images": cfg.min_images,
+        "excluded_a_few_images": int((~ea).sum()), "excluded_b_few_images": int((~eb).sum()),
+        "eligible_a": int(ea.sum()), "eligible_b": int(eb.sum()),
+        "mutual_best_pairs": int(corr.size),
+        "threshold": threshold, "threshold_floor": cfg.match_threshold,
+        "shifted_image_null": {
+            "replicates": len(null_corr), "mutual_best_pairs_mean":
+                float(np.mean([c.size for c in null_corr])) if null_corr else None,
+            "corr_q99": q99, "pairs_above_threshold_per_replicate": null_per_shift},
+        "match_corr_quantiles": ({str(q): float(np.quantile(corr, q))
+                                  for q in (0.1, 0.5, 0.9, 0.99)} if corr.size else {}),
+        "matches": [[int(x), int(y), float(c)] for x, y, c in
+                    zip(ma[keep], mb[keep], corr[keep], strict=True)],
+    }
+    out["consistency"] = consistency(res[a]["dominant"], res[b]["dominant"], ma[keep], mb[keep],
+                                     res[a]["branches"], seed=cfg.seed)
+    # Second null for the agreement: the same number of best pairs that the matching finds on
+    # shifted images (what the procedure itself, e.g. via firing rates, produces).
+    da, db = res[a]["dominant"], res[b]["dominant"]
+    obs = _agree_counts(da[ma[keep]], db[mb[keep]])
+    null = np.sum([_agree_counts(da[x[:n_keep]], db[y[:n_keep]]) for x, y, _ in null_pairs],
+                  axis=0) if null_pairs and n_keep else np.zeros(2, np.int64)
+    shifted = {"null_pairs_both_dominant": int(null.sum()),
+               "null_agreement": float(null[0] / null.sum()) if null.sum() else None}
+    if obs.sum() and null.sum():
+        from scipy.stats import fisher_exact
+
+        shifted["p_value"] = float(fisher_exact([[obs[0], obs[1]], [null[0], null[1]]],
+                                                alternative="greater")[1])
+    out["consistency"]["vs_shifted_image_matching"] = shifted
+    return out
+
+
+def _agree_counts(la: np.ndarray, lb: np.ndarray) -> np.ndarray:
+    """[agree, disagree] among pairs where both latents have a dominant branch."""
+    both = (la != NONE) & (lb != NONE)
+    agree = int(np.sum(la[both] == lb[both]))
+    return np.array([agree, int(both.sum()) - agree], np.int64)

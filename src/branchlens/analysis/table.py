@@ -5,7 +5,8 @@ through :func:`read_latent_table`, so a column is parsed the same way everywhere
 ``;``-joined (a ``;`` or ``\\`` inside an item is escaped by a backslash, see
 :func:`join_list`), booleans ``True``/``False``, a missing number is empty (read as NaN).
 
-The columns that carry a *decision* are defined once, here:
+The columns (:data:`LATENT_COLUMNS`, :data:`BRANCH_COLUMNS`, :data:`IMAGE_COLUMNS`, built into
+rows by :func:`latent_rows`) and the ones that carry a *decision* are defined once, here:
 
 - ``dominant``: the branch a latent lives in by the primary rule (raw decoder against the
   channel-permutation null, BH at q per branch): among its significant branches the one with
@@ -29,6 +30,16 @@ from typing import Any
 import numpy as np
 
 from branchlens.artifacts import atomic_path
+
+# The columns of one row, in file order; a per-branch column is ``<name>_<branch>``, branch by
+# branch (the layer's branches in order), and ``specialization_<branch>`` ends the row.
+LATENT_COLUMNS = ("layer", "latent", "alive", "dead_in_training", "firing_rate",
+                  "mean_activation", "mean_when_active", "n_images_fired", "dominant",
+                  "robust_dominant", "d_eff")
+BRANCH_COLUMNS = ("paper_ratio", "full_ratio", "paper_ratio_std", "full_ratio_std", "enrichment",
+                  "enrichment_dict", "p_raw", "q_raw", "p_scale", "q_scale", "p_paper", "p_beta",
+                  "p_isotropic", "attribution")
+IMAGE_COLUMNS = ("top_category", "animal_fraction", "dog_fraction", "top_images", "top_labels")
 
 INT_COLUMNS = frozenset({"latent", "n_images_fired"})
 BOOL_COLUMNS = frozenset({"alive", "dead_in_training"})
@@ -70,6 +81,40 @@ def _cell(value: Any) -> Any:
     if isinstance(value, np.integer | np.bool_):
         return value.item()
     return value
+
+
+def _typed(column: str, values: Any) -> list[Any]:
+    """One column's values as the plain Python type :func:`parse_row` reads it back as."""
+    values = values.tolist() if hasattr(values, "tolist") else list(values)
+    if column in STR_COLUMNS or column in LIST_COLUMNS:
+        return values
+    kind = int if column in INT_COLUMNS else bool if column in BOOL_COLUMNS else float
+    return [kind(v) for v in values]
+
+
+def latent_rows(layer: str, branches: Sequence[str], q: float, columns: dict[str, Any],
+                per_branch: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of ``latents.csv`` for one layer, in file order.
+
+    ``columns``: every column of :data:`LATENT_COLUMNS` (but ``layer`` and ``latent``) and of
+    :data:`IMAGE_COLUMNS`, one value per latent; ``per_branch``: every column of
+    :data:`BRANCH_COLUMNS`, ``[n_latents, n_branches]`` in the order of ``branches``.
+    """
+    lead, tail = LATENT_COLUMNS[2:], IMAGE_COLUMNS
+    missing = ({*lead, *tail} ^ set(columns)) | (set(BRANCH_COLUMNS) ^ set(per_branch))
+    if missing:
+        raise ValueError(f"latent table columns missing or unknown: {sorted(missing)}")
+    col = {c: _typed(c, v) for c, v in columns.items()}
+    per = {c: [_typed(c, r) for r in np.asarray(v).tolist()] for c, v in per_branch.items()}
+    rows = []
+    for i in range(len(col["alive"])):
+        r: dict[str, Any] = {"layer": layer, "latent": i, **{c: col[c][i] for c in lead}}
+        for j, b in enumerate(branches):
+            r |= {f"{c}_{b}": per[c][i][j] for c in BRANCH_COLUMNS}
+        r |= {c: col[c][i] for c in tail}
+        r |= {f"specialization_{b}": specialization(r, b, q) for b in branches}
+        rows.append(r)
+    return rows
 
 
 class LatentTableError(ValueError):

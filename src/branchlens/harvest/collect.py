@@ -1,4 +1,4 @@
-"""Harvest activations of many layers in one forward pass into an :mod:`~branchlens.store`.
+"""Collect activations of many layers in one forward pass into an :mod:`~branchlens.store`.
 
 Per batch the model runs once and stops at the deepest requested layer. Per image and layer we
 keep a few spatial positions (``norm``: N draws with replacement, probability proportional to the
@@ -8,8 +8,10 @@ composition or rank, so a resumed or multi-rank harvest stores exactly what one 
 process would. With ``aligned`` the layers of one grid size share their positions (drawn from the
 norm of the concatenated vector), so features can later be matched across layers.
 
-Scale-out: under ``torchrun`` (``WORLD_SIZE`` > 1) images are split across ranks, every rank
-writes its own shards, and rank 0 holds the store lock and writes the manifest at the end.
+This is the library: :func:`collect` takes a network, an opened image source and a store path.
+The harvest stage (:mod:`branchlens.stages.harvest`) opens the source, loads the weights and
+joins the ranks. Scale-out: under ``torchrun`` images are split across ranks, every rank writes
+its own shards, and rank 0 holds the store lock and writes the manifest at the end.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 import torch
 
 from branchlens.artifacts import read_json
-from branchlens.data import SkipStats, iter_batches, open_source, split_for_rank
+from branchlens.data import SkipStats, iter_batches, split_for_rank
 from branchlens.distributed import Dist
 from branchlens.harvest.fingerprint import (
     describe_change,
@@ -51,7 +53,7 @@ from branchlens.store import (
     next_seq,
     prepare_store,
 )
-from branchlens.variants import DEFAULT_VARIANT, branch_slices, get_variant
+from branchlens.variants import DEFAULT_VARIANT, Variant, branch_slices, get_variant
 
 log = logging.getLogger("branchlens.harvest")
 
@@ -66,6 +68,31 @@ def parse_layers(layers: str | Sequence[str]) -> list[str]:
     if not names or len(set(names)) != len(names):
         raise ValueError(f"need a non-empty list of distinct layers, got {layers!r}")
     return names
+
+
+def check_settings(variant: str | Variant, layers: Sequence[str], *, sampling: str,
+                   samples_per_image: int, dtype: str, batch_size: int, shard_size: int,
+                   workers: int, limit: int | None) -> None:
+    """Refuse settings a harvest cannot run with (ValueError), before any image or weight is
+    read (the variant and layers last); the messages name the CLI options."""
+    if sampling not in SAMPLING_METHODS:
+        raise ValueError(f"--sampling must be one of {SAMPLING_METHODS}, got {sampling!r}")
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
+    if sampling != "all" and samples_per_image < 1:
+        raise ValueError("--samples-per-image must be >= 1")
+    for name, value, least in (("--batch-size", batch_size, 1), ("--shard-size", shard_size, 1),
+                               ("--workers", workers, 0), ("--limit", limit, 1)):
+        if value is not None and value < least:
+            raise ValueError(f"{name} must be >= {least}, got {value}")
+    unknown = [n for n in layers if n not in layer_names(variant)]
+    if unknown:
+        raise ValueError(f"unknown layer(s) {unknown}; see branchlens.model.layer_names()")
+
+
+def image_count(src: Any, limit: int | None) -> int:
+    """How many images of ``src`` a harvest with ``limit`` stores (stored or skipped)."""
+    return len(src) if limit is None else min(limit, len(src))
 
 
 def layer_shapes(model: InceptionV1, layers: Sequence[str]) -> dict[str, tuple[int, int, int]]:
@@ -116,14 +143,15 @@ class _OrderedSkips(SkipStats):
         super().add(reason, image_id)
 
 
-def harvest(
-    source: Any,
+def collect(
+    model: InceptionV1,
+    src: Any,
     out: str | Path,
-    layers: str | Sequence[str] = DEFAULT_LAYERS,
+    layers: Sequence[str],
     *,
-    variant: str = DEFAULT_VARIANT,
-    weights: str | Path | None = None,
-    device: str = "auto",
+    weights: dict[str, Any],
+    device: torch.device,
+    comm: Dist,
     sampling: str = "norm",
     samples_per_image: int = 10,
     aligned: bool = False,
@@ -134,68 +162,38 @@ def harvest(
     shard_size: int = 1000,
     paper_compat: bool = False,
     limit: int | None = None,
-    flip: bool = False,
-    model: InceptionV1 | None = None,
     show_progress: bool = True,
     channels_last: bool = True,
 ) -> HarvestResult:
-    """Harvest ``layers`` of every image of ``source`` into the store at ``out`` (resumable).
+    """Harvest ``layers`` of ``model`` (already on ``device``, in eval mode) over every image of
+    the opened source ``src`` into the store at ``out`` (resumable; this rank's share under
+    ``comm``). ``weights`` is the network's record (``WeightsInfo.to_dict()``); it goes into the
+    store's config, so a store never mixes networks.
 
-    ``shard_size`` is in images; ``flip`` adds every image's mirror as a second view.
-    ``model`` replaces loading ``weights`` (tests, notebooks); it is moved to ``device`` (and to
-    channels_last memory format) in place.
     Raises :class:`~branchlens.store.StoreError` subclasses with actionable messages.
     """
-    from branchlens.devices import resolve_device
-    from branchlens.weights import load_model
-
-    layers = parse_layers(layers)
-    if sampling not in SAMPLING_METHODS:
-        raise ValueError(f"--sampling must be one of {SAMPLING_METHODS}, got {sampling!r}")
-    if dtype not in STORAGE_DTYPES:
-        raise ValueError(f"--dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
-    if sampling != "all" and samples_per_image < 1:
-        raise ValueError("--samples-per-image must be >= 1")
-    for name, value, least in (("--batch-size", batch_size, 1), ("--shard-size", shard_size, 1),
-                               ("--workers", workers, 0), ("--limit", limit, 1)):
-        if value is not None and value < least:
-            raise ValueError(f"{name} must be >= {least}, got {value}")
-    v = get_variant(variant if model is None else model.variant)
-    unknown = [n for n in layers if n not in layer_names(v)]
-    if unknown:
-        raise ValueError(f"unknown layer(s) {unknown}; see branchlens.model.layer_names()")
-    src = open_source(source, v, seed=seed, flip=flip, limit=limit)  # errors before weights
-    comm = Dist()
+    layers = list(layers)
+    check_settings(model.variant, layers, sampling=sampling, samples_per_image=samples_per_image,
+                   dtype=dtype, batch_size=batch_size, shard_size=shard_size, workers=workers,
+                   limit=limit)
+    v = model.variant
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    shapes = layer_shapes(model, layers)
+    if sampling == "uniform":
+        small = [k for k in layers if shapes[k][1] * shapes[k][2] < samples_per_image]
+        if small:
+            raise ValueError(f"uniform sampling of {samples_per_image} positions: grid too "
+                             f"small for {small}")
+    if sampling == "norm":
+        samples_per_image = cap_samples(samples_per_image, layers, shapes)
+    n = image_count(src, limit)
+    fingerprint = source_fingerprint(src) if comm.rank == 0 else None
+    config = _store_config(v.name, layers, shapes, src.description, n, limit, sampling,
+                           samples_per_image, aligned, seed, dtype, paper_compat, weights,
+                           fingerprint)
     lock: StoreLock | None = None
     try:
-        dev = resolve_device(device)
-        if dev.type == "cuda" and comm.world > 1 and dev.index is None:
-            dev = torch.device("cuda", comm.local_rank)
-        if model is None:
-            model, winfo = load_model(v, weights, dev, seed=seed)
-            wdict = winfo.to_dict()
-        else:
-            model = model.to(dev).eval()
-            wdict = {"variant": v.name, "source": "in-memory", "path": None, "sha256": None,
-                     "seed": None, "random": False}
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        shapes = layer_shapes(model, layers)
-        if sampling == "uniform":
-            small = [k for k in layers if shapes[k][1] * shapes[k][2] < samples_per_image]
-            if small:
-                raise ValueError(f"uniform sampling of {samples_per_image} positions: grid too "
-                                 f"small for {small}")
-        if sampling == "norm":
-            samples_per_image = cap_samples(samples_per_image, layers, shapes)
-        n = len(src) if limit is None else min(limit, len(src))
-        if n == 0:
-            raise StoreError(f"image source {source!r} has no images "
-                             f"({getattr(src, 'description', source)}); nothing to harvest")
-        fingerprint = source_fingerprint(src) if comm.rank == 0 else None
-        config = _store_config(v.name, layers, shapes, src.description, n, limit, sampling,
-                               samples_per_image, aligned, seed, dtype, paper_compat, wdict,
-                               fingerprint)
         setup: tuple[str, str] | list[int] | None = None
         if comm.rank == 0:
             try:
@@ -217,7 +215,7 @@ def harvest(
             _loop(model, src, mine, writer, result, layers=layers, shapes=shapes,
                   sampling=sampling, n_samples=samples_per_image, aligned=aligned, seed=seed,
                   dtype=dtype, batch_size=batch_size, workers=workers,
-                  paper_compat=paper_compat, device=dev, channels_last=channels_last,
+                  paper_compat=paper_compat, device=device, channels_last=channels_last,
                   show=show_progress and comm.rank == 0)
             writer.flush()
         except Exception as e:
@@ -231,9 +229,9 @@ def harvest(
         final: tuple[str, str] | None = None
         if comm.rank == 0:
             try:
-                extra = {"weights": wdict,
+                extra = {"weights": weights,
                          "harvest": {"world_size": comm.world, "batch_size": batch_size,
-                                     "shard_size": shard_size, "device": str(dev)}}
+                                     "shard_size": shard_size, "device": str(device)}}
                 content_of = (None if local_files(src) is None else
                               lambda i: contents[i] if i in contents else record_digest(src, i))
                 result.manifest = finalize_store(out, n, extra, content_of)
@@ -249,7 +247,6 @@ def harvest(
     finally:
         if lock is not None:
             lock.release()
-        comm.close()
 
 
 def _warn_duplicates(manifest: dict[str, Any]) -> None:

@@ -25,7 +25,8 @@ TRAIN_OUTPUTS = ("weights.safetensors", "cfg.json", "optim-step*.safetensors", "
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------
-def _optim_path(out: Path, step: int) -> Path:
+def optim_path(out: Path, step: int) -> Path:
+    """The Adam state file of checkpoint ``step`` (its weights are ``weights.safetensors``)."""
     return out / f"optim-step{step:09d}.safetensors"
 
 
@@ -39,17 +40,17 @@ def save_checkpoint(out: Path, sae: TopKSAE, opt: torch.optim.Optimizer, meta: d
         for p in group["params"]:
             for key, val in opt.state.get(p, {}).items():
                 tensors[f"{names[id(p)]}.{key}"] = torch.as_tensor(val).detach().clone()
-    save_tensors(_optim_path(out, step), tensors, {"step": step})
+    save_tensors(optim_path(out, step), tensors, {"step": step})
     sae.save(out, meta)
     for f in out.glob("optim-step*.safetensors"):
-        if f != _optim_path(out, step):
+        if f != optim_path(out, step):
             f.unlink(missing_ok=True)
 
 
 def load_optimizer_state(out: Path, step: int, sae: TopKSAE, opt: torch.optim.Optimizer,
                          require_checksum: bool = True) -> None:
     """Adam state of ``step``, checksum-verified and finite, into ``opt``."""
-    path = _optim_path(out, step)
+    path = optim_path(out, step)
     if not path.exists():
         raise ArtifactError(f"{out}: weights of step {step} but no {path.name}; delete {out} to "
                             "train from scratch")
@@ -98,15 +99,16 @@ def _settings_diff(old: dict[str, Any], sae_cfg: SAEConfig, cfg: TrainConfig,
     return diff
 
 
-def _check_finite(sae: TopKSAE, step: int, what: str) -> None:
+def check_finite(sae: TopKSAE, step: int, what: str) -> None:
+    """Refuse parameters that are NaN or infinite (``what`` names where they came from)."""
     bad = [n for n, p in sae.named_parameters() if not bool(torch.isfinite(p).all())]
     if bad:
         raise NonFiniteLossError(f"{what} at step {step}: parameters {bad} are not finite")
 
 
-def _open_resume(out: Path, key: str, sae_cfg: SAEConfig, cfg: TrainConfig,
-                 meta: dict[str, Any] | None, restart: bool, log: Callable[[str], None]
-                 ) -> bool:
+def open_resume(out: Path, key: str, sae_cfg: SAEConfig, cfg: TrainConfig,
+                meta: dict[str, Any] | None, restart: bool, log: Callable[[str], None]
+                ) -> bool:
     """Whether ``out`` holds a checkpoint of these exact settings to resume; a checkpoint of
     other settings is discarded (``restart``) or refused, never resumed. A checkpoint of an
     older branchlens (no resume key) is kept when every recorded setting matches."""

@@ -25,16 +25,16 @@ import torch
 from branchlens.distributed import Dist
 from branchlens.sae import SAEConfig, TopKSAE, load_meta
 from branchlens.train.checkpoint import (
-    _check_finite,
-    _open_resume,
-    _optim_path,
+    check_finite,
     load_optimizer_state,
+    open_resume,
+    optim_path,
     resume_key,
     save_checkpoint,
 )
 from branchlens.train.config import NonFiniteLossError, TrainConfig
-from branchlens.train.metrics import _trim_metrics, _Window, evaluate, plot_metrics
-from branchlens.train.sampling import _init_sample, as_batches, default_dead_after
+from branchlens.train.metrics import MetricsWindow, evaluate, plot_metrics, trim_metrics
+from branchlens.train.sampling import as_batches, default_dead_after, init_sample
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,18 +131,18 @@ def _start(out: Path, resume: bool, sae_cfg: SAEConfig, cfg: TrainConfig, batche
     if resume:
         sae = TopKSAE.load(out)
         tmeta = load_meta(out)["train"]
-        _check_finite(sae, tmeta["step"], f"checkpoint {out / 'weights.safetensors'}")
+        check_finite(sae, tmeta["step"], f"checkpoint {out / 'weights.safetensors'}")
         counters = (tmeta["step"], tmeta["epoch"], tmeta["batch_in_epoch"])
     else:
         sae = TopKSAE(sae_cfg, seed=cfg.seed)
-        sae.init_from_sample(_init_sample(batches, cfg.init_sample))
+        sae.init_from_sample(init_sample(batches, cfg.init_sample))
         counters = (0, 0, 0)
     sae = sae.to(device)
     opt = make_adam(list(sae.parameters()), cfg)
     step = counters[0]
     if resume:
         finished = step >= total and "eval" in load_meta(out)
-        if not finished or _optim_path(out, step).exists():
+        if not finished or optim_path(out, step).exists():
             load_optimizer_state(out, step, sae, opt, require_checksum="resume_key" in tmeta)
     return sae, opt, counters
 
@@ -174,7 +174,7 @@ def _train_sae(data: Any, sae_cfg: SAEConfig, cfg: TrainConfig, out: Path, heldo
     sae_cfg.dead_after = sae_cfg.dead_after or default_dead_after(batches.n_vectors)
     key = resume_key(sae_cfg, cfg, meta)
 
-    resume = dist.rank == 0 and _open_resume(out, key, sae_cfg, cfg, meta, restart, log)
+    resume = dist.rank == 0 and open_resume(out, key, sae_cfg, cfg, meta, restart, log)
     resume = bool(dist.sum(torch.tensor(int(resume))).item()) if dist.on else resume
     sae, opt, (step, epoch, bi) = _start(out, resume, sae_cfg, cfg, batches, total, device)
     params = list(sae.parameters())
@@ -184,7 +184,7 @@ def _train_sae(data: Any, sae_cfg: SAEConfig, cfg: TrainConfig, out: Path, heldo
     if dist.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         if resume:
-            _trim_metrics(metrics_path, step)
+            trim_metrics(metrics_path, step)
         else:
             metrics_path.unlink(missing_ok=True)
 
@@ -197,7 +197,7 @@ def _train_sae(data: Any, sae_cfg: SAEConfig, cfg: TrainConfig, out: Path, heldo
 
     from branchlens.progress import progress
 
-    window = _Window(sae.cfg.d_in)
+    window = MetricsWindow(sae.cfg.d_in)
     lo, hi = dist.rank * B // dist.world, (dist.rank + 1) * B // dist.world
     it = batches.epoch(epoch, bi)
     with progress(total * B, f"sae {sae.cfg.layer or ''}".strip(), "vec",
@@ -242,8 +242,8 @@ def _train_sae(data: Any, sae_cfg: SAEConfig, cfg: TrainConfig, out: Path, heldo
             else:
                 bar.update(B)
             if step % cfg.ckpt_every == 0 or step == total:
-                _check_finite(sae, step, f"training diverged (last good checkpoint: step "
-                                         f"{last_good} in {out})")
+                check_finite(sae, step, f"training diverged (last good checkpoint: step "
+                                        f"{last_good} in {out})")
                 if dist.rank == 0:
                     save_checkpoint(out, sae, opt, train_meta())
                 dist.barrier()
@@ -261,7 +261,7 @@ def _train_sae(data: Any, sae_cfg: SAEConfig, cfg: TrainConfig, out: Path, heldo
             f.write(json.dumps({"final": True, "step": step, **evals}) + "\n")
         save_checkpoint(out, sae, opt, {**train_meta(), "eval": evals})
         if not cfg.keep_optimizer:  # finished: nothing resumes from it any more
-            _optim_path(out, step).unlink(missing_ok=True)
+            optim_path(out, step).unlink(missing_ok=True)
         if cfg.plot:
             plot_metrics(metrics_path, out / "metrics.png")
     dist.barrier()

@@ -18,7 +18,7 @@ from branchlens.sae import TopKSAE
 # ---------------------------------------------------------------------------------------------
 # Metrics and evaluation
 # ---------------------------------------------------------------------------------------------
-class _Window:
+class MetricsWindow:
     """Sums over a logging window; all-reduced at log time so every rank reports global numbers."""
 
     def __init__(self, d: int):
@@ -93,7 +93,7 @@ def plot_metrics(metrics_path: str | Path, png_path: str | Path) -> None:
     plt.close(fig)
 
 
-def _trim_metrics(path: Path, step: int) -> None:
+def trim_metrics(path: Path, step: int) -> None:
     """Drop log lines past the checkpoint we resume from (they will be written again)."""
     if not path.exists():
         return

@@ -150,7 +150,8 @@ def default_dead_after(n_vectors: int | None) -> int:
 
 
 
-def _init_sample(batches: Batches, n: int) -> Tensor:
+def init_sample(batches: Batches, n: int) -> Tensor:
+    """The first ``n`` vectors of epoch 0: the sample the SAE fixes its scale and ``b_pre`` from."""
     out, got = [], 0
     for x in batches.epoch(0):
         out.append(x.float())
