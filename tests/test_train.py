@@ -178,10 +178,16 @@ def test_training_steps_match_dense_reference(kernels, monkeypatch):
 def test_training_sets_its_thread_count(tmp_path, monkeypatch):
     """train.threads, else OMP_NUM_THREADS, else the cores this process may use (split among
     the node's DDP processes); set while training, the caller's count restored after."""
+    import branchlens.threads as T
+
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv(T.ENV, raising=False)
     cores = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(T, "busy_elsewhere", lambda: 0.0)
     assert train_threads(TrainConfig()) == cores
+    monkeypatch.setattr(T, "busy_elsewhere", lambda: 1.0)  # another process keeps a core busy
+    assert train_threads(TrainConfig()) == max(1, cores - 1)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(2 * cores))
     assert train_threads(TrainConfig()) == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "3")

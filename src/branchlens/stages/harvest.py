@@ -29,12 +29,14 @@ from branchlens.harvest.collect import (
 from branchlens.model import InceptionV1
 from branchlens.run import Run
 from branchlens.store import STORE_FILES, SourceChanged, StoreConfigMismatch, StoreError
+from branchlens.threads import heavy_stage
 from branchlens.variants import DEFAULT_VARIANT, get_variant
 
 if TYPE_CHECKING:
     from branchlens.schema import HarvestConfig
 
 
+@heavy_stage("harvest")
 def harvest(
     source: Any,
     out: str | Path,

@@ -49,19 +49,13 @@ def make_adam(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim
 
 
 def train_threads(cfg: TrainConfig) -> int:
-    """Torch threads for training: ``train.threads``, else ``OMP_NUM_THREADS``, else the cores
-    this process may run on (``os.sched_getaffinity``, not the machine's count) shared among
-    the DDP processes of this node, so that training never runs more threads than cores."""
-    if cfg.threads:
-        return cfg.threads
-    env = os.environ.get("OMP_NUM_THREADS", "")
-    if env.isdigit() and int(env) > 0:
-        return int(env)
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # no affinity API (macOS, Windows)
-        cores = os.cpu_count() or 1
-    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    """Torch threads for training: ``train.threads``, else :func:`branchlens.threads.
+    choose_threads` (``$BRANCHLENS_THREADS``, ``$OMP_NUM_THREADS``, else the cores this process
+    may use, shared among the node's DDP processes, less those other processes keep busy), so
+    that training never runs more threads than free cores."""
+    from branchlens.threads import choose_threads
+
+    return choose_threads(cfg.threads)[0]
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
