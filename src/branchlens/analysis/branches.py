@@ -179,21 +179,27 @@ def branch_indicator(labels: torch.Tensor, n_branches: int) -> torch.Tensor:
     return (labels.T[:, :, None] == ar).reshape(d, p * n_branches).float()
 
 
+TIE_TOL = 1e-5  # float32 sums: ties (e.g. one-hot directions) must count as exceedances
+
+
+def count_reaching(shares: torch.Tensor, obs: torch.Tensor, counts: torch.Tensor) -> None:
+    """``counts`` [L, B] += how many of the permuted ``shares`` [L, P·B] reach ``obs`` [L, B]."""
+    threshold = obs - TIE_TOL
+    if shares.device.type == "cpu":
+        count_at_least(shares.numpy(), threshold.contiguous().numpy(), counts.numpy())
+    else:
+        nb = obs.shape[1]
+        counts += (shares.view(shares.shape[0], -1, nb) >= threshold[:, None, :]).sum(1)
+
+
 def count_exceedances(a: torch.Tensor, obs: torch.Tensor, ind: torch.Tensor, n_branches: int,
                       perm_chunk: int) -> torch.Tensor:
     """[L, B] counts of permutations whose share reaches the observed one, for the indicator
     ``ind`` [d, P·B] of P permutations (made once per bank, shared by every latent chunk)."""
     counts = torch.zeros(a.shape[0], n_branches, dtype=torch.int64, device=a.device)
-    tol = 1e-5  # float32 sums: ties (e.g. one-hot directions) must count as exceedances
-    threshold = obs - tol
     width = perm_chunk * n_branches
-    cpu = a.device.type == "cpu"
     for s in range(0, ind.shape[1], width):
-        t = a @ ind[:, s:s + width]
-        if cpu:
-            count_at_least(t.numpy(), threshold.numpy(), counts.numpy())
-        else:
-            counts += (t.view(a.shape[0], -1, n_branches) >= threshold[:, None, :]).sum(1)
+        count_reaching(a @ ind[:, s:s + width], obs, counts)
     return counts
 
 

@@ -26,13 +26,11 @@ from scipy import stats as sps
 
 from branchlens.analysis.branches import (
     CONTROL_PERM_FACTOR,
-    LATENT_CHUNK,
-    PERM_CHUNK,
     as_np,
     bh_threshold,
     branch_indicator,
     branch_labels,
-    count_exceedances,
+    count_reaching,
     energy,
     label_bank,
     permutation_pvalues,
@@ -76,24 +74,26 @@ def relabelling_null(decoder, slices: dict[str, slice], *, std=None,
     e = e[keep]
     a = torch.from_numpy(e / e.sum(1, keepdims=True)).float().to(device)
 
-    def pvalues(obs, bank: np.ndarray):
-        ind = branch_indicator(torch.from_numpy(bank).to(device), nb)
+    def shares(bank: np.ndarray) -> torch.Tensor:  # [m, P·B] every latent's permuted shares
+        return a @ branch_indicator(torch.from_numpy(bank).to(device), nb)
+
+    def pvalues(obs: torch.Tensor, null: torch.Tensor) -> np.ndarray:
         ex = torch.zeros(a.shape[0], nb, dtype=torch.int64, device=device)
-        for c in range(0, a.shape[0], LATENT_CHUNK):
-            part = slice(c, c + LATENT_CHUNK)
-            ex[part] = count_exceedances(a[part], obs[part], ind, nb, PERM_CHUNK)
+        count_reaching(null, obs, ex)
         return ((1.0 + ex) / (1.0 + n_perm)).cpu().numpy()
 
     # The raw rule's null draws of a partition L∘τ are L∘τ∘π for uniform π; with π = τ⁻¹∘σ they
     # are L∘σ: one bank of the real labels serves every partition exactly (each partition's
-    # draws are still i.i.d. uniform), so only the observed shares change per partition.
-    raw_bank = label_bank(labels, n_perm, rng)
+    # draws are still i.i.d. uniform), so its permuted shares are computed once and only the
+    # observed shares change per partition.
+    raw_null = shares(label_bank(labels, n_perm, rng))
 
     def hits(lab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         onehot = torch.nn.functional.one_hot(torch.from_numpy(lab).to(device), nb).float()
         obs = a @ onehot
-        pr = pvalues(obs, raw_bank)
-        ps = pvalues(obs, label_bank(lab, n_perm, rng, strata)) if strata is not None else None
+        pr = pvalues(obs, raw_null)
+        ps = (pvalues(obs, shares(label_bank(lab, n_perm, rng, strata)))
+              if strata is not None else None)
         rob = _robust_p(pr, ps) <= alpha
         return rob.sum(0), (pr <= alpha).sum(0)
 
