@@ -269,3 +269,55 @@ def test_the_control_refinement_cap_still_lets_a_control_fail():
     assert rej.any(1)[planted].mean() > 0.9 and res.n_perm.max() <= cap
     ctl = br.null_controls(pl.decoder, SL, n_perm=200)
     assert max(c["permutations_max"] for c in ctl.values()) <= cap
+
+
+def _exact_pvalue(a: np.ndarray, width: int, strata: np.ndarray | None = None) -> float:
+    """P(share of the first ``width`` channels ≥ observed) over every permutation (within
+    strata), by enumerating which values land in that branch."""
+    import itertools
+
+    obs = a[:width].sum()
+    groups = [np.arange(a.size)] if strata is None else [np.flatnonzero(strata == s)
+                                                        for s in np.unique(strata)]
+    sums = [0.0]
+    for g in groups:
+        k = int(np.sum(g < width))  # branch channels in this stratum
+        sums = [s + sum(c) for s in sums for c in itertools.combinations(a[g], k)]
+    return float(np.mean(np.array(sums) >= obs - 1e-9))
+
+
+@pytest.mark.parametrize("stratified", [False, True])
+def test_deep_refinement_rounds_give_the_exact_permutation_pvalue(stratified):
+    """Rounds past ``bank_block`` draw value permutations against a fixed label bank: the
+    p-values must still be those of the exact permutation null (enumerated here)."""
+    rng = np.random.default_rng(3)
+    d, width = 10, 3
+    slices = {"a": slice(0, width), "b": slice(width, d)}
+    strata = (np.arange(d) % 2) if stratified else None
+    v = rng.exponential(1.0, (6, d))
+    v[:, :width] *= np.linspace(1.0, 5.0, 6)[:, None]  # from null to specialised
+    a = v * v / (v * v).sum(1, keepdims=True)
+    exact = np.array([_exact_pvalue(r, width, strata) for r in a])
+    res = br.permutation_pvalues(v, slices, strata=strata, n_perm=40_000, max_perm=40_000,
+                              bank_block=1000, seed=5)  # one round of 40 000: the deep path
+    assert (res.n_perm >= 40_000).all()
+    se = np.sqrt(exact * (1 - exact) / res.n_perm) + 1 / res.n_perm
+    assert np.all(np.abs(res.p[:, 0] - exact) < 5 * se), (res.p[:, 0], exact)
+    assert exact.min() < 0.05 and exact.max() > 0.3  # the range the test covers
+
+
+def test_deep_rounds_have_the_variance_of_independent_draws():
+    """R value permutations × K bank permutations must count as R·K draws: over seeds the
+    p-value spreads like a binomial of all of them, not of the K bank permutations alone."""
+    rng = np.random.default_rng(7)
+    d, width = 12, 4
+    v = rng.exponential(1.0, (1, d))  # exact p = 0.58
+    a = v[0] ** 2 / (v[0] ** 2).sum()
+    exact = _exact_pvalue(a, width)
+    slices = {"a": slice(0, width), "b": slice(width, d)}
+    ps = [br.permutation_pvalues(v, slices, n_perm=8 * br.REFINE_BANK, max_perm=1,
+                                 bank_block=1000, seed=s).p[0, 0] for s in range(12)]
+    draws = 8 * br.REFINE_BANK
+    assert 0.1 < exact < 0.9
+    assert abs(np.mean(ps) - exact) < 4 * np.sqrt(exact * (1 - exact) / draws / 12)
+    assert np.std(ps, ddof=1) < 1.6 * np.sqrt(exact * (1 - exact) / draws)  # K alone: 2.8×

@@ -29,13 +29,20 @@ import numpy as np
 import torch
 from scipy import stats as sps
 
-from branchlens.analysis.permute import count_at_least, one_hot_rows, shuffled_labels
+from branchlens.analysis.permute import (
+    count_at_least,
+    one_hot_rows,
+    shuffled_labels,
+    shuffled_values,
+)
 from branchlens.analysis.stats import bh_reject, calibration
 
 NONE = -1  # dominant-branch code for "no significant branch"
 CONTROL_PERM_FACTOR = 4  # refinement cap of control families: ⌈4·m/q⌉ (see null_controls)
 PAPER_MAX_PERM = 32_000  # refinement cap of the paper-ratio (reference) test; see analyze_branches
 LATENT_CHUNK, PERM_CHUNK = 2048, 512  # latents × permutations per product (~16 MB of shares)
+REFINE_BANK = 8192  # label permutations of the deep refinement rounds (see permutation_pvalues)
+REFINE_ROWS = 256  # value-permuted rows per product in those rounds
 
 
 def branch_labels(slices: dict[str, slice], d: int) -> np.ndarray:
@@ -247,6 +254,8 @@ def permutation_pvalues(decoder, slices: dict[str, slice], positive: bool = Fals
     as many again, until they have ``min_exceed`` exceedances, clear the cut-off, or reach
     ``max_perm`` (default ⌈20·m/q⌉, enough to resolve the smallest BH cut-off q/m). So small
     true counts are not lost to a p-value floor, and clearly null latents cost n_perm only.
+    Rounds of more than ``bank_block`` permutations draw them as value permutations of the
+    few latents left against one fixed label bank (rounded up to whole copies of it).
     ``include`` [n] bool limits the test to those latents (dead ones are left out: NaN).
     ``labels`` [d] replaces the slices' channel→branch map (a relabelling null keeps widths).
     """
@@ -268,16 +277,36 @@ def permutation_pvalues(decoder, slices: dict[str, slice], positive: bool = Fals
     used = np.zeros(n, np.int64)
     todo, add = np.flatnonzero(valid), n_perm
     t = np.zeros(nb)
+    refine: torch.Tensor | None = None  # one-hot of the fixed bank of the deep rounds
     while todo.size:
-        # All latents of a round share the same fresh permutations, made block by block.
-        for s in range(0, add, bank_block):
-            bank = torch.from_numpy(label_bank(labels, min(bank_block, add - s), rng, strata))
+        if add <= bank_block:
+            # All latents of a round share the same fresh permutations.
+            bank = torch.from_numpy(label_bank(labels, add, rng, strata))
             ind = branch_indicator(bank.to(device), nb)
             for c in range(0, todo.size, latent_chunk):
                 idx = todo[c:c + latent_chunk]
                 it = torch.from_numpy(idx).to(device)
                 ex[idx] += count_exceedances(a_all[it], obs_all[it], ind, nb,
-                                         perm_chunk).cpu().numpy()
+                                             perm_chunk).cpu().numpy()
+        else:
+            # Deep rounds (few latents, many permutations): a fixed bank of REFINE_BANK label
+            # permutations against fresh value permutations of each latent (see
+            # permute.shuffled_values): copies × REFINE_BANK new draws per latent for the
+            # price of `copies` rows, instead of a fresh bank of `add` permutations each round.
+            if refine is None:
+                refine = branch_indicator(torch.from_numpy(
+                    label_bank(labels, REFINE_BANK, rng, strata)).to(device), nb)
+            copies = -(-add // REFINE_BANK)
+            step = max(1, REFINE_ROWS // copies)
+            for c in range(0, todo.size, step):
+                idx = todo[c:c + step]
+                it = torch.from_numpy(idx).to(device)
+                rows = torch.from_numpy(shuffled_values(a_all[it].cpu().numpy(),
+                                                        copies, rng, strata)).to(device)
+                obs = obs_all[it].repeat_interleave(copies, 0)
+                got = count_exceedances(rows, obs, refine, nb, perm_chunk)
+                ex[idx] += got.view(idx.size, copies, nb).sum(1).cpu().numpy()
+            add = copies * REFINE_BANK
         used[todo] += add
         with np.errstate(invalid="ignore"):
             p = np.where(valid[:, None], (1.0 + ex) / (1.0 + used[:, None]), np.nan)

@@ -91,6 +91,55 @@ def count_at_least(shares: np.ndarray, threshold: np.ndarray, counts: np.ndarray
     parallel(_count_at_least, shares.shape[0], shares, threshold, counts)
 
 
+@_jit
+def _shuffle_values(lo, hi, a, source, order, starts, seed, out):
+    """Rows lo..hi of ``out`` [R, d]: row ``a[source[r]]`` with its values permuted within
+    each stratum (the same streams as :func:`_shuffle`, keyed by the output row)."""
+    d = a.shape[1]
+    for r in range(lo, hi):
+        state = _mix(seed + np.uint64(r) * _GOLDEN)
+        row = out[r]
+        src = a[source[r]]
+        for j in range(d):
+            row[j] = src[j]
+        for s in range(starts.size - 1):
+            base = starts[s]
+            for i in range(starts[s + 1] - base - 1, 0, -1):
+                state += _GOLDEN
+                x = _mix(state)
+                k = ((x >> np.uint64(32)) * np.uint64(i + 1)) >> np.uint64(32)
+                p, q = order[base + i], order[base + np.int64(k)]
+                row[p], row[q] = row[q], row[p]
+
+
+def _strata_order(strata: np.ndarray | None, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """Channels listed stratum by stratum, and where each stratum starts ([S+1])."""
+    st = np.zeros(d, np.int64) if strata is None else np.asarray(strata, np.int64)
+    order = np.argsort(st, kind="stable").astype(np.int64)
+    starts = np.searchsorted(st[order], np.arange(st.max() + 2 if d else 1)).astype(np.int64)
+    return order, starts
+
+
+def shuffled_values(a: np.ndarray, copies: int, rng: np.random.Generator,
+                    strata: np.ndarray | None = None) -> np.ndarray:
+    """[L·copies, d] float32: each row of ``a`` [L, d] ``copies`` times (row l's copies are
+    rows l·copies … l·copies + copies − 1), its values permuted at random (within strata).
+
+    A value permutation σ of a latent against a fixed label bank gives fresh null draws: the
+    share of branch b in ``a∘σ`` under labels ``L∘π`` is the share of ``a`` under ``L∘π∘σ⁻¹``,
+    a uniform permutation for any π. Draws sharing π (or σ) are pairwise independent (given π,
+    ``a∘σ`` is a uniform arrangement whatever π is), so a count over R value permutations × K
+    bank permutations has the variance of R·K independent draws, at the cost of R rows."""
+    a = np.ascontiguousarray(a, np.float32)
+    order, starts = _strata_order(strata, a.shape[1])
+    source = np.repeat(np.arange(a.shape[0], dtype=np.int64), copies)
+    out = np.empty((source.size, a.shape[1]), np.float32)
+    seed = np.uint64(rng.integers(0, 2**63))
+    if out.size:
+        parallel(_shuffle_values, source.size, a, source, order, starts, seed, out)
+    return out
+
+
 def shuffled_labels(labels: np.ndarray, n_perm: int, rng: np.random.Generator,
                     strata: np.ndarray | None = None) -> np.ndarray:
     """[n_perm, d] int8: ``labels`` under independent uniform permutations (within strata).
@@ -100,9 +149,7 @@ def shuffled_labels(labels: np.ndarray, n_perm: int, rng: np.random.Generator,
     """
     lab = np.ascontiguousarray(labels, np.int8)
     d = lab.size
-    st = np.zeros(d, np.int64) if strata is None else np.asarray(strata, np.int64)
-    order = np.argsort(st, kind="stable").astype(np.int64)
-    starts = np.searchsorted(st[order], np.arange(st.max() + 2 if d else 1)).astype(np.int64)
+    order, starts = _strata_order(strata, d)
     seed = np.uint64(rng.integers(0, 2**63))
     out = np.empty((n_perm, d), np.int8)
     if n_perm and d:
