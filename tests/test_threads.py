@@ -64,3 +64,33 @@ def test_heavy_stage_keeps_the_signature_the_config_schema_reads():
 
     assert "n_latents" in inspect.signature(visualize_stage).parameters
     assert visualize_stage.__wrapped__.__name__ == "visualize_stage"
+
+
+def test_the_governor_follows_other_processes_load(no_env, monkeypatch):
+    """While training, the thread count follows the load of other processes measured between
+    two checks: a busy neighbour takes a core, its end gives it back; a fixed count stays."""
+    clock, ticks = [0.0], [(0, 0)]
+    hz = T.os.sysconf("SC_CLK_TCK")
+    monkeypatch.setattr(T, "_busy_ticks", lambda: ticks[0])
+    monkeypatch.setattr(T.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(T, "usable_cores", lambda: 4)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        g = T.Governor()
+
+        def after(seconds: float, ours: float, others: float) -> int | None:
+            total, own = ticks[0]
+            clock[0] += seconds
+            ticks[0] = (total + round((ours + others) * hz * seconds),
+                        own + round(ours * hz * seconds))
+            return g.check()
+
+        assert after(10, ours=4, others=0) is None  # nothing else runs: keep 4
+        assert after(10, ours=2, others=2) == 2 and torch.get_num_threads() == 2
+        assert after(10, ours=2, others=0) == 4  # the neighbour stopped
+        assert after(0.1, ours=0, others=4) is None  # too short a window to judge
+        monkeypatch.setenv(T.ENV, "3")
+        assert T.Governor().check() is None  # a fixed count is never changed
+    finally:
+        torch.set_num_threads(before)

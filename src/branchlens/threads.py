@@ -59,6 +59,38 @@ def busy_elsewhere(window: float = SAMPLE_S) -> float:
     return max(0.0, ticks / os.sysconf("SC_CLK_TCK") / (time.perf_counter() - t0))
 
 
+class Governor:
+    """Re-chooses the thread count while a long stage runs (the training loop asks at every
+    log step): from the CPU time other processes used since the last check, so nothing waits.
+    A stage that started beside a short-lived busy process gets its cores back, and one that
+    meets a new busy process gives one up. Inactive (fixed count) when the count was requested
+    or set through the environment, or when several ranks share the node."""
+
+    def __init__(self, requested: int | None = None) -> None:
+        fixed = (requested or _positive_int(os.environ.get(ENV))
+                 or _positive_int(os.environ.get("OMP_NUM_THREADS"))
+                 or int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1) > 1)
+        self.active = not fixed and _busy_ticks() is not None
+        self.last = (_busy_ticks(), time.perf_counter()) if self.active else None
+
+    def check(self) -> int | None:
+        """Set and return a new thread count when the free cores changed, else None."""
+        import torch
+
+        if not self.active or self.last is None:
+            return None
+        (a, t0), b, t1 = self.last, _busy_ticks(), time.perf_counter()
+        if a is None or b is None or t1 - t0 < SAMPLE_S:
+            return None
+        self.last = (b, t1)
+        busy = max(0.0, ((b[0] - a[0]) - (b[1] - a[1])) / os.sysconf("SC_CLK_TCK") / (t1 - t0))
+        n = max(1, min(usable_cores(), round(usable_cores() - busy)))
+        if n == torch.get_num_threads():
+            return None
+        torch.set_num_threads(n)
+        return n
+
+
 def _positive_int(text: str | None) -> int | None:
     return int(text) if text and text.strip().isdigit() and int(text) > 0 else None
 

@@ -24,6 +24,7 @@ import torch
 
 from branchlens.distributed import Dist
 from branchlens.sae import SAEConfig, TopKSAE, load_meta
+from branchlens.threads import Governor
 from branchlens.train.checkpoint import (
     check_finite,
     load_optimizer_state,
@@ -194,6 +195,7 @@ def _train_sae(data: Any, sae_cfg: SAEConfig, cfg: TrainConfig, out: Path, heldo
     window = MetricsWindow(sae.cfg.d_in)
     lo, hi = dist.rank * B // dist.world, (dist.rank + 1) * B // dist.world
     it = batches.epoch(epoch, bi)
+    governor = Governor(cfg.threads)  # follows the other processes' load at each log step
     with progress(total * B, f"sae {sae.cfg.layer or ''}".strip(), "vec",
                   disable=not cfg.progress or dist.rank != 0) as bar:
         bar.update(step * B)
@@ -222,6 +224,10 @@ def _train_sae(data: Any, sae_cfg: SAEConfig, cfg: TrainConfig, out: Path, heldo
             window.add(x * sae.cfg.scale, st, loss.detach())
             step += 1
             if step % cfg.log_every == 0 or step == total:
+                changed = governor.check()
+                if changed is not None:
+                    log(f"{sae.cfg.layer or 'sae'}: now {changed} thread(s) (other processes' "
+                        "load changed)")
                 row = {"step": step, "epoch": epoch, "vectors": step * B,
                        "lr": opt.param_groups[0]["lr"],
                        **window.summary(dist, cfg.log_every if step % cfg.log_every == 0
