@@ -132,11 +132,11 @@ def stage_threads(stage: str, requested: int | None = None,
 
 
 def heavy_stage(name: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
-    """Decorate a stage's entry point to run under :func:`stage_threads` (logged at info)."""
+    """Decorate a stage's entry point to run under :func:`stage_threads` (logged with -v)."""
     import functools
     import logging
 
-    log = logging.getLogger("branchlens.threads").info
+    log = logging.getLogger("branchlens.threads").debug  # shown with -v
 
     def wrap(fn: Callable[P, R]) -> Callable[P, R]:
         @functools.wraps(fn)
