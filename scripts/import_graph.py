@@ -36,6 +36,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("stages", "replicates"),
     ("report",),
     ("run",),
+    ("latent",),
     ("notebook",),
     ("viz",),
     ("analysis", "interventions", "interop"),
@@ -44,7 +45,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("data", "streaming", "decode"),
     ("model", "weights"),
     ("variants",),
-    ("config", "artifacts", "progress", "devices", "distributed", "threads", "_version"),
+    ("config", "settings", "presets", "layout", "artifacts", "progress", "devices",
+     "distributed", "threads", "_version"),
 )
 ROW = {name: i for i, row in enumerate(LAYERS) for name in row}
 

@@ -1,8 +1,11 @@
 """Every CLI option with a home (a config dataclass field, or a parameter of the stage the
 command calls) takes its default from there: the values agree, and the CLI reads the value
-instead of writing it a second time."""
+instead of writing it a second time; the block commands' help reads no torch."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import typer
 import typer.main
@@ -17,30 +20,30 @@ HOMES: dict[str, tuple[str, ...]] = {
     "info": (VARIANT,),
     "classify": (VARIANT, "branchlens.classify:iter_predictions", "branchlens.data:open_source",
                  "branchlens.weights:load_model"),
-    "harvest": ("branchlens.schema:HarvestConfig", "branchlens.stages.harvest:harvest",
+    "harvest": ("branchlens.settings:HarvestConfig", "branchlens.stages.harvest:harvest",
                 "branchlens.data:open_source"),
-    "train": (VARIANT, "branchlens.schema:SAEOptions", "branchlens.train.config:TrainConfig",
+    "train": (VARIANT, "branchlens.settings:SAEOptions", "branchlens.settings:TrainConfig",
               "branchlens.stages.train:train_layers"),
     "export-sae": ("branchlens.interop:export_run_sae",),
     "import-sae": (VARIANT, "branchlens.interop:import_sae", "branchlens.interop:save_imported"),
-    "analyze": ("branchlens.analysis.config:AnalysisConfig",
-                "branchlens.stages.analyze:analyze"),
+    "analyze": ("branchlens.settings:AnalysisConfig", "branchlens.stages.analyze:analyze"),
     "stability": ("branchlens.stages.stability:stability",),
     "effects": ("branchlens.stages.effects:effects",),
     "steer": ("branchlens.run:Run", "branchlens.run:Run.intervene",
               "branchlens.interventions:Intervention.summary"),
-    "visualize": ("branchlens.stages.viz:visualize_stage",),
-    "examples": ("branchlens.stages.viz:examples_stage",),
-    "circuits": ("branchlens.stages.viz:circuits_stage",),
-    "report": ("branchlens.stages.report:build_report",),
+    # the block's dataclass, and the stage, whose parameters must agree with it
+    "visualize": ("branchlens.settings:VisualizeConfig", "branchlens.stages.viz:visualize_stage"),
+    "examples": ("branchlens.settings:ExamplesConfig", "branchlens.stages.viz:examples_stage"),
+    "circuits": ("branchlens.settings:CircuitsConfig", "branchlens.stages.viz:circuits_stage"),
+    "report": ("branchlens.settings:ReportConfig", "branchlens.stages.report:build_report"),
     "run": ("branchlens.pipeline:run",),
     "presets": (),
 }
 # Options whose home is not their command's usual one.
 ELSEWHERE: dict[tuple[str, str], tuple[str, ...]] = {
     # a stage run alone computes where `branchlens run` would (auto), not on the library's cpu
-    ("analyze", "device"): ("branchlens.pipeline:run",),
-    ("train", "device"): ("branchlens.pipeline:run",),
+    ("analyze", "device"): ("branchlens.settings:RUN_DEVICE", "branchlens.pipeline:run"),
+    ("train", "device"): ("branchlens.settings:RUN_DEVICE", "branchlens.pipeline:run"),
     # classify hands the resolved device to load_model
     ("classify", "device"): ("branchlens.devices:resolve_device",),
 }
@@ -49,6 +52,7 @@ OWN: dict[tuple[str, str], object] = {
     ("train", "lr"): None,  # TrainConfig's, or the paper preset's with --paper
     ("visualize", "objective"): None,  # channel with --channels, else visualize_stage's
     ("run", "preset"): None,  # the --config file's preset, else pipeline.run's
+    ("analyze", "layers"): None,  # not given: every trained layer (the stage's None)
     ("import-sae", "variant"): resolve(VARIANT),  # of --layer; import_sae's None: the file's
 }
 
@@ -133,3 +137,19 @@ def test_help_shows_the_homes_values_and_nothing_for_none():
     assert f"[default: {AnalysisConfig().q}]" in lines["--q"]
     assert f"[default: {AnalysisConfig().embed}]" in lines["--embed"]
     assert "[default" not in lines["--max-perm"]  # None, like a literal None
+
+
+# Commands whose --help reads every default from the ground floor (branchlens.settings).
+LIGHT_HELP = ("analyze", "train", "visualize", "examples", "circuits", "report", "presets")
+
+
+def test_block_commands_help_imports_no_torch():
+    """``branchlens analyze --help`` took 7 s when its defaults lived beside torch."""
+    code = ("import sys\nfrom typer.testing import CliRunner\nfrom branchlens.cli import app\n"
+            f"for cmd in {LIGHT_HELP!r}:\n"
+            "    r = CliRunner().invoke(app, [cmd, '--help'])\n"
+            "    assert r.exit_code == 0 and '--' in r.stdout, (cmd, r.output)\n"
+            "    heavy = sorted(m for m in ('torch', 'numpy') if m in sys.modules)\n"
+            "    assert not heavy, f'{cmd} --help imported {heavy}'\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -199,7 +199,7 @@ def test_symlink_to_dev_zero_is_skipped_unread(tmp_path):
 
 
 def test_file_above_the_size_cap_is_skipped_unread(tmp_path, monkeypatch):
-    monkeypatch.setattr("branchlens.decode.MAX_FILE_BYTES", 1000)  # the cap lives there
+    monkeypatch.setattr("branchlens.data.decode.MAX_FILE_BYTES", 1000)  # the cap lives there
     big = tmp_path / "big.png"
     Image.new("RGB", (64, 64)).save(big, compress_level=0)  # ~12 kB
     assert big.stat().st_size > 1000

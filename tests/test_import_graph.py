@@ -71,3 +71,24 @@ def test_scan_finds_cycles_upward_private_and_shims(tmp_path):
     assert res["imports_through_shims"] == ["branchlens.viz:1 <- branchlens.report.a.moved"]
     assert not any("cli" in u for u in res["upward"])  # TYPE_CHECKING imports do not count
     assert ig.main([str(pkg), "--check"]) == 1
+
+
+def test_moved_modules_are_shims_of_the_data_package():
+    """``streaming.py`` and ``decode.py`` define nothing: each import is a marked shim of the
+    ``data/`` package, and each old name is the very object its new home defines."""
+    import importlib
+    import pkgutil
+
+    import branchlens.data
+
+    ig = _script()
+    g = ig.scan(ROOT / "src" / "branchlens")
+    homes = {}
+    for info in pkgutil.iter_modules(branchlens.data.__path__, "branchlens.data."):
+        homes |= vars(importlib.import_module(info.name))
+    for old in ("branchlens.streaming", "branchlens.decode"):
+        assert not [i for i in g.imports if i.source == old]
+        assert {i.target.rsplit(".", 1)[0] for i in g.shims if i.source == old} \
+            == {"branchlens.data"}
+        mod = importlib.import_module(old)
+        assert mod.__all__ and all(getattr(mod, n) is homes[n] for n in mod.__all__)

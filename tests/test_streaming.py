@@ -27,7 +27,7 @@ SIZES = (4, 3, 5)
 @pytest.fixture(autouse=True)
 def _count_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("BRANCHLENS_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr("branchlens.streaming._COUNT_CACHE", {})
+    monkeypatch.setattr("branchlens.data.wds._COUNT_CACHE", {})
 
 
 def _shards(root, sizes=SIZES):
@@ -61,7 +61,7 @@ def test_wds_brace_spec_matches_webdataset_order_and_labels(tmp_path):
 
 
 def test_wds_counts_are_cached_per_local_file(tmp_path, monkeypatch):
-    import branchlens.streaming as st
+    import branchlens.data.wds as st  # where count_shard looks them up
 
     spec = _shards(tmp_path)
     assert open_source(f"wds:{spec}").unit_sizes == list(SIZES)
@@ -345,7 +345,7 @@ def test_hf_parquet_folder_limit_and_streaming_units(hf_cache, monkeypatch):
     ds.to_parquet(str(hf_cache / "pq" / "data.parquet"))
     src = open_source(f"hf:{hf_cache / 'pq'}", limit=4)
     assert len(src) == 4 and [src[i].label for i in range(4)] == [0, 1, 2, 3]
-    monkeypatch.setattr("branchlens.streaming.HF_UNIT_ROWS", 2)
+    monkeypatch.setattr("branchlens.data.hf.HF_UNIT_ROWS", 2)
     stream = datasets.load_dataset(str(hf_cache / "pq"), split="train", streaming=True)
     s = HFStreamSource(stream, "hf:test", 3, "image", "label", {})
     assert s.unit_sizes == [2, 1] and [s[i].label for i in range(3)] == [0, 1, 2]

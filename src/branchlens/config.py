@@ -1,8 +1,9 @@
-"""The ground floor of the run configuration: names, errors and checks every stage shares.
+"""The ground floor of the run configuration: names, errors and checks every block shares.
 
-It imports nothing of branchlens, so any library or stage can use it. The schema itself (each
-block's keys, read from the stage dataclasses and signatures) is :mod:`branchlens.schema`,
-which sits above the stages it reads; presets, ``--set`` overrides and ``--config`` files all go
+It imports nothing of branchlens, so any library or stage can use it. The blocks themselves
+(each setting's default and its check, and which settings change no artifact) are the
+dataclasses of :mod:`branchlens.settings`; :mod:`branchlens.schema` adds the checks that need a
+library and validates whole configs: presets, ``--set`` overrides and ``--config`` files all go
 through :func:`branchlens.schema.validate_config`.
 """
 
@@ -21,19 +22,11 @@ STAGES = ("harvest", "train", "analyze", "visualize", "examples", "circuits", "r
 BLOCKS = ("harvest", "sae", "train", "analyze", "visualize", "examples", "circuits", "report")
 TOP_LEVEL: dict[str, Any] = {"source": str | None, "variant": str, "seed": int, "preset": str,
                              "paper_compat": bool, "stages": list[str] | None}
-# Set by the run itself (seed, device, weights, the run folder), never by a config block.
+# Set by the run itself (seed, device, weights, the run folder, its log), never by a config
+# block; a block's dataclass still holds them as the defaults of its stage run alone.
 RUN_OWNED = ("seed", "device", "weights", "run_dir", "layer", "up", "down", "out", "source",
-             "latents", "show_progress")
-# Settings that change no artifact a later stage reads: left out of the stage hashes (pipeline)
-# and of an SAE's resume key (train), so changing one re-runs and deletes nothing. ``train.plot``
-# only draws the training curve (``sae/<layer>/metrics.png``, which no stage reads; turning it on
-# for a finished SAE draws nothing), and ``report.cards_per_layer`` is accepted for old configs
-# but ignored by the report.
-NON_ARTIFACT: dict[str, tuple[str, ...]] = {
-    "train": ("progress", "plot", "device", "keep_optimizer", "threads"),
-    "report": ("cards_per_layer",),
-}
-# Counts that must be at least 1 in the blocks whose schema is a function signature.
+             "latents", "show_progress", "log")
+# Counts that must be at least 1, in whichever block has them.
 POSITIVE_COUNTS = ("batch_size", "steps", "size", "n_latents", "n_top", "n_strips", "n_images",
                    "n_perm", "curve_reps", "cards_per_layer", "top", "top_images", "knn_k",
                    "limit", "top_k")
@@ -190,13 +183,18 @@ def to_toml(cfg: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-# Moved to branchlens.schema (they read the stages, which import this module); kept for one
-# release: `from branchlens.config import check_block` still works.
+# Moved to branchlens.schema (it reads the libraries, which import this module) and to
+# branchlens.settings (the blocks); kept for one release: `from branchlens.config import
+# check_block` still works.
 _MOVED = ("HarvestConfig", "SAEOptions", "SCHEMA", "block_fields", "check_block",
           "validate_config")
 
 
 def __getattr__(name: str) -> Any:
+    if name == "NON_ARTIFACT":
+        from branchlens.settings import NON_ARTIFACT
+
+        return NON_ARTIFACT
     if name in _MOVED:
         from branchlens import schema
 

@@ -1,26 +1,9 @@
-"""``branchlens.Run``: the one object that knows a run folder, and the notebook API on it.
+"""``branchlens.Run``: a run folder's typed readers and provenance checks, and the notebook API.
 
-Layout (every stage reads and writes through the paths below; ``docs/CONTRACTS.md`` has each
-artifact's schema)::
-
-    RUN/run.json                         pipeline record: config, versions, stage status
-    RUN/store/                           activation store (branchlens.store)
-    RUN/sae/<layer>/weights.safetensors  trained SAE with its cfg (branchlens.sae)
-    RUN/analysis/summary.json            every statistic, the claims table first
-    RUN/analysis/latents.csv             one row per latent (branchlens.analysis.table)
-    RUN/analysis/layers.csv              layer × branch table
-    RUN/analysis/embedding_<layer>.npy   [n_latents, 2] map of the decoder (NaN: not tested)
-    RUN/viz/featurevis/<layer>/          feature pictures + index_<objective>[_<branch>].json
-    RUN/viz/examples/<layer>/            top.safetensors (top-k of every latent) + strips
-    RUN/viz/circuits/<up>__<down>.json   upstream latents, branch flow, ablations
-    RUN/replicates/seed<k>/              replicate SAEs of other seeds (a run folder whose
-                                         store links to RUN/store) and their analysis
-    RUN/analysis/stability.json          latents, labels and verdicts across the replicates
-    RUN/effects/<layer>.json             ablations: the causal animal test (effects stage)
-    RUN/effects/latents_<layer>.csv      per latent: classes it promotes / suppresses
-    RUN/report/index.html                the report
-
-In a notebook::
+``Run`` is a :class:`branchlens.layout.RunLayout` (every path of the folder; the layout is
+listed there) with readers on top: lazy and cached, each raising :class:`RunError` with the
+command that makes a missing artifact, and checks that refuse to combine artifacts of different
+networks, variants or sources (:class:`ProvenanceError`). In a notebook::
 
     run = branchlens.Run("runs/demo")
     lat = run.latent("mixed4c", 123)
@@ -32,15 +15,22 @@ In a notebook::
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from branchlens.artifacts import read_json
+from branchlens.latent import Latent, LatentTable
+from branchlens.layout import (  # re-exported: callers find the errors and checks here too
+    RUN_PARTS,
+    ProvenanceError,
+    RunError,
+    RunLayout,
+    check_run_folder,
+    is_run_folder,
+)
 from branchlens.variants import BLOCK_NAMES
 
 if TYPE_CHECKING:  # heavy imports stay lazy: `import branchlens` must not load torch
@@ -51,35 +41,10 @@ if TYPE_CHECKING:  # heavy imports stay lazy: `import branchlens` must not load 
     from branchlens.sae import TopKSAE
     from branchlens.store import ActivationStore
 
+__all__ = ["RUN_PARTS", "Latent", "LatentTable", "ProvenanceError", "Run", "RunError",
+           "check_run_folder", "is_run_folder", "layer_order"]
+
 FLIP_SUFFIX = "+flip"  # what FlipViews appends to its source's description
-
-
-class ProvenanceError(ValueError):
-    """A stage would combine artifacts of different networks, variants or sources."""
-
-
-class RunError(FileNotFoundError):
-    """An artifact the call needs is not in the run yet; the message says which stage makes it."""
-
-
-RUN_PARTS = ("store/", "sae/", "analysis/", "run.json")  # what every stage writes first
-
-
-def is_run_folder(path: str | Path) -> bool:
-    """Whether ``path`` holds anything a stage writes (so writing into it is no accident)."""
-    return any((Path(path) / part).exists() for part in RUN_PARTS)
-
-
-def check_run_folder(path: str | Path) -> Path:
-    """``path``, refused unless it is a run folder: a report or lock file written into any
-    folder named by mistake (a home folder, a photo folder) would be litter."""
-    path = Path(path)
-    if not path.is_dir():
-        raise RunError(f"no run folder {path}")
-    if not is_run_folder(path):
-        raise RunError(f"{path} is not a run folder: it has none of {', '.join(RUN_PARTS)}; "
-                       "pass the folder `branchlens run --out` (or harvest/train) wrote")
-    return path
 
 
 def layer_order(name: str) -> tuple[int, str]:
@@ -88,15 +53,16 @@ def layer_order(name: str) -> tuple[int, str]:
     return (BLOCK_NAMES.index(block) if block in BLOCK_NAMES else 99, name)
 
 
-class Run:
-    """A run folder: its paths, typed readers, and the notebook API (``latent``, ``encode_images``).
+class Run(RunLayout):
+    """A run folder: its paths (:class:`RunLayout`), typed readers, and the notebook API
+    (``latent``, ``encode_images``).
 
     Readers are lazy and cached: opening a ``Run`` reads nothing; the store, SAEs, network and
     latent tables are loaded on first use.
     """
 
     def __init__(self, path: str | Path, device: str = "cpu", weights: str | None = None):
-        self.path = Path(path)
+        super().__init__(path)
         self.device = device
         self.weights = weights  # None: the store's own weights (see :meth:`model`)
         self._saes: dict[str, TopKSAE] = {}
@@ -107,78 +73,6 @@ class Run:
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r})"
 
-    # -- paths ------------------------------------------------------------------------------------
-
-    @property
-    def record_path(self) -> Path:
-        return self.path / "run.json"
-
-    @property
-    def store_dir(self) -> Path:
-        return self.path / "store"
-
-    def sae_dir(self, layer: str) -> Path:
-        return self.path / "sae" / layer
-
-    @property
-    def analysis_dir(self) -> Path:
-        return self.path / "analysis"
-
-    @property
-    def summary_path(self) -> Path:
-        return self.analysis_dir / "summary.json"
-
-    @property
-    def latent_table_path(self) -> Path:
-        return self.analysis_dir / "latents.csv"
-
-    @property
-    def stability_path(self) -> Path:
-        return self.analysis_dir / "stability.json"
-
-    def replicate_dir(self, seed: int) -> Path:
-        """A replicate (same settings, training seed ``seed``): a run folder of its own."""
-        return self.path / "replicates" / f"seed{seed}"
-
-    def embedding_path(self, layer: str) -> Path:
-        return self.analysis_dir / f"embedding_{layer}.npy"
-
-    def featurevis_dir(self, layer: str) -> Path:
-        return self.path / "viz" / "featurevis" / layer
-
-    def evidence_path(self, layer: str) -> Path:
-        """Which latents of ``layer`` the claims rest on, and their pictures (visualize stage)."""
-        return self.featurevis_dir(layer) / "evidence.json"
-
-    def examples_dir(self, layer: str) -> Path:
-        return self.path / "viz" / "examples" / layer
-
-    def top_table_path(self, layer: str) -> Path:
-        return self.examples_dir(layer) / "top.safetensors"
-
-    @property
-    def effects_dir(self) -> Path:
-        return self.path / "effects"
-
-    def effects_path(self, layer: str) -> Path:
-        """What ablating latents does to the classes, and the causal animal test (effects)."""
-        return self.effects_dir / f"{layer}.json"
-
-    def effects_table_path(self, layer: str) -> Path:
-        """Per latent: the classes it promotes and suppresses (effects stage)."""
-        return self.effects_dir / f"latents_{layer}.csv"
-
-    def circuits_path(self, up: str, down: str) -> Path:
-        return self.path / "viz" / "circuits" / f"{up}__{down}.json"
-
-    @property
-    def report_dir(self) -> Path:
-        return self.path / "report"
-
-    @property
-    def report_index(self) -> Path:
-        return self.report_dir / "index.html"
-
     # -- readers ----------------------------------------------------------------------------------
 
     def record(self) -> dict[str, Any]:
@@ -188,7 +82,7 @@ class Run:
     @property
     def layers(self) -> list[str]:
         """Layers with a trained SAE, in forward order."""
-        root = self.path / "sae"
+        root = self.sae_root
         if not root.is_dir():
             return []
         names = [p.name for p in root.iterdir() if (p / "weights.safetensors").is_file()]
@@ -280,8 +174,7 @@ class Run:
     def featurevis_file(self, layer: str, latent: int, objective: str = "latent",
                         branch: str | None = None) -> Path | None:
         """The feature picture the visualize stage rendered for this latent, if any."""
-        suffix = f"_{branch}" if branch else ""
-        path = self.featurevis_dir(layer) / f"{layer}_{latent:05d}_{objective}{suffix}.png"
+        path = self.featurevis_path(layer, latent, objective, branch)
         return path if path.is_file() else None
 
     # -- the network and the images it saw ------------------------------------------------------
@@ -465,141 +358,3 @@ class Run:
         res = intervene(model, sae, layer, x, latents, scale, positions, batch_size, alive)
         res.ids = ids
         return res
-
-
-class LatentTable(Sequence):
-    """Typed rows of one layer's latent table; ``to_pandas()`` for a DataFrame."""
-
-    def __init__(self, layer: str, rows: list[dict[str, Any]], branches: list[str]):
-        self.layer, self.rows, self.branches = layer, rows, branches
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i):  # type: ignore[override]
-        return self.rows[i]
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        return iter(self.rows)
-
-    def __repr__(self) -> str:
-        return f"LatentTable({self.layer!r}, {len(self)} latents, branches {self.branches})"
-
-    @property
-    def columns(self) -> list[str]:
-        return list(self.rows[0]) if self.rows else []
-
-    def column(self, name: str) -> np.ndarray:
-        if name not in (self.rows[0] if self.rows else {}):
-            raise KeyError(f"no column {name!r}; columns: {', '.join(self.columns)}")
-        return np.array([r[name] for r in self.rows])
-
-    def where(self, **equal: Any) -> LatentTable:
-        """Rows whose columns equal the given values, e.g. ``where(dominant="5x5")``."""
-        rows = [r for r in self.rows if all(r.get(k) == v for k, v in equal.items())]
-        return LatentTable(self.layer, rows, self.branches)
-
-    def to_pandas(self):
-        try:
-            import pandas as pd
-        except ImportError as e:
-            raise ImportError("LatentTable.to_pandas needs pandas (pip install pandas); the "
-                              "rows are plain dicts in .rows") from e
-        return pd.DataFrame(self.rows).set_index("latent", drop=False)
-
-
-@dataclass
-class Latent:
-    """One latent of one layer: its statistics (from the analysis) and its pictures."""
-
-    run: Run
-    layer: str
-    index: int
-    row: dict[str, Any]
-    branches: list[str]
-
-    def __repr__(self) -> str:
-        return (f"Latent({self.layer} #{self.index}: dominant {self.dominant}, "
-                f"firing rate {self.row.get('firing_rate', math.nan):.3g})")
-
-    def _per_branch(self, prefix: str) -> dict[str, float]:
-        return {b: float(self.row.get(f"{prefix}{b}", math.nan)) for b in self.branches}
-
-    @property
-    def ratios(self) -> dict[str, float]:
-        """The paper's ratio ‖relu(v_b)‖ / ‖relu(v)‖ of the decoder direction v, per branch."""
-        return self._per_branch("paper_ratio_")
-
-    @property
-    def full_ratios(self) -> dict[str, float]:
-        """‖v_b‖ / ‖v‖ (signed entries too): the energy share's square root."""
-        return self._per_branch("full_ratio_")
-
-    @property
-    def std_ratios(self) -> dict[str, float]:
-        """The paper's ratio after dividing each channel by its activation std."""
-        return self._per_branch("paper_ratio_std_")
-
-    @property
-    def p_values(self) -> dict[str, dict[str, float]]:
-        """Per branch the Monte-Carlo p on the raw rule and on the scale rule."""
-        return {b: {"raw": float(self.row[f"p_raw_{b}"]),
-                    "scale": float(self.row[f"p_scale_{b}"])} for b in self.branches}
-
-    @property
-    def q_values(self) -> dict[str, dict[str, float]]:
-        """BH-adjusted p per branch (across the layer's tested latents), both rules."""
-        return {b: {"raw": float(self.row[f"q_raw_{b}"]),
-                    "scale": float(self.row[f"q_scale_{b}"])} for b in self.branches}
-
-    @property
-    def dominant(self) -> str | None:
-        """The branch the latent lives in by the primary (raw) rule, or None."""
-        d = self.row.get("dominant")
-        return d if d in self.branches else None
-
-    @property
-    def robust_dominant(self) -> str | None:
-        """The dominant branch when the scale rule agrees, or None."""
-        d = self.row.get("robust_dominant")
-        return d if d in self.branches else None
-
-    @property
-    def alive(self) -> bool:
-        return bool(self.row.get("alive"))
-
-    @property
-    def firing_rate(self) -> float:
-        return float(self.row.get("firing_rate", math.nan))
-
-    @property
-    def top_image_ids(self) -> list[str]:
-        """The analysis' top held-out images (best first; a mirror pair counts once)."""
-        return list(self.row.get("top_images", []))
-
-    @property
-    def direction(self) -> Tensor:
-        """The unit decoder direction in activation units [d_in]."""
-        return self.run.sae(self.layer).decoder_directions()[self.index].detach().cpu()
-
-    def store_indices(self, ids: Sequence[str]) -> dict[str, int]:
-        """Image id -> position in the run's store, for the analysis' top images ``ids``."""
-        where = {str(r.get("id", i)): i for i, r in enumerate(self.run.store().images)}
-        missing = [i for i in ids if i not in where]
-        if missing:
-            raise ProvenanceError(f"top images {missing[:3]} of {self.layer} #{self.index} are "
-                                  "not in the run's store; re-run `branchlens analyze`")
-        return where
-
-    def top_images(self, n: int = 9, tile: int = 128) -> list[Image.Image]:
-        """Receptive-field crops of the top images, the latent's map overlaid in red
-        (:func:`branchlens.notebook.top_images`)."""
-        from branchlens.notebook import top_images  # API here, code there
-
-        return top_images(self, n, tile)
-
-    def visualize(self, steps: int = 256, size: int = 224, seed: int = 0) -> Image.Image:
-        """The feature picture, cached or rendered now (:func:`branchlens.notebook.visualize`)."""
-        from branchlens.notebook import visualize  # API here, code there
-
-        return visualize(self, steps, size, seed)

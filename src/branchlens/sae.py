@@ -10,6 +10,9 @@ elsewhere in torch ops (``F.embedding_bag``, :class:`_TopKGather`, :class:`_Spar
 
 Decoders: ``tied`` (the paper: W_dec ≡ W_enc, one parameter) or ``untied`` (Gao et al.: starts
 as the encoder transpose, rows kept unit-norm, parallel gradient component removed).
+
+One file, over 450 lines, because the model, its autograd functions and the kernel dispatch
+share one private workspace and one sparse layout, and change together (kernels: ``sae_kernels``).
 """
 
 from __future__ import annotations

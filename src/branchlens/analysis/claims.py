@@ -5,6 +5,9 @@ the measurement, its interval or p-value, and a verdict with the rule that produ
 reader can disagree with the rule but not with the numbers. Verdicts:
 ``supported`` · ``not supported`` · ``explained by channel scale`` (holds on the raw decoder,
 gone once activation scale is controlled) · ``not testable`` (too little data to say).
+
+One file, over 450 lines, so that every claim's rule is read beside the others, against the one
+set of thresholds below and the one verdict vocabulary.
 """
 
 from __future__ import annotations

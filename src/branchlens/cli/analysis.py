@@ -8,9 +8,9 @@ from pathlib import Path
 import typer
 
 from branchlens.cli.common import (
-    DEVICE_HELP,
     RUN_WEIGHTS_HELP,
     JsonOpt,
+    RunDeviceOpt,
     command,
     echo_json,
     emit,
@@ -21,7 +21,7 @@ from branchlens.cli.common import (
 )
 from branchlens.cli.defaults import Home
 
-ANALYZE = Home("branchlens.analysis.config:AnalysisConfig")
+ANALYZE = Home("branchlens.settings:AnalysisConfig")
 STABILITY = Home("branchlens.stages.stability:stability")
 EFFECTS = Home("branchlens.stages.effects:effects")
 RUN = Home("branchlens.run:Run")
@@ -33,8 +33,8 @@ LAYERS_HELP = "comma-separated; default: every analysed layer"
 @command()
 def analyze(
     run: str = typer.Argument(..., help="run folder with store/ and sae/<layer>/"),
-    layers: str | None = Home("branchlens.stages.analyze:analyze").opt(
-        "layers", "--layers", help="comma-separated; default: every trained layer"),
+    layers: str | None = typer.Option(None, "--layers",
+                                      help="comma-separated; default: every trained layer"),
     q: float = ANALYZE.opt("q", "--q", help="BH false discovery rate per branch"),
     n_perm: int = ANALYZE.opt("n_perm", "--n-perm",
                               help="first round of channel permutations per latent (then "
@@ -49,7 +49,7 @@ def analyze(
                                          help="activation correlation of a cross-layer pair"),
     embed: str = ANALYZE.opt("embed", "--embed", help="auto (UMAP, else PCA) | umap | pca | none"),
     seed: int = ANALYZE.opt("seed", "--seed"),
-    device: str = Home("branchlens.pipeline:run").opt("device", "--device", help=DEVICE_HELP),
+    device: str = RunDeviceOpt,
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Branch specialization statistics of every trained layer into RUN/analysis/."""

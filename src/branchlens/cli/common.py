@@ -237,6 +237,9 @@ WEIGHTS_HELP = ("weights file (.safetensors / .pth), or 'random' for a smoke run
                 "the cache, or a download")
 RUN_WEIGHTS_HELP = "the weights the store was harvested with (default: as the run recorded)"
 DEVICE_HELP = "auto | cpu | cuda[:N]"
+# a stage run alone computes where `branchlens run` would, not on its library's cpu
+RunDeviceOpt = typer.Option(Default("branchlens.settings:RUN_DEVICE"), "--device",
+                            help=DEVICE_HELP)
 ImageKeyOpt = SOURCE.opt("image_key", "--image-key", help="hf: sources: the image column")
 LabelKeyOpt = SOURCE.opt("label_key", "--label-key", help="hf: sources: the label column")
 JsonOpt = typer.Option(False, "--json", help="the result as one JSON line on stdout, nothing else")

@@ -20,7 +20,7 @@ from branchlens.cli.common import (
 from branchlens.cli.defaults import Home
 
 CLASSIFY = Home("branchlens.classify:iter_predictions")
-HARVEST = Home("branchlens.schema:HarvestConfig")  # the store's settings
+HARVEST = Home("branchlens.settings:HarvestConfig")  # the store's settings
 STAGE = Home("branchlens.stages.harvest:harvest")  # the rest of the harvest call
 SOURCE_HELP = "folder, file list, embedded[:N], hf:, wds:"
 

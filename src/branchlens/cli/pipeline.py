@@ -78,7 +78,7 @@ def presets(
 ) -> None:
     """The presets of `branchlens run` and their values (edit one into a --config file)."""
     from branchlens.config import ConfigError, to_toml
-    from branchlens.pipeline import PRESET_NOTES, PRESETS
+    from branchlens.presets import PRESET_NOTES, PRESETS
 
     if name is not None and name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 import typer
 
 from branchlens.cli.common import (
-    DEVICE_HELP,
     JsonOpt,
+    RunDeviceOpt,
     VariantOpt,
     command,
     echo_json,
@@ -21,11 +21,10 @@ from branchlens.cli.defaults import Home
 
 if TYPE_CHECKING:
     from branchlens.sae import TopKSAE
-    from branchlens.schema import SAEOptions
-    from branchlens.train import TrainConfig
+    from branchlens.settings import SAEOptions, TrainConfig
 
-SAE = Home("branchlens.schema:SAEOptions")
-TRAIN = Home("branchlens.train.config:TrainConfig")
+SAE = Home("branchlens.settings:SAEOptions")
+TRAIN = Home("branchlens.settings:TrainConfig")
 STAGE = Home("branchlens.stages.train:train_layers")
 IMPORT = Home("branchlens.interop:import_sae")
 # What --paper takes from the paper preset: its architecture and schedule, not its sizes.
@@ -66,9 +65,10 @@ def train(
                                         help="train one layer from a [N, d] .npy (memory-"
                                              "mapped) instead of RUN/store"),
     variant: str = VariantOpt,
-    device: str = Home("branchlens.pipeline:run").opt("device", "--device", help=DEVICE_HELP),
+    device: str = RunDeviceOpt,
     progress: bool = TRAIN.opt("progress", "--progress/--no-progress"),
-    restart: bool = STAGE.opt("restart", "--restart",
+    # no [default] shown (an off flag shows none anyway), so --help does not import the stage
+    restart: bool = STAGE.opt("restart", "--restart", show_default=False,
                               help="discard an SAE folder trained with other settings"),
     as_json: bool = JsonOpt,
 ) -> None:
@@ -76,8 +76,8 @@ def train(
 
     Multi-process: ``torchrun --standalone --nproc-per-node N -m branchlens train ...``.
     """
-    from branchlens.schema import SAEOptions
-    from branchlens.train import TrainConfig
+    from branchlens.schema import library_check
+    from branchlens.settings import SAEOptions, TrainConfig
 
     sae_kw = dict(expansion=expansion, k=k, decoder=decoder, aux=aux, k_aux=k_aux,
                   dead_after=dead_after, loss=loss, b_pre_init=b_pre_init)
@@ -88,12 +88,13 @@ def train(
     if lr is not None:
         train_kw["lr"] = lr
     if paper:
-        from branchlens.pipeline import PRESETS
+        from branchlens.presets import PRESETS
 
         sae_kw |= {key: PRESETS["paper"]["sae"][key] for key in PAPER_KEYS["sae"]}
         train_kw |= {key: PRESETS["paper"]["train"][key] for key in PAPER_KEYS["train"]
                      if key != "lr" or lr is None}
     sae = SAEOptions(**sae_kw)  # refuse bad values before reading any data
+    library_check("sae", sae)
     cfg = TrainConfig(**train_kw)
     layer_names = names(layers) or []
     if from_npy is None:

@@ -17,10 +17,11 @@ from branchlens.cli.common import (
 )
 from branchlens.cli.defaults import Home
 
-VISUALIZE = Home("branchlens.stages.viz:visualize_stage")
-EXAMPLES = Home("branchlens.stages.viz:examples_stage")
-CIRCUITS = Home("branchlens.stages.viz:circuits_stage")
-REPORT = Home("branchlens.stages.report:build_report")
+# the blocks' dataclasses, which the stages take their defaults from too
+VISUALIZE = Home("branchlens.settings:VisualizeConfig")
+EXAMPLES = Home("branchlens.settings:ExamplesConfig")
+CIRCUITS = Home("branchlens.settings:CircuitsConfig")
+REPORT = Home("branchlens.settings:ReportConfig")
 
 
 def _weights(home: Home):

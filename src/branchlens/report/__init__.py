@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from branchlens.report import sections as S
-from branchlens.report.builder import ReportContext, find_key, gather
+from branchlens.report.builder import ReportContext, find_key, gather, shell_command
+from branchlens.report.markup import BRANCH_COLORS, esc
 
 __all__ = ["ReportContext", "build_report", "gather", "render"]
 
@@ -90,7 +91,7 @@ def claims(ctx: ReportContext) -> list[dict[str, Any]] | None:
              "cls": VERDICT_CLASS.get(c.get("verdict"), ""), "evidence": c.get("evidence"),
              "rule": c.get("rule"),
              "stability": (c.get("stability") or {}).get("summary")
-             or f"not run: {S.shell_command('branchlens', 'stability', ctx.run_dir)}",
+             or f"not run: {shell_command('branchlens', 'stability', ctx.run_dir)}",
              "stable": (c.get("stability") or {}).get("stable"),
              "gallery": Markup(_section(lambda x, i=c.get("id"): claim_gallery(x, str(i)), ctx))}
             for c in ctx.summary.get("claims") or [] if isinstance(c, dict)]
@@ -101,7 +102,7 @@ def _section(fn: Callable[[ReportContext], str], ctx: ReportContext) -> str:
         return fn(ctx)
     except Exception as e:  # noqa: BLE001 - one odd artifact must not sink the report
         return (f'<p class="na">this section failed to render: '
-                f"{S.esc(type(e).__name__)}: {S.esc(e)}</p>")
+                f"{esc(type(e).__name__)}: {esc(e)}</p>")
 
 
 def render(ctx: ReportContext, browser: dict[str, Any]) -> str:
@@ -112,7 +113,7 @@ def render(ctx: ReportContext, browser: dict[str, Any]) -> str:
               "specialization": S.specialization_section, "curves": S.curves_section,
               "crosslayer": S.crosslayer_section, "categories": S.category_section,
               "circuits": S.circuits_section}
-    # the older overview sections escape every value themselves (sections.esc)
+    # the older overview sections escape every value themselves (markup.esc)
     secs = [(k, t, Markup(_section(bodies[k], ctx))) for k, t in SECTIONS]
     q = float(((ctx.summary or {}).get("config") or {}).get("q", 0.05))
     return _env().get_template("index.html.j2").render(
@@ -120,14 +121,16 @@ def render(ctx: ReportContext, browser: dict[str, Any]) -> str:
         random_weights=ctx.random_weights, notes=ctx.notes,
         overview=overview(ctx, time.strftime("%Y-%m-%d %H:%M:%S %Z")), claims=claims(ctx),
         stability=Markup(_section(S.stability_section, ctx)),
-        run_dir=str(ctx.run_dir), sections=secs, browser=browser, q=q, sh=S.shell_command,
+        run_dir=str(ctx.run_dir), sections=secs, browser=browser, q=q, sh=shell_command,
         na=lambda what, cmd: f"{what} not available: run "
-                             f"{S.shell_command('branchlens', cmd, ctx.run_dir)}")
+                             f"{shell_command('branchlens', cmd, ctx.run_dir)}")
 
 
 def write_assets(ctx: ReportContext, root: Path, log: Callable[[str], None]) -> dict[str, Any]:
     """Scripts, styles and the browser's data files under ``root``; returns the browser meta."""
-    from branchlens.report.browse import GALLERY_PX, Assets, write_layer
+    from branchlens.report.assets import Assets
+    from branchlens.report.browse import write_layer
+    from branchlens.report.gallery import GALLERY_PX
 
     (root / "data").mkdir(parents=True)
     (root / MARKER).write_text("written by branchlens.report; replaced on every build\n")
@@ -139,7 +142,7 @@ def write_assets(ctx: ReportContext, root: Path, log: Callable[[str], None]) -> 
     entries = [write_layer(ctx, i, layer, ctx.columns.get(layer), root / "data", ctx.assets,
                            q, log) for i, layer in enumerate(layers)]
     return {"layers": entries, "q": q, "run": str(ctx.run_dir), "base": ASSETS,
-            "colors": S.BRANCH_COLORS, "crop_px": GALLERY_PX}
+            "colors": BRANCH_COLORS, "crop_px": GALLERY_PX}
 
 
 def __getattr__(name: str):

@@ -1,17 +1,14 @@
 """Data files of the latent browser: every latent of every layer, loaded by ``index.html`` from
 disk (``file://``, no server).
 
-``fetch()`` of JSON is refused on ``file://``, so each data file is a script that hands its
-object to the page (``BL.table(...)``, ``BL.detail(...)``). Per layer there is one compact
+Each data file is a script that hands its object to the page (``BL.table(...)``,
+``BL.detail(...)``; :mod:`branchlens.report.assets`). Per layer there is one compact
 *table* file (columns the table sorts and filters on, the embedding coordinates), loaded at
 start, and *detail* chunks of ``CHUNK`` latents (null bands, p-values, examples, upstream
 latents, neighbours), loaded when a latent is opened. Images are files loaded lazily: feature
-visualizations re-encoded as thumbnails. Dataset examples come as *gallery* chunks of
-``GALLERY_CHUNK`` latents (``BL.gallery(...)``: per latent its examples as image, unit, value and
-the latent's map on that image in a few characters), loaded when a latent is opened; the page
-draws each receptive-field crop from the held-out image (copied once, whatever number of
-latents and layers show it) with the map overlaid. Runs whose examples stage wrote sprite
-sheets (earlier versions) still show those.
+visualizations re-encoded as thumbnails. Dataset examples come as *gallery* chunks
+(:mod:`branchlens.report.gallery`). Runs whose examples stage wrote sprite sheets (earlier
+versions) still show those.
 
 Dominant branch, significance and q-values are the analysis stage's columns (latents.csv);
 nothing here re-decides them.
@@ -20,8 +17,6 @@ nothing here re-decides them.
 from __future__ import annotations
 
 import json
-import math
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,61 +24,24 @@ from typing import Any
 import numpy as np
 
 from branchlens.analysis.table import split_list
+from branchlens.layout import RunLayout
 from branchlens.report import geometry
+from branchlens.report.assets import (
+    Assets,
+    ints,
+    nulls,
+    rounded,
+    short,
+    sig_list,
+    sig_round,
+    write_script,
+)
 from branchlens.report.builder import ReportContext, find_run_image
 from branchlens.report.columns import NUMERIC, PER_BRANCH, LayerColumns, numeric_columns  # noqa: F401
+from branchlens.report.gallery import gallery_examples, write_gallery
 
 CHUNK = 256
-GALLERY_CHUNK = 64  # latents per gallery file: opening one latent fetches ~50-100 kB
-GALLERY_PX = 112  # CSS pixels of one example crop on the latent page (>= 96)
-MAP_LEVELS = 63  # a map value is sent as one base64url digit, 1..63 of the latent's best value
-B64 = np.frombuffer(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_", np.uint8)
 FEATUREVIS_PX = 160
-MAX_IMAGE_BYTES = 16 * 2**20  # an example image is a ~20 kB JPEG; a huge file is left out
-
-
-def _round(a: np.ndarray, digits: int) -> list:
-    r = np.round(np.asarray(a, dtype=np.float64), digits)
-    return [None if not math.isfinite(x) else x for x in r.tolist()]
-
-
-def sig_round(a: np.ndarray, digits: int = 3) -> np.ndarray:
-    """``a`` rounded to ``digits`` significant digits, vectorised (p- and q-values span many
-    decades). Dividing or multiplying by an exact power of ten keeps each value the double
-    nearest its short decimal, so JSON writes it short."""
-    a = np.asarray(a, dtype=np.float64)
-    out = a.copy()
-    ok = np.isfinite(a) & (a != 0)
-    v = a[ok]
-    e = np.floor(np.log10(np.abs(v))).astype(np.int64) - (digits - 1)
-    r = v.copy()
-    up, down = e >= 0, (e < 0) & (e > -300)
-    r[up] = np.round(v[up] / 10.0 ** e[up]) * 10.0 ** e[up]
-    r[down] = np.round(v[down] * 10.0 ** -e[down]) / 10.0 ** -e[down]
-    out[ok] = r
-    return out
-
-
-def _nulls(x: list) -> list:
-    return [None if v != v or v in (math.inf, -math.inf) else v for v in x]
-
-
-def _sig(a: np.ndarray, digits: int = 3) -> list:
-    """A column as a JSON list, ``digits`` significant digits, NaN -> null."""
-    return _nulls(sig_round(a, digits).tolist())
-
-
-def _ints(a: np.ndarray, fill: int = -1) -> list[int]:
-    a = np.asarray(a, dtype=np.float64)
-    return np.where(np.isfinite(a), a, fill).astype(np.int64).tolist()
-
-
-def _script(path: Path, call: str, *args: Any) -> int:
-    """Write ``BL.call(arg, ...);`` (JSON arguments, ASCII only); returns the size in bytes."""
-    text = f"BL.{call}(" + ",".join(json.dumps(a, separators=(",", ":"), ensure_ascii=True,
-                                               allow_nan=False) for a in args) + ");\n"
-    path.write_text(text, encoding="ascii")
-    return len(text)
 
 
 def _index_of(names: list[str], vocab: list[str], none: int = -1) -> list[int]:
@@ -91,9 +49,9 @@ def _index_of(names: list[str], vocab: list[str], none: int = -1) -> list[int]:
     return [lookup.get(x, none) for x in names]
 
 
-def _embedding(run: Path, layer: str, n: int) -> tuple[list, list] | None:
-    """analysis/embedding_<layer>.npy scaled to integers 0..1000 (NaN rows: null)."""
-    path = run / "analysis" / f"embedding_{layer}.npy"
+def _embedding(path: Path, n: int) -> tuple[list, list] | None:
+    """A layer's embedding (``RunLayout.embedding_path``) scaled to integers 0..1000 (NaN rows:
+    null)."""
     if not path.is_file():
         return None
     try:
@@ -111,83 +69,14 @@ def _embedding(run: Path, layer: str, n: int) -> tuple[list, list] | None:
     lo, hi = full[ok].min(0), full[ok].max(0)
     span = np.where(hi > lo, hi - lo, 1.0)
     s = np.round((full - lo) / span * 1000)
-    return _ints(s[:, 0], -1), _ints(1000 - s[:, 1], -1)  # y grows downwards on a canvas
-
-
-class Assets:
-    """Copies images into ``assets/img`` once each and hands out their relative URLs."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.done: dict[Path, str | None] = {}
-
-    def thumbnail(self, src: Path, name: str, px: int) -> str | None:
-        if src in self.done:
-            return self.done[src]
-        from PIL import Image
-
-        try:
-            with Image.open(src) as im:
-                im.load()
-                img = im.convert("RGB")
-        except Exception:  # noqa: BLE001 - an undecodable file is left out (the page says so)
-            self.done[src] = None
-            return None
-        img.thumbnail((px, px))
-        out = self.root / "img" / f"{name}.png"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        img.save(out, format="PNG", optimize=True)
-        self.done[src] = f"assets/img/{out.name}"
-        return self.done[src]
-
-    def unique(self, src: Path, prefix: str) -> str | None:
-        """Copy an image under a name from its content (the same held-out image in five
-        layers' galleries is one file); None when it does not decode."""
-        import hashlib
-        import io
-
-        from PIL import Image
-
-        if src in self.done:
-            return self.done[src]
-        try:
-            if src.stat().st_size > MAX_IMAGE_BYTES:
-                raise ValueError("too large for an example image")
-            data = src.read_bytes()
-            with Image.open(io.BytesIO(data)) as im:
-                im.verify()
-                ext = {"JPEG": ".jpg", "PNG": ".png"}.get(im.format or "")
-        except Exception:  # noqa: BLE001 - an unreadable file is left out (the page says so)
-            ext = None
-        if ext is None:
-            self.done[src] = None
-            return None
-        name = f"{prefix}{hashlib.sha256(data).hexdigest()[:20]}{ext}"
-        out = self.root / "img" / name
-        if not out.exists():
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_bytes(data)
-        self.done[src] = f"assets/img/{name}"
-        return self.done[src]
-
-    def copy(self, src: Path, name: str) -> str | None:
-        if src in self.done:
-            return self.done[src]
-        out = self.root / "img" / name
-        out.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            shutil.copyfile(src, out)
-        except OSError:
-            self.done[src] = None
-            return None
-        self.done[src] = f"assets/img/{name}"
-        return self.done[src]
+    return ints(s[:, 0], -1), ints(1000 - s[:, 1], -1)  # y grows downwards on a canvas
 
 
 def sprite_examples(run: Path, layer: str) -> dict | None:
     """The examples stage's sprite index and top table of ``layer`` (None when absent)."""
-    d = run / "viz" / "examples" / layer
-    idx_path, top_path = d / "sprites.json", d / "top.safetensors"
+    lay = RunLayout(run)
+    d = lay.examples_dir(layer)
+    idx_path, top_path = d / "sprites.json", lay.top_table_path(layer)
     if not (idx_path.is_file() and top_path.is_file()):
         return None
     try:
@@ -205,134 +94,6 @@ def sprite_examples(run: Path, layer: str) -> dict | None:
     return {"index": idx, "dir": d, "values": values, "images": images, "ids": ids}
 
 
-def gallery_examples(ctx: ReportContext, layer: str) -> dict | None:
-    """The examples stage's gallery of ``layer`` as numpy arrays, checked for consistency (None
-    when absent; a note when unreadable or inconsistent, e.g. edited by hand)."""
-    from branchlens.viz.sprites import GALLERY, load_gallery
-
-    d = ctx.run_dir / "viz" / "examples" / layer
-    if not (d / GALLERY).is_file():
-        return None
-    try:
-        doc, t = load_gallery(d)
-        g = _checked_gallery(doc, {k: v.numpy() for k, v in t.items()})
-    except Exception as e:  # noqa: BLE001 - the page goes on without crops and says why
-        from branchlens.report.builder import shell_command
-
-        again = shell_command("branchlens", "examples", ctx.run_dir, "--layer", layer)
-        ctx.notes.append(f"{layer}: the examples gallery is unreadable ({type(e).__name__}: "
-                         f"{e}); re-run {again}")
-        return None
-    g["dir"] = d
-    return g
-
-
-def _checked_gallery(doc: dict, t: dict[str, np.ndarray]) -> dict:
-    """Shapes, ranges and types of a gallery; raises ValueError naming the first problem."""
-    imgs = t["images"]
-    n, k = imgs.shape
-    h, w = (int(x) for x in doc["grid"])
-    rf = doc["receptive_field"]
-    geo = [float(rf["size"]), float(rf["stride"]), float(rf["offset"]), float(doc["image_size"])]
-    if not (h > 0 and w > 0 and all(math.isfinite(x) for x in geo) and geo[0] > 0
-            and geo[1] > 0 and geo[3] > 0):
-        raise ValueError("bad grid, receptive field or image size")
-    for key in ("ys", "xs", "values"):
-        if t[key].shape != (n, k):
-            raise ValueError(f"{key} is {t[key].shape}, images {imgs.shape}")
-    off, pos = t["offsets"].astype(np.int64), t["pos"].astype(np.int64)
-    if off.shape != (n * k + 1,) or off[0] != 0 or (np.diff(off) < 0).any() \
-            or off[-1] != pos.size or t["val"].shape != pos.shape:
-        raise ValueError("map offsets do not match the maps")
-    used = imgs >= 0
-    if (pos < 0).any() or (pos >= h * w).any() or (t["ys"][used] < 0).any() \
-            or (t["ys"][used] >= h).any() or (t["xs"][used] < 0).any() \
-            or (t["xs"][used] >= w).any() or not np.isfinite(t["values"]).all() \
-            or not np.isfinite(t["val"].astype(np.float64)).all():
-        raise ValueError("a unit or value out of range")
-    records = {}
-    for r in doc["image_files"]:
-        lab = r.get("label")
-        if not (isinstance(r["index"], int) and isinstance(r["file"], str)
-                and isinstance(r["id"], str)
-                and (lab is None or (isinstance(lab, int) and not isinstance(lab, bool)))):
-            raise ValueError(f"bad image record {str(r)[:80]}")
-        records[r["index"]] = r
-    return {"doc": doc, "images": imgs, "ys": t["ys"], "xs": t["xs"],
-            "values": t["values"].astype(np.float64), "offsets": off, "pos": pos,
-            "val": t["val"].astype(np.float64), "grid": (h, w), "records": records,
-            "geometry": geo}
-
-
-def _map_codes(g: dict) -> tuple[str, int]:
-    """Every entry's map as base64url text: per nonzero unit its flat position (``pw`` digits)
-    and its value in 1..MAP_LEVELS of the latent's best example. Returns (text, pw); entry e
-    is ``text[(pw + 1) * offsets[e]:(pw + 1) * offsets[e + 1]]``."""
-    h, w = g["grid"]
-    pw = 2 if h * w <= 64 ** 2 else 3
-    n, k = g["images"].shape
-    per = np.diff(g["offsets"])
-    latent = np.repeat(np.arange(n * k), per) // k
-    vmax = np.maximum(g["values"].max(1), 1e-12)[latent]
-    q = np.clip(np.rint(g["val"] / vmax * MAP_LEVELS), 1, MAP_LEVELS).astype(np.int64)
-    digits = [(g["pos"] // 64 ** (pw - 1 - d)) % 64 for d in range(pw)] + [q]
-    return B64[np.stack(digits, 1)].tobytes().decode("ascii"), pw
-
-
-def write_gallery(ctx: ReportContext, li: int, g: dict, data_dir: Path, assets: Assets,
-                  labels: list[str]) -> dict:
-    """Gallery chunks ``g<li>_<c>.js`` of one layer and its images; returns the layer's
-    gallery meta (geometry for drawing the crops, bytes written)."""
-    text, pw = _map_codes(g)
-    step = pw + 1
-    urls: dict[int, list | None] = {}
-    shown = set(np.unique(g["images"][g["images"] >= 0]).tolist())
-    for i, r in g["records"].items():
-        if i not in shown:
-            continue
-        path = find_run_image(g["dir"], r["file"], ctx.run_dir)  # confined to the run
-        url = assets.unique(path, "g") if path is not None else None
-        lab = r["label"]
-        urls[i] = None if url is None else [
-            url, r["id"], labels[lab] if lab is not None and 0 <= lab < len(labels) else ""]
-    images, ys, xs, values, off = g["images"], g["ys"], g["xs"], g["values"], g["offsets"]
-    n, k = images.shape
-    size = missing = chunks = 0
-    for c0 in range(0, n, GALLERY_CHUNK):
-        local: dict[int, int] = {}
-        table: list[list] = []
-        items = []
-        for j in range(c0, min(n, c0 + GALLERY_CHUNK)):
-            row = []
-            for s in range(k):
-                i = int(images[j, s])
-                if i < 0:
-                    break
-                if urls.get(i) is None:
-                    missing += 1
-                    continue
-                if i not in local:
-                    local[i] = len(table)
-                    table.append(urls[i])
-                e = j * k + s
-                row.append([local[i], int(ys[j, s]), int(xs[j, s]), _f(values[j, s]),
-                            text[step * off[e]:step * off[e + 1]]])
-            items.append(row)
-        size += _script(data_dir / f"g{li}_{c0 // GALLERY_CHUNK}.js", "gallery", li,
-                        c0 // GALLERY_CHUNK, {"i": table, "e": items})
-        chunks += 1
-    if missing:
-        ctx.notes.append(f"{g['dir'].name}: {missing} gallery example(s) left out: "
-                         "their image file is missing, outside the run or unreadable")
-    rfs, stride, offset, image = g["geometry"]
-    img_bytes = sum((assets.root / u[0].split("/", 1)[1]).stat().st_size  # "assets/img/…"
-                    for u in urls.values() if u)
-    from branchlens.viz.examples import OVERLAY_ALPHA, OVERLAY_RED
-
-    return {"rf": [rfs, stride, offset], "image": image, "grid": list(g["grid"]), "k": k,
-            "chunk": GALLERY_CHUNK, "chunks": chunks, "pw": pw, "levels": MAP_LEVELS,
-            "alpha": OVERLAY_ALPHA, "red": [round(255 * c) for c in OVERLAY_RED],
-            "bytes": size, "image_bytes": img_bytes, "images": sum(1 for u in urls.values() if u)}
 
 
 def layer_effects(run_dir: Path, layer: str) -> dict[int, list[str]] | None:
@@ -340,9 +101,7 @@ def layer_effects(run_dir: Path, layer: str) -> dict[int, list[str]] | None:
     when the stage has not run (a malformed row is left out, never guessed)."""
     import csv
 
-    from branchlens.run import Run
-
-    path = Run(run_dir).effects_table_path(layer)
+    path = RunLayout(run_dir).effects_table_path(layer)
     if not path.is_file():
         return None
     out: dict[int, list[str]] = {}
@@ -369,7 +128,7 @@ def write_layer(ctx: ReportContext, li: int, layer: str, cols: LayerColumns | No
                 progress: Callable[[str], None] = lambda s: None) -> dict:
     """Table file and detail chunks of one layer; returns the layer's entry for meta."""
     branches = ctx.branches(layer)
-    dec = geometry.load_decoder(ctx.run_dir / "sae" / layer) if layer in ctx.saes else None
+    dec = geometry.load_decoder(ctx.layout.sae_dir(layer)) if layer in ctx.saes else None
     n = max(cols.n if cols else 0, dec.shape[0] if dec is not None else 0)
     if cols is None:
         cols = LayerColumns(layer, n)
@@ -387,8 +146,8 @@ def write_layer(ctx: ReportContext, li: int, layer: str, cols: LayerColumns | No
     cats = sorted({c for c in cols.s("top_category") if c})
     doms = [*branches, "none"]
     t: dict[str, Any] = {
-        "alive": _ints(alive), "rate": _sig(cols.f("firing_rate")),
-        "nimg": _ints(cols.f("n_images_fired"), 0),
+        "alive": ints(alive), "rate": sig_list(cols.f("firing_rate")),
+        "nimg": ints(cols.f("n_images_fired"), 0),
         "dom": _index_of([d or "none" for d in cols.s("dominant")], doms, len(doms) - 1),
         "rdom": _index_of([d or "none" for d in cols.s("robust_dominant")], doms,
                           len(doms) - 1),
@@ -396,14 +155,14 @@ def write_layer(ctx: ReportContext, li: int, layer: str, cols: LayerColumns | No
     }
     sr, ss = np.zeros(n, np.int64), np.zeros(n, np.int64)  # bit b: q of branch b <= q
     for bi, b in enumerate(branches):
-        t[f"r{bi}"] = _round(cols.f(f"paper_ratio_{b}"), 3)
-        t[f"qr{bi}"] = _sig(cols.f(f"q_raw_{b}"), 2)
-        t[f"qs{bi}"] = _sig(cols.f(f"q_scale_{b}"), 2)
+        t[f"r{bi}"] = rounded(cols.f(f"paper_ratio_{b}"), 3)
+        t[f"qr{bi}"] = sig_list(cols.f(f"q_raw_{b}"), 2)
+        t[f"qs{bi}"] = sig_list(cols.f(f"q_scale_{b}"), 2)
         with np.errstate(invalid="ignore"):
             sr |= (cols.f(f"q_raw_{b}") <= q).astype(np.int64) << bi
             ss |= (cols.f(f"q_scale_{b}") <= q).astype(np.int64) << bi
     t["sr"], t["ss"] = sr.tolist(), ss.tolist()  # exact decisions; q columns are rounded
-    emb = _embedding(ctx.run_dir, layer, n)
+    emb = _embedding(ctx.layout.embedding_path(layer), n)
     if emb is not None:
         t["x"], t["y"] = emb
     gal = gallery_examples(ctx, layer)
@@ -421,12 +180,12 @@ def write_layer(ctx: ReportContext, li: int, layer: str, cols: LayerColumns | No
     if gal is not None:
         m = min(n, gal["images"].shape[0])
         has_ex[:m] |= gal["images"][:m, 0] >= 0
-    t["ex"], t["fv"] = _ints(has_ex), _ints(has_fv)
-    size = _script(data_dir / f"t{li}.js", "table", li, t)
+    t["ex"], t["fv"] = ints(has_ex), ints(has_fv)
+    size = write_script(data_dir / f"t{li}.js", "table", li, t)
 
     labels = _class_names(ctx.variant)
     gmeta = write_gallery(ctx, li, gal, data_dir, assets, labels) if gal is not None else None
-    pre = {key: [_nulls(r) for r in sig_round(np.stack(
+    pre = {key: [nulls(r) for r in sig_round(np.stack(
         [cols.f(f"{col}_{b}") for b in branches], 1)).tolist()]
         for key, col in (("pr", "p_raw"), ("ps", "p_scale"), ("qr", "q_raw"),
                          ("qs", "q_scale"), ("en", "enrichment"), ("at", "attribution"))}
@@ -443,7 +202,8 @@ def write_layer(ctx: ReportContext, li: int, layer: str, cols: LayerColumns | No
         for j, d in zip(range(c0, min(n, c0 + CHUNK)), items, strict=True):
             if effects is not None:  # 0: the stage ran but did not ablate this latent
                 d["eff"] = effects.get(j, 0)
-        size += _script(data_dir / f"d{li}_{c0 // CHUNK}.js", "detail", li, c0 // CHUNK, items)
+        size += write_script(data_dir / f"d{li}_{c0 // CHUNK}.js", "detail", li, c0 // CHUNK,
+                             items)
         chunks += 1
     return {"name": layer, "n": n, "branches": branches, "doms": doms, "cats": cats,
             "alive": int(alive.sum()), "chunks": chunks, "chunk": CHUNK,
@@ -489,7 +249,7 @@ def _detail(ctx: ReportContext, layer: str, j: int, cols: LayerColumns,
             d["ex"] = {"src": src, "row": j % per, "tile": int(idx["tile"]), "k": k,
                        "ids": [ids[i] if 0 <= i < len(ids) else str(i)
                                for i in ex["images"][j][:k].tolist()],
-                       "v": _sig(vals[:k])}
+                       "v": sig_list(vals[:k])}
     if lv is not None:
         fv = [(cap, assets.thumbnail(p, f"fv{li}_{j}_{i}", FEATUREVIS_PX))
               for i, (cap, p) in enumerate(lv.featurevis)]
@@ -498,14 +258,12 @@ def _detail(ctx: ReportContext, layer: str, j: int, cols: LayerColumns,
             d["strips"] = [[cap, assets.copy(p, f"st{li}_{j}_{i}{p.suffix.lower()}")]
                            for i, (cap, p) in enumerate(lv.examples)]
         if lv.upstream:
-            d["up"] = [[u.get("layer"), u["latent"], _f(u.get("score")), _f(u.get("share")),
+            d["up"] = [[u.get("layer"), u["latent"], short(u.get("score")), short(u.get("share")),
                         u.get("dominant")] for u in lv.upstream[:10]]
-            d["err"] = _f(lv.upstream[0].get("error_share"))
+            d["err"] = short(lv.upstream[0].get("error_share"))
     return d
 
 
-def _f(x: Any) -> float | None:
-    return float(f"{x:.3g}") if isinstance(x, int | float) and math.isfinite(x) else None
 
 
 def _label(s: str, names: list[str]) -> str:

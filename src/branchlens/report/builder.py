@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from branchlens.layout import RunLayout
 from branchlens.report.columns import LayerColumns, read_columns
 
 BRANCH_ORDER = ("1x1", "3x3", "5x5", "pool")
@@ -74,6 +75,11 @@ class ReportContext:
     circuits_found: bool = False
     notes: list[str] = field(default_factory=list)
     assets: Any = None  # browse.Assets of the report being written (figures are copied there)
+
+    @property
+    def layout(self) -> RunLayout:
+        """The run folder's paths (the report spells none of them itself)."""
+        return RunLayout(self.run_dir)
 
     @property
     def layers(self) -> list[str]:
@@ -311,11 +317,11 @@ def gather(run_dir: str | Path) -> ReportContext:
     """Read every artifact of ``run_dir`` that exists; never raises for missing stages."""
     run = Path(run_dir)
     ctx = ReportContext(run_dir=run)
-    ctx.run = _read_json(run / "run.json", ctx.notes)
-    ctx.manifest = _read_json(run / "store" / "manifest.json", ctx.notes)
-    sae_dir = run / "sae"
-    if sae_dir.is_dir():
-        for d in sorted(p for p in sae_dir.iterdir() if p.is_dir()):
+    lay = ctx.layout
+    ctx.run = _read_json(lay.record_path, ctx.notes)
+    ctx.manifest = _read_json(lay.store_dir / "manifest.json", ctx.notes)
+    if lay.sae_root.is_dir():
+        for d in sorted(p for p in lay.sae_root.iterdir() if p.is_dir()):
             cfg = _read_json(d / "cfg.json", ctx.notes)
             if not isinstance(cfg, dict):
                 continue
@@ -323,9 +329,9 @@ def gather(run_dir: str | Path) -> ReportContext:
                           None) or next(iter(sorted(d.glob("*.png"))), None)
             ctx.saes[d.name] = SaeInfo(d.name, cfg, _read_jsonl(d / "metrics.jsonl", ctx.notes),
                                        curves)
-    summary = _read_json(run / "analysis" / "summary.json", ctx.notes)
+    summary = _read_json(lay.summary_path, ctx.notes)
     ctx.summary = summary if isinstance(summary, dict) else None
-    table = run / "analysis" / "latents.csv"
+    table = lay.latent_table_path
     if table.is_file():
         from branchlens.report.columns import numeric_columns
 
@@ -333,16 +339,16 @@ def gather(run_dir: str | Path) -> ReportContext:
         try:
             ctx.columns = read_columns(table, numeric_columns(sorted(names)), ctx.notes)
         except (OSError, ValueError, csv.Error) as e:
-            ctx.notes.append(f"could not read latents.csv: {type(e).__name__}: {e}")
+            ctx.notes.append(f"could not read {table.name}: {type(e).__name__}: {e}")
         for layer, s in ((ctx.summary or {}).get("per_layer") or {}).items():
             have = ctx.columns.get(layer) if ctx.columns else None
             n = s.get("latents") if isinstance(s, dict) else None
             if isinstance(n, int) and (have is None or have.rows != n):
-                ctx.notes.append(f"latents.csv holds {have.rows if have else 0} of {n} latents "
+                ctx.notes.append(f"{table.name} holds {have.rows if have else 0} of {n} latents "
                                  f"of {layer} (truncated or edited): the browser shows only "
                                  f"those; re-run {shell_command('branchlens', 'analyze', run)}")
-    read_viz(run / "viz", ctx)
-    for path in sorted((run / "analysis").glob("circuits*.json")):  # circuits may live here
+    read_viz(lay.viz_dir, ctx)
+    for path in sorted(lay.analysis_dir.glob("circuits*.json")):  # circuits may live here
         for doc in _subdocs(_read_json(path, ctx.notes)):
             _read_index(path, doc, ctx)
     return ctx

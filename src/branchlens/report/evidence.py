@@ -15,8 +15,9 @@ import re
 from typing import Any
 from urllib.parse import quote
 
+from branchlens.layout import RunLayout
 from branchlens.report.images import image_src
-from branchlens.report.sections import esc, fmt, name_html
+from branchlens.report.markup import esc, fmt, name_html
 
 # claim id -> which cells it rests on (None: every branch)
 CELL_CLAIMS = {"specialise": None, "five_by_five": "5x5", "animals": "5x5", "animals_causal": "5x5",
@@ -33,9 +34,7 @@ def _strips(ctx: Any, layer: str, cache: dict) -> dict[int, tuple[str, list[str]
     """latent -> (file of its examples strip, the image ids in it, best first)."""
     key = ("strips", layer)
     if key not in cache:
-        from branchlens.run import Run
-
-        p = Run(ctx.run_dir).examples_dir(layer) / "index.json"
+        p = RunLayout(ctx.run_dir).examples_dir(layer) / "index.json"
         try:
             doc = json.loads(p.read_text()) if p.is_file() else {}
             cache[key] = {int(e["latent"]): (str(e["file"]), [
@@ -48,9 +47,7 @@ def _strips(ctx: Any, layer: str, cache: dict) -> dict[int, tuple[str, list[str]
 
 
 def _docs(ctx: Any) -> dict[str, dict[str, Any]]:
-    from branchlens.run import Run
-
-    run, out = Run(ctx.run_dir), {}
+    run, out = RunLayout(ctx.run_dir), {}
     for layer in ctx.layers:
         p = run.evidence_path(layer)
         try:
@@ -77,9 +74,8 @@ def _img(ctx: Any, layer: str, name: Any, alt: str, examples: bool = False) -> s
     if not isinstance(name, str) or "/" in name or "\\" in name:
         return ""
     from branchlens.report.builder import find_run_image
-    from branchlens.run import Run
 
-    run = Run(ctx.run_dir)
+    run = RunLayout(ctx.run_dir)
     folder = run.examples_dir(layer) if examples else run.featurevis_dir(layer)
     path = find_run_image(folder, name, ctx.run_dir)  # confined to the run (no symlink out)
     src = image_src(ctx, path) if path is not None else None

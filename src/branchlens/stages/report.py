@@ -19,12 +19,14 @@ from branchlens.artifacts import atomic_path
 from branchlens.report import ASSETS, GENERATOR, MARKER, OLD_TITLE, render, write_assets
 from branchlens.report.builder import gather
 from branchlens.run import check_run_folder
+from branchlens.settings import ReportConfig
 from branchlens.threads import heavy_stage
 
 
 @heavy_stage("report")
-def build_report(run_dir: str | Path, out: str | Path | None = None,
-                 cards_per_layer: int = 48, log: Callable[[str], None] | None = None) -> Path:
+def build_report(run_dir: str | Path, out: str | Path | None = ReportConfig.out,
+                 cards_per_layer: int = ReportConfig.cards_per_layer,
+                 log: Callable[[str], None] | None = None) -> Path:
     """Write the report of ``run_dir``; returns the path of its ``index.html``.
 
     ``out``: a folder (default ``RUN/report``) or an ``.html`` file name in one. The folder gets

@@ -17,6 +17,7 @@ import torch
 from branchlens.artifacts import provenance, write_json
 from branchlens.data import ImageSource
 from branchlens.run import ProvenanceError, Run
+from branchlens.settings import CircuitsConfig, ExamplesConfig, VisualizeConfig
 from branchlens.threads import heavy_stage
 
 __all__ = ["ProvenanceError", "circuits_stage", "examples_stage", "run_source",
@@ -76,12 +77,25 @@ def pick_latents(sae, n: int, seed: int = 0) -> list[int]:
 
 
 @heavy_stage("visualize")
-def visualize_stage(
-    run_dir: str | Path, layer: str, latents: Sequence[int] | None = None, n_latents: int = 16,
-    objective: str = "latent", branch: str | None = None, size: int = 224, steps: int = 512,
-    lr: float = 0.05, seed: int = 0, batch_size: int = 16, weights: str | None = None,
-    device: str = "auto", show_progress: bool = True, redirect_relu_steps: int = 16,
-    select: str = "random", per_cell: int = 4, pairs: int = 4, branch_views: bool = True,
+def visualize_stage(  # the defaults are the visualize block's (settings.VisualizeConfig)
+    run_dir: str | Path, layer: str,
+    latents: Sequence[int] | None = VisualizeConfig.latents,
+    n_latents: int = VisualizeConfig.n_latents,
+    objective: str = VisualizeConfig.objective,
+    branch: str | None = VisualizeConfig.branch,
+    size: int = VisualizeConfig.size,
+    steps: int = VisualizeConfig.steps,
+    lr: float = VisualizeConfig.lr,
+    seed: int = VisualizeConfig.seed,
+    batch_size: int = VisualizeConfig.batch_size,
+    weights: str | None = VisualizeConfig.weights,
+    device: str = VisualizeConfig.device,
+    show_progress: bool = VisualizeConfig.show_progress,
+    redirect_relu_steps: int = VisualizeConfig.redirect_relu_steps,
+    select: str = VisualizeConfig.select,
+    per_cell: int = VisualizeConfig.per_cell,
+    pairs: int = VisualizeConfig.pairs,
+    branch_views: bool = VisualizeConfig.branch_views,
 ) -> dict:
     """Feature visualizations of SAE latents (``objective`` latent/direction[_mean]) or of the
     layer's own channels (``channel`` / ``neuron``; ``latents`` are then channel ids).
@@ -181,13 +195,25 @@ def _save_evidence(run_dir, layer: str, plan: dict, views: dict, objective: str,
 
 
 @heavy_stage("examples")
-def examples_stage(
-    run_dir: str | Path, layer: str, source: str | None = None, n_top: int = 16,
-    latents: Sequence[int] | None = None, n_strips: int = 32, maps: bool = True,
-    batch_size: int = 16, limit: int | None = None, weights: str | None = None,
-    device: str = "auto", seed: int = 0, show_progress: bool = True, gallery: bool = True,
-    gallery_size: int = 12, heldout: bool = True, select: str = "random",
-    per_cell: int = 4, pairs: int = 4,
+def examples_stage(  # the defaults are the examples block's (settings.ExamplesConfig)
+    run_dir: str | Path, layer: str,
+    source: str | None = ExamplesConfig.source,
+    n_top: int = ExamplesConfig.n_top,
+    latents: Sequence[int] | None = ExamplesConfig.latents,
+    n_strips: int = ExamplesConfig.n_strips,
+    maps: bool = ExamplesConfig.maps,
+    batch_size: int = ExamplesConfig.batch_size,
+    limit: int | None = ExamplesConfig.limit,
+    weights: str | None = ExamplesConfig.weights,
+    device: str = ExamplesConfig.device,
+    seed: int = ExamplesConfig.seed,
+    show_progress: bool = ExamplesConfig.show_progress,
+    gallery: bool = ExamplesConfig.gallery,
+    gallery_size: int = ExamplesConfig.gallery_size,
+    heldout: bool = ExamplesConfig.heldout,
+    select: str = ExamplesConfig.select,
+    per_cell: int = ExamplesConfig.per_cell,
+    pairs: int = ExamplesConfig.pairs,
 ) -> dict:
     """Top-``n_top`` held-out images of every latent in one streaming pass
     (``top.safetensors``), the gallery of every latent that fires (``gallery``: its best
@@ -258,11 +284,21 @@ def dominant_for(run_dir: str | Path, layer: str) -> tuple[np.ndarray, list[str]
 
 
 @heavy_stage("circuits")
-def circuits_stage(
-    run_dir: str | Path, up: str, down: str, latents: Sequence[int] | None = None,
-    n_latents: int = 8, n_images: int = 8, flow_latents: int = 64, n_perm: int = 1000,
-    top_k: int = 10, ablate: int = 4, source: str | None = None, weights: str | None = None,
-    device: str = "auto", batch_size: int = 16, seed: int = 0, show_progress: bool = True,
+def circuits_stage(  # the defaults are the circuits block's (settings.CircuitsConfig)
+    run_dir: str | Path, up: str, down: str,
+    latents: Sequence[int] | None = CircuitsConfig.latents,
+    n_latents: int = CircuitsConfig.n_latents,
+    n_images: int = CircuitsConfig.n_images,
+    flow_latents: int = CircuitsConfig.flow_latents,
+    n_perm: int = CircuitsConfig.n_perm,
+    top_k: int = CircuitsConfig.top_k,
+    ablate: int = CircuitsConfig.ablate,
+    source: str | None = CircuitsConfig.source,
+    weights: str | None = CircuitsConfig.weights,
+    device: str = CircuitsConfig.device,
+    batch_size: int = CircuitsConfig.batch_size,
+    seed: int = CircuitsConfig.seed,
+    show_progress: bool = CircuitsConfig.show_progress,
 ) -> dict:
     """Top upstream latents, branch flow with a permutation null, and branch ablations."""
     from branchlens.viz import circuits as C

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from branchlens.artifacts import atomic_path, provenance, save_tensors, write_json
 from branchlens.data import VIEW_SEP, ImageSource, iter_batches
+from branchlens.layout import RunLayout
 from branchlens.progress import progress
 from branchlens.viz.examples import CodeCache, TopExamples, latent_maps_of, unit_image
 from branchlens.viz.latents import SAELike
@@ -266,7 +267,7 @@ def sweep_leftovers(out_dir: str | Path) -> list[str]:
 def heldout_indices(run_dir: str | Path, sae) -> tuple[list[int] | None, str]:
     """The SAE's held-out images of the run's store (as the analysis uses them), or None when
     the run has no store (then the caller uses the whole source)."""
-    store_dir = Path(run_dir) / "store"
+    store_dir = RunLayout(run_dir).store_dir
     if not (store_dir / "manifest.json").is_file():
         return None, "no store: all images of the source"
     from branchlens.store import ActivationStore
