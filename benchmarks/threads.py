@@ -63,14 +63,15 @@ def beside_hog(model, seconds: float, auto: bool) -> tuple[float, float]:
 
 
 def main() -> None:
-    from branchlens.model import load_model
+    from branchlens.weights import load_model
 
     ap = argparse.ArgumentParser()
     shared = HERE.parent.parent / "shared/weights/bvlc_googlenet.safetensors"
     ap.add_argument("--weights", default=str(shared) if shared.exists() else None)
     ap.add_argument("--seconds", type=float, default=20.0)
     args = ap.parse_args()
-    model = load_model("bvlc_googlenet", weights=args.weights)
+    model, _ = load_model("bvlc_googlenet", args.weights)
+    model.eval()
     with stage_threads("featurevis", log=print):
         alone = steps_per_s(model, args.seconds)
     default, hog_default = beside_hog(model, args.seconds, auto=False)
