@@ -22,21 +22,9 @@ TEMPLATES = {"embedding_{}.npy": lambda r: r.embedding_path("L").name,
              "seed{}": lambda r: r.replicate_dir("L").name,
              "{}__{}.json": lambda r: r.circuits_path("L", "L").name}
 
-# Sites that still spell a run-folder name, in files other work of #22 is reworking (stages,
-# the CLI, the runner, analysis/interop libraries): file -> the literals as the scan shows them.
-# Route a site through RunLayout, then delete its entry (a stale entry fails the test too).
-NOT_YET_ROUTED: dict[str, set[str]] = {
-    "pipeline.py": {"viz/featurevis", "viz/examples", "viz/circuits", "run.json"},
-    "stages/report.py": {"report", "index.html"},
-    "stages/analyze.py": {"layers.csv", "sae"},
-    "stages/viz.py": {"top.safetensors"},
-    "cli/sae.py": {"sae"},
-    "cli/pipeline.py": {"report", "index.html"},
-    "cli/analysis.py": {"/analysis", "/analysis/ (summary.json, latents.csv, layers.csv, figures)",
-                        "/analysis/stability.json", "/effects/"},
-    "interop.py": {"sae"},
-    "analysis/driver.py": {"embedding_{}", "embedding_{}.npy"},
-}
+# Sites allowed to spell a run-folder name (file -> the literals as the scan shows them): none
+# now. An entry is a site still to route through RunLayout; a stale entry fails the test too.
+NOT_YET_ROUTED: dict[str, set[str]] = {}
 
 
 def _template(node: ast.JoinedStr) -> str:

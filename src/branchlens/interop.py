@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from branchlens.artifacts import load_tensors, read_json, save_tensors, write_atomic, write_json
+from branchlens.layout import RunLayout
 from branchlens.sae import SAEConfig, TopKSAE, import_paper_checkpoint
 
 FORMATS = ("saelens", "paper")
@@ -296,7 +297,7 @@ def export_run_sae(run_dir: str | Path, layer: str, fmt: str, out: str | Path | 
     """Export ``RUN/sae/<layer>`` in ``fmt``; default folder ``RUN/export/<layer>-<fmt>``."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
-    src = Path(run_dir) / "sae" / layer
+    src = RunLayout(run_dir).sae_dir(layer)
     if not (src / "weights.safetensors").is_file():
         raise FileNotFoundError(f"no trained SAE for {layer} in {run_dir} ({src})")
     sae = TopKSAE.load(src)

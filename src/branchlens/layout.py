@@ -65,6 +65,11 @@ class ProvenanceError(ValueError):
     """A stage would combine artifacts of different networks, variants or sources."""
 
 
+def embedding_file(layer: str) -> str:
+    """The latent embedding's file name in ``analysis/`` (the figure shares its stem)."""
+    return f"embedding_{layer}.npy"
+
+
 def is_run_folder(path: str | Path) -> bool:
     """Whether ``path`` holds anything a stage writes (so writing into it is no accident)."""
     return any((Path(path) / part).exists() for part in RUN_PARTS)
@@ -128,7 +133,7 @@ class RunLayout:
         return self.analysis_dir / STABILITY
 
     def embedding_path(self, layer: str) -> Path:
-        return self.analysis_dir / f"embedding_{layer}.npy"
+        return self.analysis_dir / embedding_file(layer)
 
     def replicate_dir(self, seed: int) -> Path:
         """A replicate (same settings, training seed ``seed``): a run folder of its own."""

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from branchlens import layout
 from branchlens.artifacts import (
     ArtifactError,
     begin_outputs,
@@ -47,8 +48,9 @@ RUN_KEYS = ("source", "variant", "seed", "paper_compat")  # top-level keys every
 # Folders a stage rewrites from scratch; its own files in them are removed first when it runs
 # again after finishing, so no file made under the old settings or from the old inputs (a
 # latent, a layer no longer run) survives into the new result. Files it did not write stay.
-STAGE_DIRS = {"analyze": ("analysis",), "visualize": ("viz/featurevis",),
-              "examples": ("viz/examples",), "circuits": ("viz/circuits",),
+STAGE_DIRS = {"analyze": (layout.ANALYSIS,), "visualize": (f"{layout.VIZ}/{layout.FEATUREVIS}",),
+              "examples": (f"{layout.VIZ}/{layout.EXAMPLES}",),
+              "circuits": (f"{layout.VIZ}/{layout.CIRCUITS}",),
               "report": ("report",)}
 
 
@@ -326,7 +328,7 @@ def _run_follower(out: Path, cfg: dict[str, Any], weights: str | None, device: s
     """A torchrun rank other than 0: joins the distributed stages that rank 0 will run (same
     decision from the same run.json) and writes no run-level file; rank 0 does the rest."""
     weights_id = None if weights is None else str(weights)
-    record = _read_record(out / "run.json")
+    record = _read_record(Run(out).record_path)
     record.setdefault("stages", {})
     ctx = RunContext(out, cfg, weights, device, lambda m: None)
     outputs = _Outputs(ctx)

@@ -42,6 +42,7 @@ from branchlens.analysis.figures import embedding_plot, sorted_ratio_curves
 from branchlens.analysis.inputs import RowView, heldout_rows, image_groups, image_labels
 from branchlens.analysis.table import latent_rows
 from branchlens.analysis.text import PVALUE_NOTE, format_table
+from branchlens.layout import embedding_file
 from branchlens.variants import branch_slices
 
 # the analyze stage's names, re-exported from their homes (config, crosslayer, inputs, text)
@@ -290,13 +291,13 @@ def _figures(layer: str, dec: np.ndarray, tested: np.ndarray, label: np.ndarray,
     if cfg.embed != "none" and tested.sum() >= 3:
         coords, method, note = embed_latents(dec[tested], cfg.embed, seed=cfg.seed)
         figs += embedding_plot(coords, label[tested], branches,
-                               out_dir / f"embedding_{layer}",
+                               out_dir / Path(embedding_file(layer)).stem,
                                f"{layer}: {int(tested.sum())} alive latents ({method}, cosine "
                                "on unit decoder rows), coloured by robust dominant branch")
         full = np.full((n, 2), np.nan, np.float32)
         full[tested] = coords
         emb = {"method": method, "note": note, "n_points": int(coords.shape[0])}
-        np.save(out_dir / f"embedding_{layer}.npy", full)
+        np.save(out_dir / embedding_file(layer), full)
     return figs, knn, emb
 
 

@@ -20,6 +20,7 @@ from branchlens.cli.common import (
     say,
 )
 from branchlens.cli.defaults import Home
+from branchlens.layout import RunLayout
 
 ANALYZE = Home("branchlens.settings:AnalysisConfig")
 STABILITY = Home("branchlens.stages.stability:stability")
@@ -65,7 +66,7 @@ def analyze(
         summary = run_analyze(run, layers=names(layers), config=cfg, log=say)
     if as_json:
         per_layer = summary["per_layer"]
-        echo_json({"analysis": f"{run}/analysis", "layers": summary["layers"],
+        echo_json({"analysis": str(RunLayout(run).analysis_dir), "layers": summary["layers"],
                    "claims": [{k: c[k] for k in ("id", "claim", "verdict", "evidence")}
                               for c in summary["claims"]],
                    "dominant": {k: v["dominant_counts"] for k, v in per_layer.items()},
@@ -73,7 +74,7 @@ def analyze(
                                        for k, v in per_layer.items()}})
         return
     emit(format_table(summary))
-    emit(f"written: {run}/analysis/ (summary.json, latents.csv, layers.csv, figures)")
+    emit(f"written: {RunLayout(run).analysis_dir}/ (summary, latent and layer tables, figures)")
 
 
 @command()
@@ -93,7 +94,7 @@ def stability(
     with run_lock(run):
         res = run_stability(run, names(layers), replicates=replicates, device=device, log=say)
     if as_json:
-        echo_json({"stability": f"{run}/analysis/stability.json", "claims": res["claims"]})
+        echo_json({"stability": str(RunLayout(run).stability_path), "claims": res["claims"]})
         return
     emit(format_stability(res))
 
@@ -124,7 +125,7 @@ def effects(
                             device=device, weights=weights, log=say,
                             show_progress=show_progress)
     if as_json:
-        echo_json({"effects": f"{run}/effects/", "claim": claim})
+        echo_json({"effects": f"{RunLayout(run).effects_dir}/", "claim": claim})
         return
     emit(f"{claim['claim']}: {claim['verdict']}\n  {claim['evidence']}")
 

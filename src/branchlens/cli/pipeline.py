@@ -18,6 +18,7 @@ from branchlens.cli.common import (
     say,
 )
 from branchlens.cli.defaults import Home
+from branchlens.layout import RunLayout
 
 RUN = Home("branchlens.pipeline:run")
 
@@ -60,7 +61,7 @@ def run_cmd(
     if rank() != 0:
         return
     total = sum(s.get("seconds", 0) for s in record["stages"].values())
-    report = out / "report" / "index.html"
+    report = RunLayout(out).report_index
     if as_json:
         echo_json({"run": str(out), "seconds": round(total, 2),
                    "stages": {k: v.get("status") for k, v in record["stages"].items()},

@@ -18,6 +18,7 @@ from branchlens.cli.common import (
     say,
 )
 from branchlens.cli.defaults import Home
+from branchlens.layout import RunLayout
 
 if TYPE_CHECKING:
     from branchlens.sae import TopKSAE
@@ -115,7 +116,6 @@ def train(
 def _train_npy(run_dir: str, layer: str, path: str, variant: str, sae: SAEOptions,
                cfg: TrainConfig, restart: bool) -> TopKSAE:
     """One SAE from a memory-mapped ``[N, d]`` array into ``RUN/sae/<layer>``."""
-    from pathlib import Path
 
     import numpy as np
 
@@ -132,7 +132,7 @@ def _train_npy(run_dir: str, layer: str, path: str, variant: str, sae: SAEOption
         sae_cfg = SAEConfig(d_in=arr.shape[1], n_latents=sae.expansion * arr.shape[1],
                             layer=layer, **sae.sae_kwargs())
     data = ArrayBatches(arr, cfg.batch_size, cfg.seed)
-    return train_sae(data, sae_cfg, cfg, Path(run_dir) / "sae" / layer,
+    return train_sae(data, sae_cfg, cfg, RunLayout(run_dir).sae_dir(layer),
                      meta={"source_npy": str(path)}, restart=restart, log=say)
 
 

@@ -95,7 +95,7 @@ def analyze(run_dir: str | Path, *, layers: list[str] | None = None, store=None,
             raise AnalysisError(str(e)) from e
     layers = layers or run.layers
     if not layers:
-        raise AnalysisError(f"no trained SAEs under {run.path / 'sae'}; run "
+        raise AnalysisError(f"no trained SAEs under {run.sae_root}; run "
                             f"`branchlens train {run_dir}` first")
     layers = sorted(layers, key=layer_order)
     saes = {layer: load_layer_sae(run_dir, layer, store, cfg.device) for layer in layers}
@@ -121,7 +121,7 @@ def analyze(run_dir: str | Path, *, layers: list[str] | None = None, store=None,
     table = [{"layer": t.pop("layer"), **t} for layer in layers for t in res[layer]["table"]]
     tw = time.time()
     write_latent_table(run.latent_table_path, rows)
-    write_latent_table(out_dir / "layers.csv", table)  # same CSV conventions
+    write_latent_table(run.layer_table_path, table)  # same CSV conventions
     t_write = time.time() - tw
     per_layer = {layer: res[layer]["summary"] for layer in layers}
     steps: dict[str, float] = {}

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from branchlens.artifacts import atomic_path
+from branchlens.layout import REPORT_INDEX, RunLayout
 from branchlens.report import ASSETS, GENERATOR, MARKER, OLD_TITLE, render, write_assets
 from branchlens.report.builder import gather
 from branchlens.run import check_run_folder
@@ -37,9 +38,9 @@ def build_report(run_dir: str | Path, out: str | Path | None = ReportConfig.out,
     """
     del cards_per_layer
     run_dir = check_run_folder(run_dir)
-    out = Path(out) if out is not None else run_dir / "report"
+    out = Path(out) if out is not None else RunLayout(run_dir).report_dir
     folder, entry = ((out.parent, out.name) if out.suffix.lower() in (".html", ".htm")
-                     else (out, "index.html"))
+                     else (out, REPORT_INDEX))
     final = folder / ASSETS
     if final.exists() and not (final / MARKER).is_file():
         raise FileExistsError(f"{final} exists and was not written by branchlens; "

@@ -262,7 +262,7 @@ def examples_stage(  # the defaults are the examples block's (settings.ExamplesC
     cand = top_examples(model, sae, layer, src, n_top=n_cand, batch_size=batch_size,
                         indices=pool, show_progress=show_progress, codes=codes)
     top = cand.head(n_top)
-    save_top_table(top, out / "top.safetensors")
+    save_top_table(top, Run(run_dir).top_table_path(layer))
     meta = {"variant": model.variant.name, "weights": winfo.to_dict(),
             "source": getattr(src, "description", ""), "images": note}
     if gallery:
