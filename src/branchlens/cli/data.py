@@ -86,7 +86,7 @@ def classify(
     from branchlens.classify import format_prediction
     from branchlens.data import open_source
     from branchlens.devices import resolve_device
-    from branchlens.streaming import with_columns
+    from branchlens.data import with_columns
     from branchlens.weights import load_model
 
     if batch_size < 1 or workers < 0:
@@ -146,7 +146,7 @@ def harvest(
 ) -> None:
     """Activations of many layers in one pass into a resumable store (torchrun: ranks)."""
     from branchlens.stages.harvest import harvest as run_harvest
-    from branchlens.streaming import with_columns
+    from branchlens.data import with_columns
 
     res = run_harvest(with_columns(source, image_key, label_key), out, layers,
                       variant=variant, weights=weights, device=device, sampling=sampling,
