@@ -84,9 +84,8 @@ def classify(
     """Top-5 predictions (with class names) and accuracy when labels are known."""
     from branchlens.classify import classify as run_classify
     from branchlens.classify import format_prediction
-    from branchlens.data import open_source
+    from branchlens.data import open_source, with_columns
     from branchlens.devices import resolve_device
-    from branchlens.data import with_columns
     from branchlens.weights import load_model
 
     if batch_size < 1 or workers < 0:
@@ -145,8 +144,8 @@ def harvest(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Activations of many layers in one pass into a resumable store (torchrun: ranks)."""
-    from branchlens.stages.harvest import harvest as run_harvest
     from branchlens.data import with_columns
+    from branchlens.stages.harvest import harvest as run_harvest
 
     res = run_harvest(with_columns(source, image_key, label_key), out, layers,
                       variant=variant, weights=weights, device=device, sampling=sampling,
