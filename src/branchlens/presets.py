@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from branchlens.config import BLOCKS, TOP_LEVEL, conforms, require, type_name
-from branchlens.settings import MIXED4, check_block
+from branchlens.settings import MIXED4, check_config_keys
 
 __all__ = ["PRESETS", "PRESET_NOTES", "check_preset"]
 
@@ -98,12 +97,5 @@ def check_preset(name: str, preset: dict[str, Any] | None = None) -> dict[str, A
     """Check a preset (default: the one called ``name``) against the block dataclasses and the
     top-level keys; returns it, or raises :class:`~branchlens.config.ConfigError`."""
     preset = PRESETS[name] if preset is None else preset
-    for key, value in preset.items():
-        if key in BLOCKS:
-            check_block(key, value)
-            continue
-        require(key in TOP_LEVEL, f"preset {name!r}: unknown key {key!r}; valid blocks: "
-                f"{', '.join(BLOCKS)}; valid top-level keys: {', '.join(TOP_LEVEL)}")
-        require(conforms(value, TOP_LEVEL[key]),
-                f"preset {name!r}: {key} must be {type_name(TOP_LEVEL[key])}, got {value!r}")
+    check_config_keys(preset, where=f"preset {name!r}: ")
     return preset

@@ -16,14 +16,10 @@ from typing import Any
 
 from branchlens import settings
 from branchlens.config import (
-    BLOCKS,
-    TOP_LEVEL,
     ConfigError,
     check_seed,
     check_stages,
-    conforms,
     require,
-    type_name,
 )
 from branchlens.settings import BLOCK_CLASSES, HarvestConfig, SAEOptions, block_fields
 
@@ -78,14 +74,7 @@ def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
     """Check a whole run configuration; returns it unchanged or raises :class:`ConfigError`."""
     from branchlens.variants import VARIANTS
 
-    for key, value in cfg.items():
-        if key in BLOCKS:
-            check_block(key, value)
-            continue
-        require(key in TOP_LEVEL, f"unknown config key {key!r}; valid blocks: "
-                f"{', '.join(BLOCKS)}; valid top-level keys: {', '.join(TOP_LEVEL)}")
-        require(conforms(value, TOP_LEVEL[key]),
-                f"{key} must be {type_name(TOP_LEVEL[key])}, got {value!r}")
+    settings.check_config_keys(cfg, check=check_block)  # with the library checks
     if "seed" in cfg:
         check_seed(cfg["seed"])
     require(cfg.get("variant") in VARIANTS,

@@ -24,7 +24,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from branchlens.config import ConfigError, check_seed, check_values, fields_of, require
+from branchlens.config import (
+    BLOCKS,
+    TOP_LEVEL,
+    ConfigError,
+    check_seed,
+    check_values,
+    conforms,
+    fields_of,
+    require,
+    type_name,
+)
 
 NO_ARTIFACT = "non_artifact"  # the field metadata key of non_artifact()
 MIXED4 = ("mixed4a", "mixed4b", "mixed4c", "mixed4d", "mixed4e")  # the paper's blocks
@@ -300,3 +310,16 @@ def check_block(block: str, values: Any) -> None:
         raise
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{block}: {e}") from e
+
+
+def check_config_keys(cfg: dict[str, Any], check: Any = check_block, where: str = "") -> None:
+    """Every block of ``cfg`` through ``check``, every other key a top-level key of its type
+    (``where`` prefixes the messages, e.g. ``"preset 'demo': "``)."""
+    for key, value in cfg.items():
+        if key in BLOCKS:
+            check(key, value)
+            continue
+        require(key in TOP_LEVEL, f"{where}unknown {'key' if where else 'config key'} {key!r}; "
+                f"valid blocks: {', '.join(BLOCKS)}; valid top-level keys: {', '.join(TOP_LEVEL)}")
+        require(conforms(value, TOP_LEVEL[key]),
+                f"{where}{key} must be {type_name(TOP_LEVEL[key])}, got {value!r}")

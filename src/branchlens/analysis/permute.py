@@ -39,6 +39,21 @@ def _mix(z):
 
 
 @_jit
+def _fisher_yates(row, order, starts, state):
+    """Shuffle ``row`` in place within each stratum (``order``/``starts``), drawing from the
+    splitmix64 stream that continues ``state``."""
+    for s in range(starts.size - 1):
+        base = starts[s]
+        for i in range(starts[s + 1] - base - 1, 0, -1):
+            state += _GOLDEN
+            x = _mix(state)
+            # Lemire's multiply-shift on 32 bits: bias < (i+1)/2**32, far below MC noise
+            k = ((x >> np.uint64(32)) * np.uint64(i + 1)) >> np.uint64(32)
+            a, b = order[base + i], order[base + np.int64(k)]
+            row[a], row[b] = row[b], row[a]
+
+
+@_jit
 def _shuffle(lo, hi, labels, order, starts, seed, first, out):
     """Rows lo..hi of ``out`` [P, d]: ``labels`` permuted within each stratum.
 
@@ -51,15 +66,7 @@ def _shuffle(lo, hi, labels, order, starts, seed, first, out):
         row = out[p]
         for j in range(d):
             row[j] = labels[j]
-        for s in range(starts.size - 1):
-            base = starts[s]
-            for i in range(starts[s + 1] - base - 1, 0, -1):
-                state += _GOLDEN
-                x = _mix(state)
-                # Lemire's multiply-shift on 32 bits: bias < (i+1)/2**32, far below MC noise
-                k = ((x >> np.uint64(32)) * np.uint64(i + 1)) >> np.uint64(32)
-                a, b = order[base + i], order[base + np.int64(k)]
-                row[a], row[b] = row[b], row[a]
+        _fisher_yates(row, order, starts, state)
 
 
 @_jit
@@ -102,14 +109,7 @@ def _shuffle_values(lo, hi, a, source, order, starts, seed, out):
         src = a[source[r]]
         for j in range(d):
             row[j] = src[j]
-        for s in range(starts.size - 1):
-            base = starts[s]
-            for i in range(starts[s + 1] - base - 1, 0, -1):
-                state += _GOLDEN
-                x = _mix(state)
-                k = ((x >> np.uint64(32)) * np.uint64(i + 1)) >> np.uint64(32)
-                p, q = order[base + i], order[base + np.int64(k)]
-                row[p], row[q] = row[q], row[p]
+        _fisher_yates(row, order, starts, state)
 
 
 def _strata_order(strata: np.ndarray | None, d: int) -> tuple[np.ndarray, np.ndarray]:

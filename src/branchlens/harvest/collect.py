@@ -42,6 +42,7 @@ from branchlens.harvest.sampling import (
 )
 from branchlens.model import InceptionV1, layer_names
 from branchlens.progress import progress
+from branchlens.settings import HarvestConfig
 from branchlens.store import (
     STORAGE_DTYPES,
     ShardWriter,
@@ -152,16 +153,16 @@ def collect(
     weights: dict[str, Any],
     device: torch.device,
     comm: Dist,
-    sampling: str = "norm",
-    samples_per_image: int = 10,
-    aligned: bool = False,
-    dtype: str = "fp16",
-    batch_size: int = 32,
+    sampling: str = HarvestConfig.sampling,  # the harvest block's defaults (settings.py)
+    samples_per_image: int = HarvestConfig.samples_per_image,
+    aligned: bool = HarvestConfig.aligned,
+    dtype: str = HarvestConfig.dtype,
+    batch_size: int = HarvestConfig.batch_size,
     workers: int = 1,
     seed: int = 0,
-    shard_size: int = 1000,
+    shard_size: int = HarvestConfig.shard_size,
     paper_compat: bool = False,
-    limit: int | None = None,
+    limit: int | None = HarvestConfig.limit,
     show_progress: bool = True,
     channels_last: bool = True,
 ) -> HarvestResult:

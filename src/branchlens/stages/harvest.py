@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -28,12 +28,10 @@ from branchlens.harvest.collect import (
 )
 from branchlens.model import InceptionV1
 from branchlens.run import Run
+from branchlens.settings import HarvestConfig
 from branchlens.store import STORE_FILES, SourceChanged, StoreConfigMismatch, StoreError
 from branchlens.threads import heavy_stage
 from branchlens.variants import DEFAULT_VARIANT, get_variant
-
-if TYPE_CHECKING:
-    from branchlens.schema import HarvestConfig
 
 
 @heavy_stage("harvest")
@@ -45,17 +43,17 @@ def harvest(
     variant: str = DEFAULT_VARIANT,
     weights: str | Path | None = None,
     device: str = "auto",
-    sampling: str = "norm",
-    samples_per_image: int = 10,
-    aligned: bool = False,
-    dtype: str = "fp16",
-    batch_size: int = 32,
+    sampling: str = HarvestConfig.sampling,  # the harvest block's defaults (settings.py)
+    samples_per_image: int = HarvestConfig.samples_per_image,
+    aligned: bool = HarvestConfig.aligned,
+    dtype: str = HarvestConfig.dtype,
+    batch_size: int = HarvestConfig.batch_size,
     workers: int = 1,
     seed: int = 0,
-    shard_size: int = 1000,
+    shard_size: int = HarvestConfig.shard_size,
     paper_compat: bool = False,
-    limit: int | None = None,
-    flip: bool = False,
+    limit: int | None = HarvestConfig.limit,
+    flip: bool = HarvestConfig.flip,
     model: InceptionV1 | None = None,
     show_progress: bool = True,
     channels_last: bool = True,
