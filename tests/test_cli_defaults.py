@@ -32,9 +32,10 @@ HOMES: dict[str, tuple[str, ...]] = {
     "steer": ("branchlens.run:Run", "branchlens.run:Run.intervene",
               "branchlens.interventions:Intervention.summary"),
     # the block's dataclass, and the stage, whose parameters must agree with it
-    "visualize": ("branchlens.settings:VisualizeConfig", "branchlens.stages.viz:visualize_stage"),
-    "examples": ("branchlens.settings:ExamplesConfig", "branchlens.stages.viz:examples_stage"),
-    "circuits": ("branchlens.settings:CircuitsConfig", "branchlens.stages.viz:circuits_stage"),
+    "visualize": ("branchlens.settings:VisualizeConfig",
+                  "branchlens.stages.visualize:visualize_stage"),
+    "examples": ("branchlens.settings:ExamplesConfig", "branchlens.stages.examples:examples_stage"),
+    "circuits": ("branchlens.settings:CircuitsConfig", "branchlens.stages.circuits:circuits_stage"),
     "report": ("branchlens.settings:ReportConfig", "branchlens.stages.report:build_report"),
     "run": ("branchlens.pipeline:run",),
     "presets": (),
@@ -112,7 +113,7 @@ def test_a_default_written_twice_or_read_from_elsewhere_is_caught():
     @bad.command()
     def analyze(q: float = typer.Option(0.01, "--q"),  # differs from AnalysisConfig.q
                 n_perm: int = typer.Option(1000, "--n-perm"),  # equal, but written twice
-                seed: int = typer.Option(Default("branchlens.stages.viz:visualize_stage",
+                seed: int = typer.Option(Default("branchlens.stages.visualize:visualize_stage",
                                                  "seed"), "--seed"),
                 embed: str = typer.Option(Default("branchlens.analysis.config:AnalysisConfig",
                                                   "embed"), "--embed")) -> None: ...
@@ -125,7 +126,8 @@ def test_a_default_written_twice_or_read_from_elsewhere_is_caught():
                for f in found)
     assert sum("--q: 0.01 is written in the CLI" in f or "--n-perm: 1000 is written in the CLI"
                in f for f in found) == 2
-    assert any("--seed: read from branchlens.stages.viz:visualize_stage" in f for f in found)
+    assert any("--seed: read from branchlens.stages.visualize:visualize_stage" in f
+               for f in found)
     assert not any("--embed" in f for f in found)
 
 

@@ -73,9 +73,9 @@ def test_valid_keys_are_listed_in_field_order_without_run_owned_ones():
 
 
 @pytest.mark.parametrize(("block", "stage"), [
-    ("visualize", "branchlens.stages.viz:visualize_stage"),
-    ("examples", "branchlens.stages.viz:examples_stage"),
-    ("circuits", "branchlens.stages.viz:circuits_stage"),
+    ("visualize", "branchlens.stages.visualize:visualize_stage"),
+    ("examples", "branchlens.stages.examples:examples_stage"),
+    ("circuits", "branchlens.stages.circuits:circuits_stage"),
     ("report", "branchlens.stages.report:build_report"),
 ])
 def test_stage_parameters_are_their_blocks_fields(block, stage):

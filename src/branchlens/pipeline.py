@@ -224,7 +224,7 @@ def _analyze(ctx: RunContext) -> dict:
 
 
 def _visualize(ctx: RunContext) -> dict:
-    from branchlens.stages.viz import visualize_stage
+    from branchlens.stages.visualize import visualize_stage
 
     done = {}
     for layer in ctx.layers:
@@ -236,7 +236,7 @@ def _visualize(ctx: RunContext) -> dict:
 
 
 def _examples(ctx: RunContext) -> dict:
-    from branchlens.stages.viz import examples_stage
+    from branchlens.stages.examples import examples_stage
 
     for layer in ctx.layers:
         ctx.log(f"[examples] {layer}")
@@ -246,7 +246,7 @@ def _examples(ctx: RunContext) -> dict:
 
 
 def _circuits(ctx: RunContext) -> dict:
-    from branchlens.stages.viz import circuits_stage
+    from branchlens.stages.circuits import circuits_stage
 
     pairs = list(zip(ctx.layers, ctx.layers[1:], strict=False))
     for up, down in pairs:

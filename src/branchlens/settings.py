@@ -202,8 +202,9 @@ class AnalysisConfig:
 
 
 # The three picture blocks hold their stage's parameters in its order (``visualize_stage``,
-# ``examples_stage``, ``circuits_stage`` of branchlens.stages.viz take their defaults from
-# here); counts below 1 and wrong types are refused by check_block.
+# ``examples_stage``, ``circuits_stage`` of ``branchlens.stages.visualize``/``examples``/
+# ``circuits`` take their defaults from here); counts below 1 and wrong types are refused by
+# check_block.
 
 @dataclass
 class VisualizeConfig:

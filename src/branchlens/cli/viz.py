@@ -72,7 +72,7 @@ def visualize(
     as_json: bool = JsonOpt,
 ) -> None:
     """Feature visualization of SAE latents or channels (batched) -> RUN/viz/featurevis/<layer>/."""
-    from branchlens.stages.viz import visualize_stage
+    from branchlens.stages.visualize import visualize_stage
 
     if channels is not None and latents is not None:
         raise ValueError("give --latents (SAE latents) or --channels (units), not both")
@@ -109,7 +109,7 @@ def examples(
     as_json: bool = JsonOpt,
 ) -> None:
     """Top dataset examples of every latent, RF crops -> RUN/viz/examples/<layer>/."""
-    from branchlens.stages.viz import examples_stage
+    from branchlens.stages.examples import examples_stage
 
     with run_lock(run):
         idx = examples_stage(run, layer, source=source, n_top=n_top, latents=int_list(latents),
@@ -139,7 +139,7 @@ def circuits(
     as_json: bool = JsonOpt,
 ) -> None:
     """Latent-to-latent attribution, branch flow vs null, branch ablation -> RUN/viz/circuits/."""
-    from branchlens.stages.viz import circuits_stage
+    from branchlens.stages.circuits import circuits_stage
 
     with run_lock(run):
         doc = circuits_stage(run, up, down, latents=int_list(latents), n_latents=n_latents,
