@@ -302,9 +302,14 @@ def test_fp16_option(tmp_path, random_model):
     assert size["fp16"] < 0.6 * size["fp32"]
 
 
-def test_collect_is_the_library_under_the_stage(tmp_path, random_model):
+def test_collect_is_the_library_under_the_stage(tmp_path, random_model, monkeypatch):
     """The stage opens the source and places the network; ``collect``, handed both, writes the
     same store. The old name ``branchlens.harvest.harvest`` is the stage (kept one release)."""
+    from branchlens.threads import ENV
+
+    # bit-equal stores need equal thread counts (the stage would choose its own, and a conv on
+    # another count of threads may round one value differently)
+    monkeypatch.setenv(ENV, str(torch.get_num_threads()))
     import branchlens
     import branchlens.harvest as library
     from branchlens.distributed import Dist
