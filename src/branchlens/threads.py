@@ -45,6 +45,16 @@ def _busy_ticks() -> tuple[int, int] | None:
     return sum(cpu[:8]) - idle, int(own[11]) + int(own[12])  # utime + stime
 
 
+def _others_busy(a: tuple[int, int], b: tuple[int, int], seconds: float) -> float:
+    """Cores other processes kept busy between two :func:`_busy_ticks` readings."""
+    ticks = (b[0] - a[0]) - (b[1] - a[1])
+    return max(0.0, ticks / os.sysconf("SC_CLK_TCK") / seconds)
+
+
+def _free_cores(busy: float) -> int:
+    return max(1, min(usable_cores(), round(usable_cores() - busy)))
+
+
 def busy_elsewhere(window: float = SAMPLE_S) -> float:
     """Cores other processes kept busy over the next ``window`` seconds (0.0 if unknown)."""
     a = _busy_ticks()
@@ -53,50 +63,16 @@ def busy_elsewhere(window: float = SAMPLE_S) -> float:
     t0 = time.perf_counter()
     time.sleep(window)
     b = _busy_ticks()
-    if b is None:
-        return 0.0
-    ticks = (b[0] - a[0]) - (b[1] - a[1])
-    return max(0.0, ticks / os.sysconf("SC_CLK_TCK") / (time.perf_counter() - t0))
-
-
-class Governor:
-    """Re-chooses the thread count while a long stage runs (the training loop asks at every
-    log step): from the CPU time other processes used since the last check, so nothing waits.
-    A stage that started beside a short-lived busy process gets its cores back, and one that
-    meets a new busy process gives one up. Inactive (fixed count) when the count was requested
-    or set through the environment, or when several ranks share the node."""
-
-    def __init__(self, requested: int | None = None) -> None:
-        fixed = (requested or _positive_int(os.environ.get(ENV))
-                 or _positive_int(os.environ.get("OMP_NUM_THREADS"))
-                 or int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1) > 1)
-        self.active = not fixed and _busy_ticks() is not None
-        self.last = (_busy_ticks(), time.perf_counter()) if self.active else None
-
-    def check(self) -> int | None:
-        """Set and return a new thread count when the free cores changed, else None."""
-        import torch
-
-        if not self.active or self.last is None:
-            return None
-        (a, t0), b, t1 = self.last, _busy_ticks(), time.perf_counter()
-        if a is None or b is None or t1 - t0 < SAMPLE_S:
-            return None
-        self.last = (b, t1)
-        busy = max(0.0, ((b[0] - a[0]) - (b[1] - a[1])) / os.sysconf("SC_CLK_TCK") / (t1 - t0))
-        n = max(1, min(usable_cores(), round(usable_cores() - busy)))
-        if n == torch.get_num_threads():
-            return None
-        torch.set_num_threads(n)
-        return n
+    return 0.0 if b is None else _others_busy(a, b, time.perf_counter() - t0)
 
 
 def _positive_int(text: str | None) -> int | None:
     return int(text) if text and text.strip().isdigit() and int(text) > 0 else None
 
 
-def choose_threads(requested: int | None = None) -> tuple[int, str]:
-    """(threads, why) for a stage about to start; see the module docstring for the order."""
+def _fixed_threads(requested: int | None) -> tuple[int, str] | None:
+    """(threads, why) when no load measurement decides: a request, the environment, or the
+    ranks of one node sharing its cores (they are the other busy processes, counted already)."""
     if requested:
         return int(requested), "requested"
     env = _positive_int(os.environ.get(ENV))
@@ -106,12 +82,45 @@ def choose_threads(requested: int | None = None) -> tuple[int, str]:
     if omp:
         return omp, "$OMP_NUM_THREADS"
     ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
-    cores = max(1, usable_cores() // ranks)
-    if ranks > 1:  # the node's other ranks are the other busy processes, counted already
-        return cores, f"{usable_cores()} cores / {ranks} ranks"
+    if ranks > 1:
+        return max(1, usable_cores() // ranks), f"{usable_cores()} cores / {ranks} ranks"
+    return None
+
+
+def choose_threads(requested: int | None = None) -> tuple[int, str]:
+    """(threads, why) for a stage about to start; see the module docstring for the order."""
+    fixed = _fixed_threads(requested)
+    if fixed is not None:
+        return fixed
     busy = busy_elsewhere()
-    n = max(1, min(cores, round(usable_cores() - busy)))
-    return n, f"{usable_cores()} cores, {busy:.1f} busy elsewhere"
+    return _free_cores(busy), f"{usable_cores()} cores, {busy:.1f} busy elsewhere"
+
+
+class Governor:
+    """Re-chooses the thread count while a long stage runs (the training loop asks at every
+    log step): from the CPU time other processes used since the last check, so nothing waits.
+    A stage that started beside a short-lived busy process gets its cores back, and one that
+    meets a new busy process gives one up. Inactive when :func:`_fixed_threads` decides."""
+
+    def __init__(self, requested: int | None = None) -> None:
+        ticks = _busy_ticks() if _fixed_threads(requested) is None else None
+        self.last = None if ticks is None else (ticks, time.perf_counter())
+
+    def check(self) -> int | None:
+        """Set and return a new thread count when the free cores changed, else None."""
+        import torch
+
+        if self.last is None:
+            return None
+        (a, t0), b, t1 = self.last, _busy_ticks(), time.perf_counter()
+        if b is None or t1 - t0 < SAMPLE_S:
+            return None
+        self.last = (b, t1)
+        n = _free_cores(_others_busy(a, b, t1 - t0))
+        if n == torch.get_num_threads():
+            return None
+        torch.set_num_threads(n)
+        return n
 
 
 @contextlib.contextmanager
